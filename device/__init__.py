@@ -1,0 +1,1 @@
+"""nanofleet device side."""

@@ -1,0 +1,1 @@
+"""nanofleet fleet side."""

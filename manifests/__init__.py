@@ -1,0 +1,51 @@
+"""nanofleet's contract: bundle manifests, signing, the MQTT topics and payloads, deployment manifests.
+
+``device/`` imports this package and nothing else of ours; keep it free of heavy dependencies.
+"""
+
+from ._files import atomic_write_bytes, atomic_write_text, sha256_file
+from .bundle import (
+    BUNDLE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    SIGNATURE_NAME,
+    ArchConfig,
+    BundleFile,
+    BundleManifest,
+    GoldenCheck,
+    GraphSpec,
+    Provenance,
+    QualityReport,
+    Recipe,
+    Runtime,
+    TargetVerification,
+    check_not_expired,
+    check_relative_path,
+    describe_file,
+    read_manifest_unverified,
+    verify_bundle,
+    verify_file,
+    verify_manifest_bytes,
+    write_signed_manifest,
+)
+from .deployment import DeploymentManifest
+from .errors import (
+    BadSignatureError,
+    ExpiredError,
+    FileTooLargeError,
+    KeyExistsError,
+    KeyFormatError,
+    ManifestError,
+    MissingFileError,
+    SchemaError,
+    TamperedFileError,
+    UnknownKeyError,
+    UnsafePathError,
+    UnsupportedFormatError,
+    VerificationError,
+)
+from .signed_doc import SignedDocument, canonical_json
+from .signing import Signature, SigningKey, TrustStore, load_public_key, write_keypair
+
+__all__ = [name for name in dir() if not name.startswith("_")]

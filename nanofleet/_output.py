@@ -1,0 +1,27 @@
+"""Shared CLI output helpers: rich for people, --json for scripts, one exit-code convention."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, *, code: int = 1, as_json: bool = False, reason: str | None = None, **extra: Any) -> NoReturn:
+    """Print a clear error (or a JSON error object) and exit non-zero."""
+    if as_json:
+        emit_json({"ok": False, "error": message, "reason": reason, **extra})
+    else:
+        console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
