@@ -1,4 +1,4 @@
-"""CLI commands of the export side. Module-level imports must stay light (typer, rich)."""
+"""CLI commands of the build side. Module-level imports stay light (typer, rich); torch loads lazily."""
 
 from __future__ import annotations
 
@@ -6,4 +6,10 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Mount this part's commands on the root app."""
+    """Mount the build side's commands: export, eval (export_cli.py) and verify-target (target/cli.py)."""
+    from . import export_cli
+
+    export_cli.register(app)
+    from .target import cli as target_cli
+
+    target_cli.register(app)

@@ -1,4 +1,4 @@
-"""CLI commands of the fleet side. Module-level imports must stay light (typer, rich)."""
+"""CLI commands of the fleet service (`nanofleet fleet ...`). Module-level imports stay light."""
 
 from __future__ import annotations
 
@@ -6,4 +6,4 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Mount this part's commands on the root app."""
+    pass
