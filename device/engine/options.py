@@ -1,0 +1,76 @@
+"""Frozen configuration: how to build the session (EngineOptions) and how to pick tokens (SamplingParams)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import InvalidParamsError
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """onnxruntime session knobs. Defaults are the fast ones; ``threads=None`` lets onnxruntime pick
+    (one per physical core)."""
+
+    threads: int | None = None
+    graph_optimization: GraphOptimization = "all"
+    memory_arena: bool = True
+    prepack_weights: bool = True
+    # Caps the context below the model's own (memory on small boards); None = the model's context_length.
+    max_context: int | None = None
+    # Prompt tokens fed per forward pass: bounds the [chunk, vocab] logits buffer (chunk*vocab*4 bytes).
+    prefill_chunk: int = 256
+    # Optional path where onnxruntime saves the optimized graph (faster second load).
+    optimized_model_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise InvalidParamsError(f"threads must be >= 1 or None (auto), got {self.threads}")
+        if self.graph_optimization not in ("disable", "basic", "extended", "all"):
+            raise InvalidParamsError(f"unknown graph_optimization {self.graph_optimization!r}")
+        if self.max_context is not None and self.max_context < 2:
+            raise InvalidParamsError(f"max_context must be >= 2, got {self.max_context}")
+        if self.prefill_chunk < 1:
+            raise InvalidParamsError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose each next token. ``temperature == 0`` is greedy (argmax); the rest then do nothing
+    except ``repetition_penalty``, which applies before argmax too (as in transformers)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in prompt or output
+    seed: int | None = None
+    # Generation stops after emitting one of these (None = the model's EOS ids from ArchConfig).
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    stop: Sequence[str] = field(default_factory=tuple)  # text stop sequences (handled by TextStream)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise InvalidParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
+            raise InvalidParamsError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidParamsError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            raise InvalidParamsError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise InvalidParamsError("stop sequences must be non-empty strings")
+        if len(self.stop) > 16:
+            raise InvalidParamsError("at most 16 stop sequences")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

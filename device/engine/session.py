@@ -1,0 +1,45 @@
+"""Build the onnxruntime session from EngineOptions. The only module that touches SessionOptions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import BundleLoadError
+from .options import EngineOptions
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(options: EngineOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _LEVELS[options.graph_optimization]
+    # One request = one sequential chain of ops: parallelism lives inside each op (intra-op threads).
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = options.threads or 0  # 0 = onnxruntime's choice (physical cores)
+    so.enable_cpu_mem_arena = options.memory_arena
+    so.enable_mem_pattern = options.memory_arena
+    if not options.prepack_weights:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if options.optimized_model_path:
+        so.optimized_model_filepath = options.optimized_model_path
+    so.log_severity_level = 3
+    return so
+
+
+def load_session(model_path: Path, options: EngineOptions) -> ort.InferenceSession:
+    if not model_path.is_file():
+        raise BundleLoadError(f"model file {model_path} not found")
+    try:
+        return ort.InferenceSession(
+            str(model_path), sess_options=session_options(options), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise BundleLoadError(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
