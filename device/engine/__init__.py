@@ -1,8 +1,8 @@
 """The device inference engine: onnxruntime + numpy + tokenizers (never torch or transformers).
 
-    engine = Engine.from_bundle(bundle_dir, trust)          # verifies, then loads
-    engine = Engine.from_parts(model_dir, arch, graph)     # export-time gate, no manifest
-    engine.perplexity(ids); engine.greedy(ids, n); for tok in engine.generate(ids, SamplingParams(...)): ...
+engine = Engine.from_bundle(bundle_dir, trust)          # verifies, then loads
+engine = Engine.from_parts(model_dir, arch, graph)     # export-time gate, no manifest
+engine.perplexity(ids); engine.greedy(ids, n); for tok in engine.generate(ids, SamplingParams(...)): ...
 """
 
 from .engine import Completion, Engine, TextEvent, TokenStream

@@ -138,7 +138,16 @@ class Engine:
         else:
             template = chat_template
         gen_cfg = _read_json(root / GENERATION_CONFIG_FILE)
-        return cls(root / graph.model_file, arch, graph, options or EngineOptions(), tokenizer, template, None, gen_cfg)
+        return cls(
+            root / graph.model_file,
+            arch,
+            graph,
+            options or EngineOptions(),
+            tokenizer,
+            template,
+            None,
+            gen_cfg,
+        )
 
     @classmethod
     def from_bundle(
@@ -213,7 +222,7 @@ class Engine:
         return self._live_driver().forward(state, ids)
 
     def prefill(self, state: RunState, token_ids: np.ndarray) -> np.ndarray:
-        """Feed a prompt in chunks of ``options.prefill_chunk``; returns the last position's logits [vocab]."""
+        """Feed a prompt in chunks of ``options.prefill_chunk``; returns the last logits [vocab]."""
         chunk = self.options.prefill_chunk
         last: np.ndarray | None = None
         for start in range(0, token_ids.shape[0], chunk):
@@ -238,7 +247,9 @@ class Engine:
                 break
             state = self.new_state()
             for start in range(0, window.shape[0] - 1, chunk):
-                inp = window[start : min(start + chunk, window.shape[0] - 1)]  # [c] (the last token is only a target)
+                inp = window[
+                    start : min(start + chunk, window.shape[0] - 1)
+                ]  # [c]; the last token is only a target
                 tgt = window[start + 1 : start + 1 + inp.shape[0]]  # [c]
                 logits = self.forward(state, inp).astype(np.float64)  # [c, vocab]
                 mx = logits.max(axis=-1, keepdims=True)
@@ -272,7 +283,9 @@ class Engine:
         self._live_driver()
         return TokenStream(self, prompt, params)
 
-    def _generate_loop(self, prompt: np.ndarray, params: SamplingParams, stream: TokenStream) -> Iterator[int]:
+    def _generate_loop(
+        self, prompt: np.ndarray, params: SamplingParams, stream: TokenStream
+    ) -> Iterator[int]:
         if params.max_new_tokens == 0:
             stream.finish_reason = "length"
             return

@@ -90,4 +90,6 @@ class OptimumKVDriver:
 def make_driver(session: ort.InferenceSession, arch: ArchConfig, graph: GraphSpec) -> OptimumKVDriver:
     if graph.kind == "optimum-kv":
         return OptimumKVDriver(session, arch, graph)
-    raise UnsupportedGraphError(f"graph kind {graph.kind!r} is not supported by this engine (knows: optimum-kv)")
+    raise UnsupportedGraphError(
+        f"graph kind {graph.kind!r} is not supported by this engine (knows: optimum-kv)"
+    )

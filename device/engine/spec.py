@@ -34,7 +34,9 @@ def arch_from_hf_config(config: Mapping[str, Any] | str | Path) -> ArchConfig:
             vocab_size=int(c["vocab_size"]),
             context_length=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=c.get("bos_token_id"),
-            eos_token_ids=[int(e) for e in eos] if isinstance(eos, list) else ([] if eos is None else [int(eos)]),
+            eos_token_ids=[int(e) for e in eos]
+            if isinstance(eos, list)
+            else ([] if eos is None else [int(eos)]),
             pad_token_id=c.get("pad_token_id"),
             rope_theta=c.get("rope_theta"),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
