@@ -1,0 +1,45 @@
+"""Fixtures over the fp32 optimum export of the default model (.cache/onnx-fp32-smollm2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device.engine import Engine, EngineOptions, arch_from_hf_config, optimum_kv_graph
+
+REPO = Path(__file__).resolve().parents[2]
+FP32_DIR = REPO / ".cache" / "onnx-fp32-smollm2"
+HF_DIR = REPO / ".cache" / "hf" / "smollm2-135m"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build it with `make models` (optimum-cli export of the default model)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fp32_dir() -> Path:
+    return require(FP32_DIR / "model.onnx").parent
+
+
+@pytest.fixture(scope="session")
+def fp32_engine(fp32_dir: Path) -> Iterator[Engine]:
+    arch = arch_from_hf_config(fp32_dir / "config.json")
+    engine = Engine.from_parts(fp32_dir, arch, optimum_kv_graph(arch.num_layers), EngineOptions(threads=2))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def torch_model():  # noqa: ANN201 - torch in tests only
+    require(HF_DIR / "model.safetensors")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(str(HF_DIR), torch_dtype=torch.float32)
+    model.eval()
+    return model
