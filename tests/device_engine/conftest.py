@@ -16,7 +16,7 @@ HF_DIR = REPO / ".cache" / "hf" / "smollm2-135m"
 
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.fail(f"{path} is missing: build it with `make models` (optimum-cli export of the default model)")
+        pytest.fail(f"{path} is missing: the lead builds it (optimum-cli export of the default model)")
     return path
 
 

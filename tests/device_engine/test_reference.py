@@ -67,7 +67,8 @@ def test_perplexity_matches_torch(fp32_engine: Engine, torch_model) -> None:  # 
 def test_chunked_prefill_is_exact(fp32_dir, fp32_engine: Engine) -> None:  # noqa: ANN001
     """Feeding the prompt 7 tokens at a time through the KV cache gives the same tokens and perplexity."""
     arch = arch_from_hf_config(fp32_dir / "config.json")
-    small = Engine.from_parts(fp32_dir, arch, optimum_kv_graph(arch.num_layers), EngineOptions(prefill_chunk=7))
+    graph = optimum_kv_graph(arch.num_layers)
+    small = Engine.from_parts(fp32_dir, arch, graph, EngineOptions(prefill_chunk=7))
     try:
         ids = fp32_engine.encode(TEXT)
         assert small.perplexity(ids) == pytest.approx(fp32_engine.perplexity(ids), rel=1e-4)
