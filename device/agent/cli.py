@@ -1,9 +1,127 @@
-"""`nanofleet device run|status` (owned by the agent work)."""
+"""`nanofleet device run|status` (owned by the agent work). Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
+
+CONFIG_HELP = "Agent config YAML (see manifests/examples/agent.yaml)."
+
+
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the device agent: serve the committed model, take OTA updates, send telemetry over MQTT.
+
+    Runs until SIGTERM. A/B slots and the update state live in the config's data_dir; after a crash
+    the agent resumes per the resume map (docs/ota.md).
+    """
+    import logging
+
+    from nanofleet._output import fail
+
+    from .config import load_config
+    from .errors import AgentError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config)
+        from .agent import Agent
+
+        code = Agent(cfg).run()
+    except AgentError as exc:
+        fail(exc.message, reason=exc.reason)
+    raise typer.Exit(code)
+
+
+def status(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show the update state, both slots (bundle name, version, manifest hash), the committed version and
+    the broker connection (as last written by the running agent)."""
+    from nanofleet._output import emit_json, fail, out
+
+    from .agent import read_status
+    from .config import load_config
+    from .errors import AgentError
+    from .store import StateStore
+
+    try:
+        cfg = load_config(config)
+        rec = StateStore(cfg.data_dir / "state.json").load()
+    except AgentError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
+    live = read_status(cfg.data_dir)
+    running = bool(live and _pid_alive(int(live.get("pid", 0))))
+    committed = rec.committed
+    doc: dict[str, Any] = {
+        "device_id": cfg.device_id,
+        "state": rec.state.value,
+        "deployment_id": rec.deployment_id,
+        "target": rec.target.model_dump() if rec.target else None,
+        "active_slot": rec.active_slot,
+        "slots": {k: (v.model_dump() if v else None) for k, v in rec.slots.items()},
+        "committed": committed.model_dump() if committed else None,
+        "highest_committed": rec.highest_committed,
+        "last_result": rec.last_result,
+        "error": rec.error,
+        "agent_running": running,
+        "broker": {
+            "url": cfg.mqtt.url,
+            "connected": bool(running and live and live.get("broker_connected")),
+            "last_connect": live.get("last_connect") if live else None,
+            "last_error": live.get("last_error") if live else None,
+        },
+        "outbox": {"pending": live.get("outbox_pending"), "dropped": live.get("outbox_dropped")}
+        if live
+        else None,
+        "serving": live.get("serving") if running and live else None,
+        "status_written_at": live.get("ts") if live else None,
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    from rich.table import Table
+
+    out.print(
+        f"[bold]{cfg.device_id}[/]  update state: [bold]{rec.state.value}[/]"
+        f"  deployment: {rec.deployment_id or '-'}  last result: {rec.last_result or '-'}"
+    )
+    if rec.error:
+        out.print(f"[red]error:[/] {rec.error}")
+    table = Table("slot", "active", "bundle", "version", "manifest sha256")
+    for name, info in rec.slots.items():
+        table.add_row(
+            name,
+            "*" if name == rec.active_slot else "",
+            (info.name or "-") if info else "(empty)",
+            str(info.version) if info and info.version is not None else "-",
+            (info.manifest_sha256 or "-")[:16] if info else "-",
+        )
+    out.print(table)
+    out.print(f"committed: {committed.name}@{committed.version}" if committed else "committed: none")
+    conn = doc["broker"]
+    state = "connected" if conn["connected"] else ("agent not running" if not running else "disconnected")
+    out.print(f"broker {cfg.mqtt.url}: {state}" + (f" ({conn['last_error']})" if conn["last_error"] else ""))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def register(app: typer.Typer, device_app: typer.Typer) -> None:
-    pass
+    device_app.command("run")(run)
+    device_app.command("status")(status)

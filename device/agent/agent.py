@@ -1,0 +1,228 @@
+"""The long-running agent process: runtime + local API, update worker, MQTT link, telemetry, watchdog.
+
+Threads: paho's network thread; the outbox sender; ONE update worker (resume, then desired states in
+order of arrival, newest wins); the main thread samples telemetry and pings the watchdog. The local API
+serves the committed model whatever the broker or the fleet are doing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from manifests import atomic_write_bytes
+from manifests.errors import SchemaError
+from manifests.mqtt import DesiredState, Event, ReportedState, SlotInfo, events_topic, telemetry_topic
+
+from . import sdnotify
+from .config import AgentConfig
+from .disk import Disk
+from .errors import AgentError
+from .fetch import Fetcher, HttpFetcher
+from .mqtt_link import MqttLink
+from .outbox import Outbox
+from .runtime import ModelRuntime, make_runtime
+from .store import UpdateRecord
+from .telemetry import Sampler, cpu_arch, ram_bytes
+from .updater import EnvHooks, Hooks, Updater
+
+log = logging.getLogger("nanofleet.agent")
+STATUS_FILE = "agent-status.json"
+
+
+def agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nanofleet")
+    except Exception:
+        return "0.0.0+unknown"
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        runtime: ModelRuntime | None = None,
+        fetcher: Fetcher | None = None,
+        disk: Disk | None = None,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.config = config
+        self.version = agent_version()
+        self.data_dir = config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = config.trust_store()
+        self.runtime = runtime or make_runtime(config)
+        self.fetcher = fetcher or HttpFetcher(
+            timeout_s=config.artifacts.timeout_s, retries=config.artifacts.retries, ca=config.artifacts.ca
+        )
+        self.outbox = Outbox(self.data_dir / "outbox.sqlite", config.telemetry.queue_max_entries)
+        self.sampler = Sampler(config.device_id, self.version, self.data_dir)
+        self.link = MqttLink(config.mqtt, config.device_id, self.version, self.outbox, self._on_desired)
+        self.updater = Updater(
+            data_dir=self.data_dir,
+            device_id=config.device_id,
+            trust=self.trust,
+            fetcher=self.fetcher,
+            runtime=self.runtime,
+            artifacts_base_url=config.artifacts.base_url,
+            disk=disk,
+            hooks=hooks or EnvHooks(self.data_dir),
+            emit=self.emit,
+            on_change=self._publish_reported,
+            max_file_bytes=config.limits.max_file_bytes,
+            disk_margin_bytes=config.limits.disk_margin_bytes,
+            max_memory_bytes=config.limits.max_memory_bytes,
+        )
+        self._desired: queue.Queue[DesiredState] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    def emit(self, kind: str, message: str, **fields: Any) -> None:
+        """Queue an event (store and forward)."""
+
+        def build(seq: int) -> bytes:
+            return Event(
+                device_id=self.config.device_id,
+                seq=seq,
+                ts=_now(),
+                kind=kind,  # type: ignore[arg-type]
+                message=message,
+                **fields,
+            ).to_bytes()
+
+        self.outbox.put(events_topic(self.config.device_id), build)
+
+    def reported(self, rec: UpdateRecord | None = None) -> ReportedState:
+        rec = rec or self.updater.snapshot()
+        return ReportedState(
+            device_id=self.config.device_id,
+            state=rec.state.value,
+            deployment_id=rec.deployment_id,
+            active_slot=rec.active_slot,
+            slots={k: (v or SlotInfo()) for k, v in rec.slots.items()},
+            committed=rec.committed,
+            last_result=rec.last_result,
+            error=rec.error,
+            agent_version=self.version,
+            hardware_class=self.config.hardware_class,
+            cpu_arch=cpu_arch(),
+            ram_bytes=ram_bytes(),
+            ts=_now(),
+        )
+
+    def _publish_reported(self, rec: UpdateRecord) -> None:
+        self.link.publish_reported(self.reported(rec).to_bytes())
+
+    def _write_status(self) -> None:
+        serving = self.runtime.serving()
+        doc = {
+            "pid": os.getpid(),
+            "ts": _now().isoformat(),
+            "broker_connected": self.link.connected.is_set(),
+            "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            "last_connect": self.link.last_connect.isoformat() if self.link.last_connect else None,
+            "last_error": self.link.last_error,
+            "outbox_pending": len(self.outbox),
+            "outbox_dropped": self.outbox.dropped,
+            "serving": serving.__dict__ if serving else None,
+            "agent_version": self.version,
+        }
+        atomic_write_bytes(self.data_dir / STATUS_FILE, json.dumps(doc, indent=1).encode())
+
+    def telemetry_tick(self) -> None:
+        stats = self.runtime.stats()
+        serving = self.runtime.serving()
+        dropped = self.outbox.dropped
+
+        def build(seq: int) -> bytes:
+            return self.sampler.sample(seq, stats, serving, dropped).to_bytes()
+
+        self.outbox.put(telemetry_topic(self.config.device_id), build)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def _on_desired(self, payload: bytes) -> None:
+        try:
+            desired = DesiredState.from_bytes(payload)
+        except SchemaError as exc:
+            self.emit("error", f"desired state refused: {exc.message}", details={"reason": "schema"})
+            return
+        self._desired.put(desired)
+
+    def _work(self) -> None:
+        try:
+            if self.updater.pending_resume():
+                self.updater.resume()
+            if self.config.bootstrap_bundle is not None:
+                self.updater.bootstrap(self.config.bootstrap_bundle)
+            while not self._stop.is_set():
+                try:
+                    desired = self._desired.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                # Only the newest desired state matters: skip ones a later message superseded.
+                while True:
+                    try:
+                        desired = self._desired.get_nowait()
+                    except queue.Empty:
+                        break
+                outcome = self.updater.handle_desired(desired)
+                log.info("deployment %s: %s", desired.deployment_id, outcome)
+        except AgentError as exc:
+            log.error("update worker stopped: %s", exc.message)
+            self.emit("error", exc.message, details={"reason": exc.reason})
+            self._fatal = exc
+            self._stop.set()
+
+    # ---- main ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._fatal: AgentError | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.runtime.start()
+        self.updater.startup()
+        self._publish_reported(self.updater.snapshot())
+        self.link.start()
+        self._worker.start()
+        sdnotify.notify("READY=1")
+        interval = self.config.telemetry.interval_s
+        watchdog = sdnotify.watchdog_interval_s()
+        tick = min(interval, watchdog) if watchdog else interval
+        next_telemetry = 0.0
+        import time
+
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_telemetry:
+                self.telemetry_tick()
+                next_telemetry = now + interval
+            self._write_status()
+            sdnotify.notify("WATCHDOG=1")
+            self._stop.wait(min(tick, max(0.05, next_telemetry - time.monotonic()), 1.0))
+        sdnotify.notify("STOPPING=1")
+        self.link.stop()
+        self.runtime.stop()
+        self._write_status()
+        return 1 if self._fatal else 0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def read_status(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,184 @@
+"""The download edge: small documents and resumable file downloads (HTTP Range), behind a protocol.
+
+``fetch_to`` never writes past the size the signed manifest declares (the hard cap), resumes a partial
+file from its current length, and starts over only when the server ignores Range.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from .disk import is_disk_full
+from .errors import DiskFullError, DownloadError
+
+CHUNK = 256 * 1024
+Progress = Callable[[int], None]  # called with the bytes written so far for the current file
+
+
+class Fetcher(Protocol):
+    def get_bytes(self, url: str, max_bytes: int) -> bytes: ...
+
+    def fetch_to(self, url: str, dest: Path, size: int, progress: Progress | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class HttpFetcher:
+    def __init__(
+        self, *, timeout_s: float = 30.0, retries: int = 5, ca: Path | None = None, backoff_s: float = 0.5
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        verify: bool | str = str(ca) if ca else True
+        self._client = httpx.Client(timeout=timeout_s, verify=verify, follow_redirects=True)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def close(self) -> None:
+        self._client.close()
+
+    def get_bytes(self, url: str, max_bytes: int) -> bytes:
+        if url.startswith("file://"):
+            return _local_bytes(url, max_bytes)
+        httpx = self._httpx
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                with self._client.stream("GET", url) as resp:
+                    if resp.status_code != 200:
+                        raise DownloadError(f"GET {url}: HTTP {resp.status_code}", reason="http_status")
+                    buf = bytearray()
+                    for chunk in resp.iter_bytes():
+                        buf += chunk
+                        if len(buf) > max_bytes:
+                            raise DownloadError(f"{url} is over {max_bytes} bytes", reason="file_too_large")
+                    return bytes(buf)
+            except httpx.HTTPError as exc:
+                last = exc
+                time.sleep(self.backoff_s * (2**attempt))
+        raise DownloadError(f"GET {url} failed after {self.retries + 1} attempts: {last}", reason="network")
+
+    def fetch_to(self, url: str, dest: Path, size: int, progress: Progress | None = None) -> None:
+        if url.startswith("file://"):
+            return _local_copy(url, dest, size, progress)
+        httpx = self._httpx
+        last: Exception | None = None
+        attempt = 0
+        while True:
+            have = dest.stat().st_size if dest.exists() else 0
+            if have > size:  # more than the manifest allows: never trust it
+                dest.unlink()
+                have = 0
+            if have == size:
+                return
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with self._client.stream("GET", url, headers=headers) as resp:
+                    if resp.status_code == 416 and have:
+                        dest.unlink()  # our partial file does not fit the server's: start over
+                        attempt += 1
+                        if attempt > self.retries:
+                            raise DownloadError(
+                                f"{url}: server refuses our Range requests", reason="http_status"
+                            )
+                        continue
+                    if resp.status_code == 200:
+                        have = 0  # the server ignored Range: start from scratch
+                    elif resp.status_code != 206:
+                        raise DownloadError(f"GET {url}: HTTP {resp.status_code}", reason="http_status")
+                    written = self._write(resp, dest, have, size, url, progress)
+                if written < size:  # a short, clean response: count it like a dropped connection
+                    attempt = attempt + 1 if written == have else 0
+                    if attempt > self.retries:
+                        raise DownloadError(f"{url} ends at {written} of {size} bytes", reason="short_file")
+                else:
+                    attempt = 0
+            except httpx.HTTPError as exc:  # dropped connection, truncated body, timeout: resume
+                last = exc
+                progressed = dest.exists() and dest.stat().st_size > have
+                attempt = 1 if progressed else attempt + 1
+                if attempt > self.retries:
+                    raise DownloadError(
+                        f"download of {url} failed after {self.retries + 1} attempts: {last}",
+                        reason="network",
+                    ) from exc
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)))
+
+    @staticmethod
+    def _write(resp, dest: Path, offset: int, size: int, url: str, progress: Progress | None) -> int:  # noqa: ANN001
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        mode = "r+b" if offset and dest.exists() else "wb"
+        written = offset
+        try:
+            with open(dest, mode) as fh:
+                fh.seek(offset)
+                fh.truncate()
+                for chunk in resp.iter_bytes(CHUNK):
+                    if written + len(chunk) > size:
+                        raise DownloadError(
+                            f"{url} sends more than the {size} bytes the manifest declares",
+                            reason="file_too_large",
+                        )
+                    fh.write(chunk)
+                    written += len(chunk)
+                    if progress:
+                        fh.flush()
+                        progress(written)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return written
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"disk full while writing {dest.name}: {exc.strerror}") from exc
+            raise DownloadError(f"cannot write {dest}: {exc.strerror}", reason="io") from exc
+
+
+def _local_path(url: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(url).path))
+
+
+def _local_bytes(url: str, max_bytes: int) -> bytes:
+    """file:// sources (a bootstrap bundle in the OS image, removable media): same caps as HTTP."""
+    path = _local_path(url)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise DownloadError(f"{path} is over {max_bytes} bytes", reason="file_too_large")
+        return path.read_bytes()
+    except OSError as exc:
+        raise DownloadError(f"cannot read {path}: {exc.strerror}", reason="missing_file") from exc
+
+
+def _local_copy(url: str, dest: Path, size: int, progress: Progress | None) -> None:
+    src = _local_path(url)
+    have = dest.stat().st_size if dest.exists() else 0
+    if have > size:
+        dest.unlink()
+        have = 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(src, "rb") as fin, open(dest, "r+b" if have else "wb") as fout:
+            fin.seek(have)
+            fout.seek(have)
+            written = have
+            while chunk := fin.read(CHUNK):
+                if written + len(chunk) > size:
+                    raise DownloadError(
+                        f"{src} is larger than the {size} bytes declared", reason="file_too_large"
+                    )
+                fout.write(chunk)
+                written += len(chunk)
+                if progress:
+                    progress(written)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"disk full while writing {dest.name}: {exc.strerror}") from exc
+        raise DownloadError(f"cannot copy {src}: {exc.strerror}", reason="io") from exc

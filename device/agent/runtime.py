@@ -1,0 +1,175 @@
+"""The model edge: load a bundle, health-check it, swap it into service (draining), report serving stats.
+
+The update state machine codes against the small ``ModelRuntime`` protocol, so it and its tests do not
+depend on onnxruntime. ``EngineRuntime`` is the real one: ``device.engine`` + the local API of
+``device.api`` (``ModelHolder.swap`` drains in-flight requests). A config may name a plug-in runtime
+as ``module:factory`` (the factory takes the AgentConfig).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from manifests import BundleManifest
+
+from .errors import ConfigError, HealthCheckError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    name: str
+    version: int
+    slot: str
+    manifest_sha256: str
+
+
+class LoadedModel(Protocol):
+    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
+
+    def perplexity(self, token_ids: Sequence[int]) -> float: ...
+
+    def close(self) -> None: ...
+
+
+class ModelRuntime(Protocol):
+    def start(self) -> None:
+        """Start the local API (it answers 503 until a model is served)."""
+
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> LoadedModel: ...
+
+    def serve(self, model: LoadedModel, info: ServingInfo) -> None:
+        """Put ``model`` in service; in-flight requests finish on the previous one, which is then closed."""
+
+    def serving(self) -> ServingInfo | None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """decode_tok_s, ttft_p50_ms, ttft_p95_ms, requests, errors, queue_depth (missing keys: unknown)."""
+
+    def stop(self) -> None: ...
+
+
+def health_check(model: LoadedModel, manifest: BundleManifest) -> dict[str, Any]:
+    """The activation gate: golden tokens, the latency budget, and a finite perplexity (no NaN/inf)."""
+    golden = manifest.golden
+    if golden is None:
+        probe = [manifest.arch.bos_token_id or 1, 2, 3, 4]
+        ppl = model.perplexity(probe)
+        if not math.isfinite(ppl):
+            raise HealthCheckError(f"perplexity on a probe is {ppl}: the model produces NaN/inf")
+        return {"golden": False, "perplexity": ppl}
+    n = len(golden.expected_token_ids)
+    t0 = time.perf_counter()
+    got = list(model.greedy(golden.prompt_token_ids, n))
+    elapsed_ms = (time.perf_counter() - t0) * 1000.0
+    if got != list(golden.expected_token_ids):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(got, golden.expected_token_ids, strict=False)) if a != b),
+            min(len(got), n),
+        )
+        raise HealthCheckError(
+            f"golden output differs at token {first}: got {got[: first + 3]}..., "
+            f"expected {list(golden.expected_token_ids)[: first + 3]}..."
+        )
+    if elapsed_ms > golden.latency_budget_ms:
+        raise HealthCheckError(
+            f"golden prompt took {elapsed_ms:.0f} ms, over the {golden.latency_budget_ms:.0f} ms budget"
+        )
+    ppl = model.perplexity(list(golden.prompt_token_ids) + list(golden.expected_token_ids))
+    if not math.isfinite(ppl):
+        raise HealthCheckError(f"perplexity on the golden text is {ppl}: the model produces NaN/inf")
+    return {"golden": True, "latency_ms": round(elapsed_ms, 1), "perplexity": ppl}
+
+
+class EngineRuntime:
+    """onnxruntime engine (device.engine) behind the local OpenAI-compatible API (device.api)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._holder: Any = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._info: ServingInfo | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        import uvicorn
+
+        from device import api
+
+        self._holder = api.ModelHolder()
+        settings = _api_settings(api, self.config)
+        app = api.create_app(self._holder, settings)
+        cfg = uvicorn.Config(app, host=self.config.api.bind, port=self.config.api.port, log_level="warning")
+        self._server = uvicorn.Server(cfg)
+        self._thread = threading.Thread(target=self._server.run, name="local-api", daemon=True)
+        self._thread.start()
+
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> LoadedModel:
+        from device.engine import Engine, EngineOptions
+
+        try:
+            # The agent verified the slot already; a second hashing pass would double the activation time.
+            return Engine.from_bundle(
+                bundle_dir, None, options=EngineOptions(threads=self.config.limits.threads)
+            )
+        except Exception as exc:  # onnxruntime/tokenizers raise many kinds: translate at the edge
+            raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc
+
+    def serve(self, model: LoadedModel, info: ServingInfo) -> None:
+        with self._lock:
+            previous = self._holder.swap(model)
+            self._info = info
+        if previous is not None and previous is not model:
+            previous.close()
+
+    def serving(self) -> ServingInfo | None:
+        return self._info
+
+    def stats(self) -> dict[str, Any]:
+        if self._holder is None:
+            return {}
+        snap = getattr(self._holder, "stats", None)
+        if snap is None:
+            return {}
+        data = snap() if callable(snap) else snap
+        if hasattr(data, "model_dump"):
+            data = data.model_dump()
+        elif hasattr(data, "__dict__") and not isinstance(data, dict):
+            data = dict(vars(data))
+        return dict(data)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _api_settings(api: Any, config: AgentConfig) -> Any:
+    settings_cls = getattr(api, "APISettings", None) or getattr(api, "Settings", None)
+    if settings_cls is None:
+        return None
+    return settings_cls(token=config.api.resolved_token())
+
+
+def make_runtime(config: AgentConfig) -> ModelRuntime:
+    if config.runtime == "engine":
+        return EngineRuntime(config)
+    module_name, _, attr = config.runtime.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"runtime must be 'engine' or 'module:factory', got {config.runtime!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"runtime {config.runtime!r} cannot be imported: {exc}") from exc
+    return factory(config)
