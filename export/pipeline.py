@@ -1,0 +1,524 @@
+"""The export pipeline: source → fp32 ONNX (validated against torch) → recipe → gate → signed bundle.
+
+Everything is built inside one work folder created beside ``--out`` (same filesystem, so the final
+``os.rename`` is atomic); the work folder is removed on success, failure and Ctrl-C alike. A bundle folder
+therefore either appears whole, signed and gated, or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from manifests import (
+    REPORT_NAME,
+    ArchConfig,
+    BundleFile,
+    BundleManifest,
+    GoldenCheck,
+    GraphSpec,
+    Provenance,
+    QualityReport,
+    Runtime,
+    SigningKey,
+    atomic_write_text,
+    describe_file,
+    write_signed_manifest,
+)
+from manifests._files import fsync_dir
+
+from . import gate as gate_mod
+from .archs import GRAPH_KIND, spec_for
+from .errors import ExportError, ExportInterruptedError, OutOfSpaceError, OutputExistsError, QualityGateError
+from .onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, export_onnx, validate_against_torch
+from .progress import Reporter
+from .quantize import DEFAULT_RECIPES, RECIPES, QuantRecipe, min_onnxruntime, operators, quantize
+from .sources import ResolvedSource, load_config, load_model, load_tokenizer, resolve_source
+
+Target = Literal["arm64", "x86_64"]
+Precision = Literal["int8", "int4", "fp32"]
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_FILE = "generation_config.json"
+# The golden check runs on the board at activation; boards are 5-30x slower than this machine.
+GOLDEN_BUDGET_FACTOR = 30.0
+GOLDEN_BUDGET_MIN_MS = 5000.0
+WORK_PREFIX = ".nanofleet-export-"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model: str | None = None
+    target: Target = "arm64"
+    precision: Precision = "int8"
+    recipe: str | None = None  # None: DEFAULT_RECIPES[precision], first to pass the gate wins
+    key: SigningKey | None = None
+    version: int | None = None
+    name: str | None = None
+    out: Path | None = None
+    eval_text: Path | None = None
+    prompts: Path | None = None
+    thresholds: gate_mod.GateThresholds = field(default_factory=gate_mod.GateThresholds)
+    expires_days: int | None = 365
+    force: bool = False
+    threads: int | None = None
+    work_dir: Path | None = None  # where the temp work folder goes; default beside --out
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path | None
+    manifest: BundleManifest | None
+    report: QualityReport
+    report_path: Path
+    recipe: str
+    attempts: list[dict[str, Any]]
+    timings: dict[str, float]
+    sizes: dict[str, float]
+    validation: dict[str, float]
+    passed: bool
+    messages: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": self.passed,
+            "bundle": str(self.bundle_dir) if self.bundle_dir else None,
+            "report": str(self.report_path),
+            "name": self.manifest.name if self.manifest else None,
+            "version": self.manifest.version if self.manifest else None,
+            "recipe": self.recipe,
+            "sizes": self.sizes,
+            "ppl_reference": self.report.ppl_reference,
+            "ppl_quantized": self.report.ppl_quantized,
+            "ppl_increase_pct": self.report.ppl_increase_pct,
+            "greedy_agreement": self.report.greedy_agreement,
+            "gate_passed": self.report.passed,
+            "messages": self.messages,
+            "attempts": self.attempts,
+            "validation": self.validation,
+            "timings": self.timings,
+        }
+
+
+def default_name(src: ResolvedSource, precision: str) -> str:
+    if src.gguf_file:
+        base = Path(src.gguf_file).stem.split(".")[0]
+    elif src.kind == "hub":
+        base = src.spec.split("/")[-1]
+    else:
+        base = src.folder.name
+    base = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._") or "model"
+    return f"{base}-{precision}"[:120]
+
+
+def is_enospc(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def run_export(req: ExportRequest, reporter: Reporter | None = None) -> ExportResult:
+    """Run the whole pipeline; raises an ``ExportError`` (QualityGateError after writing the report)."""
+    reporter = reporter or Reporter(enabled=False)
+    if req.key is None:
+        raise ExportError("a signing key is required")
+    src = resolve_source(req.model)
+    precision = req.precision
+    recipe_names = [req.recipe] if req.recipe else DEFAULT_RECIPES[precision]
+    for r in recipe_names:
+        if r not in RECIPES:
+            raise ExportError(f"unknown recipe {r!r}; known: {', '.join(sorted(RECIPES))}")
+    name = req.name or default_name(src, precision)
+    out = (req.out or Path("bundles") / name).resolve()
+    if out.exists() and not req.force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
+    parent = (req.work_dir or out.parent).resolve()
+    parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
+    try:
+        return _run(req, src, recipe_names, name, out, work, reporter)
+    except KeyboardInterrupt as exc:
+        raise ExportInterruptedError(
+            "export interrupted; temporary files removed, no bundle written"
+        ) from exc
+    except ExportError as exc:
+        if is_enospc(exc):
+            raise OutOfSpaceError(
+                f"no space left on the device while exporting into {parent}: {exc}"
+            ) from exc
+        raise
+    except OSError as exc:
+        if is_enospc(exc):
+            raise OutOfSpaceError(
+                f"no space left on the device while exporting into {parent}; free space or pass --work-dir/--out "
+                f"on a larger disk ({exc})"
+            ) from exc
+        raise
+    except Exception as exc:
+        if is_enospc(exc):
+            raise OutOfSpaceError(
+                f"no space left on the device while exporting into {parent}: {exc}"
+            ) from exc
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    req: ExportRequest,
+    src: ResolvedSource,
+    recipe_names: list[str],
+    name: str,
+    out: Path,
+    work: Path,
+    reporter: Reporter,
+) -> ExportResult:
+    assets = work / "assets"
+    assets.mkdir()
+    with reporter.step("load", f"loading {src.kind} {Path(src.spec).name}"):
+        config = load_config(src)
+        spec = spec_for(config)  # unsupported architectures fail here, before the weights load
+        model = load_model(src)
+        tokenizer = load_tokenizer(src)
+        generation = _generation_dict(model)
+        arch = spec.arch_config(config, generation)
+        _write_assets(assets, tokenizer, model, generation)
+        _check_space(work, model)
+    evalset = gate_mod.EvalSet.load(_tk(assets), req.eval_text, req.prompts)
+    fp32_dir = work / "fp32"
+    with reporter.step("export", "exporting ONNX (fp32, KV cache)"):
+        onnx_path = export_onnx(model, fp32_dir)
+    with reporter.step("validate", "validating ONNX against torch"):
+        validation = validate_against_torch(model, onnx_path, arch, evalset.token_ids, threads=req.threads)
+    del model
+    gc.collect()
+    graph = _graph_spec(onnx_path)
+    for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_FILE):
+        if (assets / f).exists():
+            shutil.copyfile(assets / f, fp32_dir / f)
+    fp32_size = _model_bytes(fp32_dir)
+    n_evals = 1 + len(evalset.prompts)
+    with reporter.step("reference", "scoring the fp32 reference", total=n_evals) as tick:
+        reference = gate_mod.score_model(
+            fp32_dir, arch, graph, evalset, req.thresholds.greedy_tokens, threads=req.threads, tick=tick
+        )
+    eval_tokens = min(len(evalset.token_ids), arch.context_length)
+    attempts: list[dict[str, Any]] = []
+    chosen: tuple[QuantRecipe, Path, Any, gate_mod.GateResult] | None = None
+    last: gate_mod.GateResult | None = None
+    for rname in recipe_names:
+        recipe = RECIPES[rname]
+        qdir = work / f"q-{rname}"
+        with reporter.step(f"quantize:{rname}", f"quantizing ({rname})"):
+            outcome = quantize(onnx_path, qdir, recipe)
+        if recipe.method == "none":
+            candidate = reference
+        else:
+            with reporter.step(f"gate:{rname}", f"quality gate ({rname})", total=n_evals) as tick:
+                candidate = gate_mod.score_model(
+                    qdir, arch, graph, evalset, req.thresholds.greedy_tokens, threads=req.threads, tick=tick
+                )
+        result = gate_mod.judge(reference, candidate, evalset, req.thresholds, eval_tokens=eval_tokens)
+        last = result
+        attempts.append(
+            {
+                "recipe": rname,
+                "size": _model_bytes(qdir),
+                "ppl": result.report.ppl_quantized,
+                "ppl_increase_pct": result.report.ppl_increase_pct,
+                "greedy_agreement": result.report.greedy_agreement,
+                "passed": result.passed,
+                "messages": result.messages,
+            }
+        )
+        if result.passed:
+            chosen = (recipe, qdir, outcome, result)
+            break
+        shutil.rmtree(qdir, ignore_errors=True)
+    assert last is not None
+    report_doc = {
+        "report": last.report.model_dump(mode="json"),
+        "attempts": attempts,
+        "validation": validation.as_dict(),
+        "source": src.spec,
+        "fp32_model_bytes": fp32_size,
+    }
+    if chosen is None:
+        report_path = out.with_name(out.name + "." + REPORT_NAME)
+        atomic_write_text(report_path, json.dumps(report_doc, indent=2) + "\n")
+        tried = "; ".join(f"{a['recipe']}: {' and '.join(a['messages'])}" for a in attempts)
+        raise QualityGateError(
+            f"quality gate failed, no bundle published ({tried}); report written to {report_path}",
+            report_path=str(report_path),
+        )
+    recipe, qdir, outcome, result = chosen
+    with reporter.step("bundle", "signing and writing the bundle"):
+        manifest = _assemble(
+            req,
+            src,
+            name,
+            arch,
+            graph,
+            recipe,
+            qdir,
+            outcome,
+            result,
+            assets,
+            work,
+            out,
+            report_doc,
+            evalset.prompts[0],
+        )
+    model_bytes = _model_bytes(out)
+    sizes: dict[str, float] = {
+        "fp32_model_bytes": fp32_size,
+        "model_bytes": model_bytes,
+        "bundle_bytes": manifest.total_size,
+        "model_size_ratio": round(model_bytes / fp32_size, 4) if fp32_size else 0.0,
+    }
+    return ExportResult(
+        bundle_dir=out,
+        manifest=manifest,
+        report=result.report,
+        report_path=out / REPORT_NAME,
+        recipe=recipe.name,
+        attempts=attempts,
+        timings=dict(reporter.timings),
+        sizes=sizes,
+        validation=validation.as_dict(),
+        passed=True,
+        messages=[],
+    )
+
+
+def _tk(assets: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(assets / TOKENIZER_FILE))
+
+
+def _check_space(work: Path, model: Any) -> None:
+    """Fail early (before minutes of work) when the disk cannot hold fp32 + quantized + bundle."""
+    need = int(model.num_parameters() * 4 * 2.2)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise OutOfSpaceError(
+            f"exporting this model needs about {need / 1e9:.2f} GB free in {work.parent}, only "
+            f"{free / 1e9:.2f} GB are; free space or pass --out/--work-dir on a larger disk"
+        )
+
+
+def _generation_dict(model: Any) -> dict[str, Any]:
+    gc_ = getattr(model, "generation_config", None)
+    if gc_ is None:
+        return {}
+    d = gc_.to_diff_dict() if hasattr(gc_, "to_diff_dict") else {}
+    d.pop("transformers_version", None)
+    return {k: v for k, v in d.items() if isinstance(v, int | float | str | bool | list) or v is None}
+
+
+def _write_assets(assets: Path, tokenizer: Any, model: Any, generation: dict[str, Any]) -> None:
+    tokenizer.backend_tokenizer.save(str(assets / TOKENIZER_FILE))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the device uses the default one
+        template = template.get("default") or next(iter(template.values()), None)
+    if template:
+        (assets / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    (assets / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def _graph_spec(onnx_path: Path) -> GraphSpec:
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    kv = next((i for i in g.input if i.name.startswith("past_key_values.")), None)
+    kv_dtype = "float16" if kv is not None and kv.type.tensor_type.elem_type == 10 else "float32"
+    return GraphSpec(
+        kind=GRAPH_KIND,
+        model_file=MODEL_FILE,
+        input_names=[i.name for i in g.input],
+        output_names=[o.name for o in g.output],
+        kv_dtype=kv_dtype,
+    )
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum((folder / f).stat().st_size for f in (MODEL_FILE, EXTERNAL_DATA_FILE) if (folder / f).exists())
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tools = {}
+    for dist in (
+        "nanofleet",
+        "torch",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime",
+        "gguf",
+    ):
+        try:
+            tools[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return tools
+
+
+def _assemble(
+    req: ExportRequest,
+    src: ResolvedSource,
+    name: str,
+    arch: ArchConfig,
+    graph: GraphSpec,
+    recipe: QuantRecipe,
+    qdir: Path,
+    outcome: Any,
+    result: gate_mod.GateResult,
+    assets: Path,
+    work: Path,
+    out: Path,
+    report_doc: dict[str, Any],
+    golden_prompt: list[int],
+) -> BundleManifest:
+    import onnxruntime
+
+    # The stage sits beside --out (same filesystem) so that publishing is one atomic rename.
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        return _assemble_into(
+            stage,
+            req,
+            src,
+            name,
+            arch,
+            graph,
+            recipe,
+            qdir,
+            outcome,
+            result,
+            assets,
+            work,
+            out,
+            report_doc,
+            golden_prompt,
+            onnxruntime.__version__,
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _assemble_into(
+    stage: Path,
+    req: ExportRequest,
+    src: ResolvedSource,
+    name: str,
+    arch: ArchConfig,
+    graph: GraphSpec,
+    recipe: QuantRecipe,
+    qdir: Path,
+    outcome: Any,
+    result: gate_mod.GateResult,
+    assets: Path,
+    work: Path,
+    out: Path,
+    report_doc: dict[str, Any],
+    golden_prompt: list[int],
+    ort_version: str,
+) -> BundleManifest:
+    files: list[BundleFile] = []
+    for fname, role in ((MODEL_FILE, "model"), (EXTERNAL_DATA_FILE, "model_data")):
+        if (qdir / fname).exists():
+            shutil.move(str(qdir / fname), str(stage / fname))
+            files.append(describe_file(stage, fname, role))
+    for fname, role in (
+        (TOKENIZER_FILE, "tokenizer"),
+        (CHAT_TEMPLATE_FILE, "chat_template"),
+        (GENERATION_FILE, "generation_config"),
+    ):
+        if (assets / fname).exists():
+            shutil.copyfile(assets / fname, stage / fname)
+            files.append(describe_file(stage, fname, role))
+    atomic_write_text(stage / REPORT_NAME, json.dumps(report_doc, indent=2) + "\n")
+    files.append(describe_file(stage, REPORT_NAME, "report"))
+    ops = operators(stage / MODEL_FILE)
+    host = "x86_64" if platform.machine().lower() in ("x86_64", "amd64") else "arm64"
+    created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    expires = created + dt.timedelta(days=req.expires_days) if req.expires_days else None
+    cand = result.candidate
+    golden = GoldenCheck(
+        prompt_token_ids=list(golden_prompt),
+        expected_token_ids=list(cand.greedy[0]),
+        latency_budget_ms=round(
+            max(GOLDEN_BUDGET_MIN_MS, cand.greedy_ms_first_prompt * GOLDEN_BUDGET_FACTOR), 1
+        ),
+    )
+    manifest = BundleManifest(
+        name=name,
+        version=req.version or int(created.timestamp()),
+        created_at=created,
+        expires_at=expires,
+        arch=arch,
+        graph=graph,
+        runtime=Runtime(
+            target=req.target,
+            min_onnxruntime=min_onnxruntime(ops, recipe),
+            operators=ops,
+            verified_onnxruntime=[ort_version] if host == req.target else [],
+        ),
+        recipe=outcome.manifest_recipe(recipe, any(n.startswith("embedding-8bit") for n in outcome.notes)),
+        files=files,
+        quality=result.report,
+        golden=golden,
+        provenance=Provenance(
+            source=src.spec,
+            source_kind=src.kind,
+            source_sha256=src.fingerprint(),
+            source_revision=src.revision,
+            tools=_tool_versions(),
+            built_on=f"{platform.system()} {platform.machine()} python {platform.python_version()}",
+        ),
+        generation=json.loads((assets / GENERATION_FILE).read_text())
+        if (assets / GENERATION_FILE).exists()
+        else {},
+    )
+    assert req.key is not None
+    write_signed_manifest(stage, manifest, req.key)
+    for f in stage.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(stage)
+    _publish(stage, out, work)
+    return manifest
+
+
+def _publish(stage: Path, out: Path, work: Path) -> None:
+    """Rename the finished bundle into place; with --force the old one moves aside first, then goes."""
+    old: Path | None = None
+    if out.exists():
+        old = work / "replaced"
+        os.rename(out, old)
+    os.rename(stage, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
