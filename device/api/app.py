@@ -170,6 +170,7 @@ class _Service:
             repetition_penalty=req.repetition_penalty,
             seed=req.seed,
             stop=tuple(req.stop_list()),
+            ignore_eos=req.ignore_eos,
         )
 
     # ------------------------------------------------------------ generation

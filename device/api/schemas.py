@@ -23,6 +23,7 @@ class _Req(BaseModel):
     # extensions (llama.cpp-style names)
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
     stream_options: dict[str, bool] | None = None
     user: str | None = None
 

@@ -21,6 +21,8 @@ class EngineOptions:
     graph_optimization: GraphOptimization = "all"
     memory_arena: bool = True
     prepack_weights: bool = True
+    # Idle worker threads spin before sleeping: lower latency on a dedicated board, waste on a busy host.
+    spin_wait: bool = True
     # Caps the context below the model's own (memory on small boards); None = the model's context_length.
     max_context: int | None = None
     # Prompt tokens fed per forward pass: bounds the [chunk, vocab] logits buffer (chunk*vocab*4 bytes).

@@ -28,6 +28,8 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
     so.enable_mem_pattern = options.memory_arena
     if not options.prepack_weights:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if not options.spin_wait:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if options.optimized_model_path:
         so.optimized_model_filepath = options.optimized_model_path
     so.log_severity_level = 3

@@ -25,12 +25,23 @@ def fp32_dir() -> Path:
     return require(FP32_DIR / "model.onnx").parent
 
 
+_ENGINES: dict[str, Engine] = {}
+
+
+def shared_fp32_engine() -> Engine:
+    """One fp32 engine per test session, shared by tests/device_engine and tests/device_api (540 MB)."""
+    if "fp32" not in _ENGINES or _ENGINES["fp32"].closed:
+        root = require(FP32_DIR / "model.onnx").parent
+        arch = arch_from_hf_config(root / "config.json")
+        _ENGINES["fp32"] = Engine.from_parts(
+            root, arch, optimum_kv_graph(arch.num_layers), EngineOptions(threads=2, spin_wait=False)
+        )
+    return _ENGINES["fp32"]
+
+
 @pytest.fixture(scope="session")
-def fp32_engine(fp32_dir: Path) -> Iterator[Engine]:
-    arch = arch_from_hf_config(fp32_dir / "config.json")
-    engine = Engine.from_parts(fp32_dir, arch, optimum_kv_graph(arch.num_layers), EngineOptions(threads=2))
-    yield engine
-    engine.close()
+def fp32_engine() -> Iterator[Engine]:
+    yield shared_fp32_engine()
 
 
 @pytest.fixture(scope="session")
