@@ -1,0 +1,112 @@
+"""A small typed client for the fleet's REST API (used by the CLI, the demo and the tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from manifests import MANIFEST_NAME, SIGNATURE_NAME, read_manifest_unverified
+
+from .errors import FleetError
+
+
+class FleetAPIError(FleetError):
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("detail") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status_code = status
+        self.body = body
+        self.reason = (body.get("reason") if isinstance(body, dict) else None) or "http"
+
+
+class FleetClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _req(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise FleetError(f"cannot reach the fleet service at {self.url}: {exc}") from exc
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise FleetAPIError(r.status_code, body)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    # devices
+    def enrollment_token(self, **kw: Any) -> dict[str, Any]:
+        return self._req("POST", "/api/v1/enrollment-tokens", json=kw)
+
+    def enroll(self, token: str, **kw: Any) -> dict[str, Any]:
+        return self._req("POST", "/api/v1/enroll", json={"token": token, **kw})
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._req("GET", "/api/v1/devices")
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self._req("GET", f"/api/v1/devices/{device_id}")
+
+    def telemetry(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self._req("GET", f"/api/v1/devices/{device_id}/telemetry", params={"limit": limit})
+
+    # models
+    def upload_bundle(self, bundle_dir: str | Path) -> dict[str, Any]:
+        root = Path(bundle_dir)
+        manifest = read_manifest_unverified(root)
+        paths = [MANIFEST_NAME, SIGNATURE_NAME, *(f.path for f in manifest.files)]
+        handles = [(p, open(root / p, "rb")) for p in paths]  # noqa: SIM115 - closed below
+        try:
+            files = [("files", (p, fh, "application/octet-stream")) for p, fh in handles]
+            return self._req("POST", "/api/v1/models", files=files)
+        finally:
+            for _, fh in handles:
+                fh.close()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._req("GET", "/api/v1/models")
+
+    def model(self, name: str, version: int) -> dict[str, Any]:
+        return self._req("GET", f"/api/v1/models/{name}/{version}")
+
+    def delete_model(self, name: str, version: int) -> None:
+        self._req("DELETE", f"/api/v1/models/{name}/{version}")
+
+    # deployments
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self._req("POST", "/api/v1/deployments", json=manifest)
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self._req("GET", "/api/v1/deployments")
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return self._req("GET", f"/api/v1/deployments/{name}")
+
+    def control(self, name: str, action: str) -> dict[str, Any]:
+        return self._req("POST", f"/api/v1/deployments/{name}/{action}")
+
+    def audit(self, deployment: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if deployment:
+            params["deployment"] = deployment
+        return self._req("GET", "/api/v1/audit", params=params)
+
+    def status(self) -> dict[str, Any]:
+        return self._req("GET", "/api/v1/status")

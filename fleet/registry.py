@@ -1,0 +1,165 @@
+"""The model registry: signed bundles in, checked against the trusted keys before a byte is stored."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, BinaryIO
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from manifests import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    BundleManifest,
+    ManifestError,
+    TrustStore,
+    VerificationError,
+    check_relative_path,
+    verify_manifest_bytes,
+)
+
+from .blobs import BlobStore
+from .db import BundleFileRecord, BundleRecord, Deployment, Device
+from .errors import ConflictError, InvalidBundleError, NotFoundError
+
+ACTIVE_DEPLOYMENT_STATES = ("in_progress", "paused", "rolling_back")
+
+
+def summarize(manifest: BundleManifest) -> dict[str, Any]:
+    q = manifest.quality
+    return {
+        "recipe": manifest.recipe.model_dump(mode="json", exclude_defaults=True),
+        "target": manifest.runtime.target,
+        "architecture": manifest.arch.architecture,
+        "quality": None
+        if q is None
+        else {
+            "ppl_increase_pct": q.ppl_increase_pct,
+            "greedy_agreement": q.greedy_agreement,
+            "passed": q.passed,
+        },
+        "has_golden": manifest.golden is not None,
+        "expires_at": manifest.expires_at.isoformat() if manifest.expires_at else None,
+    }
+
+
+def ingest_bundle(
+    session: Session, blobs: BlobStore, trust: TrustStore, parts: dict[str, BinaryIO]
+) -> tuple[BundleRecord, bool]:
+    """Store an uploaded bundle. ``parts`` maps each bundle path to its content.
+
+    Returns (record, created). Uploading the identical bundle again is a no-op; another bundle under
+    the same name and version is a conflict (versions are immutable: anti-rollback depends on it).
+    """
+    for required in (MANIFEST_NAME, SIGNATURE_NAME):
+        if required not in parts:
+            raise InvalidBundleError(f"the upload has no {required}")
+    body = parts[MANIFEST_NAME].read()
+    sig = parts[SIGNATURE_NAME].read()
+    try:
+        manifest = verify_manifest_bytes(body, sig, trust)
+    except VerificationError as exc:
+        raise InvalidBundleError(f"bundle refused ({exc.reason}): {exc.message}") from exc
+    except ManifestError as exc:
+        raise InvalidBundleError(exc.message) from exc
+    manifest_sha = hashlib.sha256(body).hexdigest()
+    existing = session.scalar(
+        select(BundleRecord).where(
+            BundleRecord.name == manifest.name, BundleRecord.version == manifest.version
+        )
+    )
+    if existing is not None:
+        if existing.manifest_sha256 == manifest_sha:
+            return existing, False
+        raise ConflictError(
+            f"{manifest.ref} is already registered with different content; bundle versions are immutable"
+        )
+    declared = {f.path for f in manifest.files}
+    extra = set(parts) - declared - {MANIFEST_NAME, SIGNATURE_NAME}
+    if extra:
+        raise InvalidBundleError(f"files not listed in the manifest: {', '.join(sorted(extra))}")
+    for entry in manifest.files:
+        check_relative_path(entry.path)
+        src = parts.get(entry.path)
+        if src is None:
+            raise InvalidBundleError(f"{entry.path} is listed in the manifest but missing from the upload")
+        blobs.put_stream(src, expected_sha256=entry.sha256, expected_size=entry.size, name=entry.path)
+    record = BundleRecord(
+        name=manifest.name,
+        version=manifest.version,
+        manifest_sha256=manifest_sha,
+        manifest_yaml=body.decode("utf-8"),
+        signature=sig.decode("utf-8"),
+        key_id=_key_id(sig),
+        total_size=manifest.total_size,
+        summary=summarize(manifest),
+        files=[
+            BundleFileRecord(path=f.path, size=f.size, sha256=f.sha256, role=f.role) for f in manifest.files
+        ],
+    )
+    session.add(record)
+    session.flush()
+    return record, True
+
+
+def _key_id(sig: bytes) -> str:
+    import json
+
+    try:
+        return str(json.loads(sig)["key_id"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def get_bundle(session: Session, name: str, version: int) -> BundleRecord:
+    rec = session.scalar(
+        select(BundleRecord).where(BundleRecord.name == name, BundleRecord.version == version)
+    )
+    if rec is None:
+        raise NotFoundError(f"no bundle {name}@{version} in the registry")
+    return rec
+
+
+def users_of(session: Session, name: str, version: int) -> list[str]:
+    """Who uses a bundle: devices running or told to run it, deployments still active with it."""
+    users: list[str] = []
+    devices = session.scalars(
+        select(Device).where(
+            or_(
+                (Device.current_name == name) & (Device.current_version == version),
+                Device.desired.is_not(None),
+            )
+        )
+    ).all()
+    for d in devices:
+        if d.current_name == name and d.current_version == version:
+            users.append(f"device {d.id} runs it")
+            continue
+        b = (d.desired or {}).get("bundle") or {}
+        if b.get("name") == name and b.get("version") == version:
+            users.append(f"device {d.id} is told to run it")
+    deps = session.scalars(
+        select(Deployment).where(
+            Deployment.bundle_name == name,
+            Deployment.bundle_version == version,
+            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATES),
+        )
+    ).all()
+    users += [f"deployment {d.name} is {d.status}" for d in deps]
+    return users
+
+
+def delete_bundle(session: Session, blobs: BlobStore, name: str, version: int) -> None:
+    rec = get_bundle(session, name, version)
+    users = users_of(session, name, version)
+    if users:
+        raise ConflictError(f"{name}@{version} is in use: " + "; ".join(users[:10]))
+    shas = {f.sha256 for f in rec.files}
+    session.delete(rec)
+    session.flush()
+    still_used = set(
+        session.scalars(select(BundleFileRecord.sha256).where(BundleFileRecord.sha256.in_(shas))).all()
+    )
+    for sha in shas - still_used:
+        blobs.delete(sha)

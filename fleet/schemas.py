@@ -1,0 +1,184 @@
+"""REST API request and response bodies (they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    reason: str
+    errors: list[dict[str, str]] = Field(default_factory=list)
+
+
+class EnrollmentTokenRequest(BaseModel):
+    uses: int = Field(1, ge=1, le=100000, description="how many devices may enrol with it")
+    ttl_s: float = Field(24 * 3600, gt=0, le=365 * 24 * 3600)
+    tags: dict[str, str] = Field(default_factory=dict, description="given to every device that enrols")
+    groups: list[str] = Field(default_factory=list)
+    hardware_class: str | None = None
+
+
+class EnrollmentTokenOut(BaseModel):
+    id: str
+    token: str = Field(description="shown once; the fleet stores only its hash")
+    expires_at: dt.datetime
+    uses: int
+
+
+class EnrollRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=200)
+    device_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN, description="default: generated")
+    hardware_class: str | None = Field(None, max_length=64)
+    cpu_arch: str | None = Field(None, max_length=32)
+    ram_bytes: int | None = Field(None, ge=0, le=2**50)
+    tags: dict[str, str] = Field(default_factory=dict)
+    groups: list[str] = Field(default_factory=list)
+
+
+class MqttCredentials(BaseModel):
+    url: str
+    username: str
+    password: str | None = Field(None, description="the device token; only in the enrolment/rotate answer")
+    topics: dict[str, str]
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    device_token: str = Field(description="Bearer token for the REST API and the MQTT password; shown once")
+    mqtt: MqttCredentials
+    fleet_url: str
+    fleet_public_key: str = Field(description="PEM ed25519 key that signs rollback authorisations")
+    fleet_key_id: str
+
+
+class CredentialsOut(BaseModel):
+    device_id: str
+    mqtt: MqttCredentials
+    fleet_url: str
+    fleet_public_key: str
+    fleet_key_id: str
+
+
+class DevicePatch(BaseModel):
+    tags: dict[str, str] | None = None
+    groups: list[str] | None = None
+    hardware_class: str | None = Field(None, max_length=64)
+
+
+class DeviceOut(BaseModel):
+    id: str
+    hardware_class: str | None
+    cpu_arch: str | None
+    ram_bytes: int | None
+    tags: dict[str, str]
+    groups: list[str]
+    enrolled_at: dt.datetime
+    last_seen: dt.datetime | None
+    online: bool
+    agent_version: str | None
+    model: str | None = Field(description="name@version of the committed model")
+    update_state: str | None
+    reported: dict[str, Any] | None
+    telemetry: dict[str, Any] | None
+    desired: dict[str, Any] | None
+
+
+class TelemetryPoint(BaseModel):
+    ts: dt.datetime
+    resolution: str
+    model_version: int | None
+    decode_tok_s: float | None
+    ttft_p95_ms: float | None
+    requests: int
+    errors: int
+    samples: int = 1
+
+
+class EventOut(BaseModel):
+    seq: int
+    ts: dt.datetime
+    kind: str
+    deployment_id: str | None
+    payload: dict[str, Any]
+
+
+class BundleFileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    role: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: int
+    manifest_sha256: str
+    key_id: str
+    total_size: int
+    created_at: dt.datetime
+    summary: dict[str, Any]
+    files: list[BundleFileOut]
+    base_url: str
+    in_use_by: list[str] = Field(default_factory=list)
+
+
+class TargetOut(BaseModel):
+    device_id: str
+    wave: int
+    state: str
+    previous: str | None
+    assigned_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: str | None
+    baseline: dict[str, Any] | None
+    health: dict[str, Any] | None
+
+
+class DeploymentOut(BaseModel):
+    id: str
+    name: str
+    generation: int
+    bundle: str
+    strategy: str
+    status: str
+    wave: int
+    waves: int
+    abort_reason: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    counts: dict[str, int]
+    manifest: dict[str, Any]
+    targets: list[TargetOut] = Field(default_factory=list)
+
+
+class ApplyResult(BaseModel):
+    result: str = Field(description="created | configured | unchanged")
+    deployment: DeploymentOut
+
+
+class AuditOut(BaseModel):
+    id: int
+    ts: dt.datetime
+    actor: str
+    action: str
+    deployment: str | None
+    device_id: str | None
+    details: dict[str, Any]
+
+
+class StatusOut(BaseModel):
+    devices: int
+    online: int
+    models: int
+    deployments: dict[str, int]
+    mqtt_url: str
+    mqtt_connected: bool
+    public_url: str
+    fleet_key_id: str

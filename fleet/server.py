@@ -1,0 +1,80 @@
+"""Running the service: uvicorn in the foreground (``serve``) or in a thread (tests, demo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import uvicorn
+
+from manifests import atomic_write_text
+
+from .api import create_app
+from .config import FleetConfig
+from .service import FleetService
+
+INFO_FILE = "service.json"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare(config: FleetConfig) -> FleetService:
+    if config.port == 0:
+        config.port = free_port(config.host)
+    return FleetService(config)
+
+
+def write_info(svc: FleetService) -> None:
+    """data_dir/service.json: where this running service is, for the CLI and scripts on this host."""
+    info = {
+        "url": svc.public_url,
+        "mqtt_url": svc.mqtt_url,
+        "pid": os.getpid(),
+        "data_dir": str(svc.config.data_dir),
+    }
+    atomic_write_text(svc.config.data_dir / INFO_FILE, json.dumps(info, indent=2))
+
+
+def serve(config: FleetConfig, log_level: str = "info") -> None:
+    svc = prepare(config)
+    app = create_app(svc, on_started=lambda: write_info(svc))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+
+
+class ServerThread:
+    """The whole service in a background thread of this process; ``stop()`` shuts it down cleanly."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.svc = prepare(config)
+        self.app = create_app(self.svc)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app, host=config.host, port=config.port, log_level="warning", access_log=False
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, name="fleet-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.svc.public_url
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fleet service did not start")
+            time.sleep(0.05)
+        write_info(self.svc)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -1,0 +1,220 @@
+"""Fleet test fixtures: signed bundles, a running fleet service (SQLite or PostgreSQL, embedded broker
+or a real mosquitto), an admin client and simulated devices."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from fleet.client import FleetClient
+from fleet.config import FleetConfig
+from fleet.server import ServerThread
+from manifests import (
+    ArchConfig,
+    BundleManifest,
+    GoldenCheck,
+    GraphSpec,
+    Provenance,
+    Recipe,
+    Runtime,
+    SigningKey,
+    TrustStore,
+    describe_file,
+    write_keypair,
+    write_signed_manifest,
+)
+
+from .simdevice import Behaviour, SimDevice
+
+BUNDLE = "tiny-model"
+
+
+def make_bundle(root: Path, key: SigningKey, version: int, *, name: str = BUNDLE, size: int = 4096) -> Path:
+    """A small but well-formed signed bundle (the fleet never runs the model, only stores and serves it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.onnx").write_bytes(bytes((i * 7 + version) % 256 for i in range(size)))
+    (root / "tokenizer.json").write_text(f'{{"version": "1.0", "v": {version}}}')
+    manifest = BundleManifest(
+        name=name,
+        version=version,
+        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        arch=ArchConfig(
+            architecture="llama",
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=1000,
+            context_length=256,
+        ),
+        graph=GraphSpec(kind="optimum-kv", input_names=["input_ids"], output_names=["logits"]),
+        runtime=Runtime(target="arm64", min_onnxruntime="1.20", operators=["ai.onnx:MatMul"]),
+        recipe=Recipe(precision="int8", method="matmulnbits", bits=8, block_size=32),
+        files=[
+            describe_file(root, "model.onnx", "model"),
+            describe_file(root, "tokenizer.json", "tokenizer"),
+        ],
+        golden=GoldenCheck(prompt_token_ids=[1, 2], expected_token_ids=[3, 4], latency_budget_ms=1000),
+        provenance=Provenance(source="test", source_kind="folder"),
+    )
+    write_signed_manifest(root, manifest, key)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[SigningKey, Path]:
+    d = tmp_path_factory.mktemp("bundle-key")
+    key = SigningKey.generate()
+    _, pub = write_keypair(d, key)
+    return key, pub
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory, bundle_key: tuple[SigningKey, Path]) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {v: make_bundle(root / f"v{v}", bundle_key[0], v) for v in (1, 2, 3)}
+
+
+class Fleet:
+    """A running fleet service plus helpers to enrol simulated devices against it."""
+
+    def __init__(self, config: FleetConfig, bundle_pub: Path) -> None:
+        self.config = config
+        self.bundle_pub = bundle_pub
+        self.server: ServerThread | None = None
+        self.devices: list[SimDevice] = []
+
+    def start(self) -> Fleet:
+        self.server = ServerThread(self.config.model_copy(deep=True)).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def svc(self) -> Any:
+        assert self.server is not None
+        return self.server.svc
+
+    def admin(self) -> FleetClient:
+        return FleetClient(self.url, self.svc.admin_token)
+
+    def enroll(
+        self,
+        n: int,
+        *,
+        behaviour: Behaviour | None = None,
+        tags: dict[str, str] | None = None,
+        groups: list[str] | None = None,
+        prefix: str = "sim",
+        **kw: Any,
+    ) -> list[SimDevice]:
+        with self.admin() as admin:
+            token = admin.enrollment_token(uses=n, tags=tags or {}, groups=groups or [])["token"]
+        fleet_trust = TrustStore()
+        fleet_trust.add(self.svc.signing_key.public_key)
+        out = []
+        with FleetClient(self.url) as anon:
+            for i in range(n):
+                creds = anon.enroll(
+                    token, device_id=f"{prefix}-{len(self.devices) + i:02d}", hardware_class="sim"
+                )
+                dev = SimDevice(
+                    creds["device_id"],
+                    creds["mqtt"]["url"],
+                    username=creds["mqtt"]["username"],
+                    password=creds["mqtt"]["password"],
+                    bundle_trust=TrustStore.from_paths([self.bundle_pub]),
+                    fleet_trust=fleet_trust,
+                    behaviour=behaviour,
+                    **kw,
+                )
+                dev.token = creds["device_token"]  # type: ignore[attr-defined]
+                out.append(dev.start())
+        self.devices += out
+        return out
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.stop()
+        self.stop()
+
+
+@pytest.fixture
+def pg_schema(pg_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh PostgreSQL schema for one test, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    eng = create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield pg_url, schema
+    with eng.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    eng.dispose()
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path, bundle_key: tuple[SigningKey, Path]) -> Iterator[Callable[..., Fleet]]:
+    fleets: list[Fleet] = []
+
+    def factory(
+        *,
+        database_url: str | None = None,
+        schema: str | None = None,
+        broker_url: str | None = None,
+        **overrides: Any,
+    ) -> Fleet:
+        cfg = FleetConfig(
+            data_dir=tmp_path / f"fleet{len(fleets)}",
+            database_url=database_url,
+            database_schema=schema,
+            port=0,
+            trusted_keys=[bundle_key[1]],
+            tick_s=0.1,
+            **overrides,
+        )
+        if broker_url:
+            cfg.broker.embedded = False
+            cfg.broker.url = broker_url
+        f = Fleet(cfg, bundle_key[1]).start()
+        # Keep the chosen port across restarts.
+        f.config.port = f.svc.config.port
+        fleets.append(f)
+        return f
+
+    yield factory
+    for f in fleets:
+        f.close()
+
+
+def wait_for(
+    pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
