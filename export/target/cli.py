@@ -1,9 +1,183 @@
-"""`nanofleet verify-target` (owned by the target-verification work)."""
+"""`nanofleet verify-target`: run a bundle on an emulated board CPU with the device engine, compare it
+with the build machine, exit non-zero on a regression."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from nanofleet._output import console, emit_json, fail
+
+# Exit codes (also in docs/target-verification.md).
+EXIT_REGRESSION = 1
+EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 3
+EXIT_ENVIRONMENT = 4
+
+
+def verify_target_cmd(
+    bundle: Path | None = typer.Argument(
+        None, help="Bundle folder (manifest.yaml + model). Optional with --prepare.", show_default=False
+    ),
+    cpu: str = typer.Option(
+        "cortex-a76",
+        "--cpu",
+        help="Board CPU to emulate: cortex-a72 (Pi 4), cortex-a76 (Pi 5), neoverse-n1 (Orin).",
+    ),
+    text: Path | None = typer.Option(
+        None,
+        "--text",
+        help="Eval text for perplexity. Default: the export gate's text (so the signed report's "
+        "fp32 reference applies too).",
+        show_default=False,
+    ),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="JSON list of golden prompts. Default: the export gate's.", show_default=False
+    ),
+    max_prompts: int | None = typer.Option(
+        None, "--max-prompts", min=1, help="Use only the first N prompts."
+    ),
+    new_tokens: int = typer.Option(16, "--new-tokens", min=1, help="Greedy tokens per prompt."),
+    max_text_tokens: int | None = typer.Option(
+        None,
+        "--max-text-tokens",
+        min=2,
+        help="Score only the first N tokens of the text (emulation is slow).",
+    ),
+    onnxruntime: str | None = typer.Option(
+        None,
+        "--onnxruntime",
+        help="onnxruntime version the boards run. Default: this machine's (the build's).",
+    ),
+    trust: list[Path] = typer.Option(
+        [],
+        "--trust",
+        help="Trusted public key (repeatable): check the signature and files on the target too.",
+    ),
+    max_ppl_drift: float = typer.Option(
+        3.0,
+        "--max-ppl-drift",
+        min=0.0,
+        help="Largest allowed perplexity difference target vs build, in percent.",
+    ),
+    min_agreement: float = typer.Option(
+        0.75,
+        "--min-agreement",
+        min=0.0,
+        max=1.0,
+        help="Smallest allowed greedy-token agreement target vs build.",
+    ),
+    no_golden: bool = typer.Option(False, "--no-golden", help="Do not require the manifest's golden tokens."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="onnxruntime threads (both runs)."),
+    timeout: float = typer.Option(3600, "--timeout", min=1, help="Seconds allowed for each run."),
+    prepare: bool = typer.Option(
+        False, "--prepare", help="Only build/refresh the cached arm64 root, wheels and qemu, then exit."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (perplexity, agreement, ...)."),
+) -> None:
+    """Prove a bundle on the boards' own CPU: the device engine under qemu-aarch64, on a Debian arm64 userland with aarch64 onnxruntime, numpy and tokenizers wheels, compared with the same run on this machine.
+
+    Checks, in order: can the target onnxruntime run the bundle at all (version, operators); perplexity on the eval text (vs this machine, and on the gate's own text vs the signed fp32 reference); greedy tokens on the golden prompts; the manifest's golden check.
+
+    Exit codes: 0 passed, 1 regression (named), 2 bad input, 3 bundle refused, 4 environment (qemu, debootstrap or downloads missing). The first run builds the cache (~/.cache/nanofleet/target, a few minutes).
+    """  # noqa: E501
+    from .errors import BadInputError, TargetError, TargetRefusedError, UnsupportedCpuError
+    from .runner import prepare_target
+    from .verify import Thresholds, load_prompts, run_verification
+    from .wheels import host_onnxruntime_version
+
+    def progress(msg: str) -> None:
+        if not as_json:
+            console.print(f"[dim]verify-target:[/] {msg}")
+
+    try:
+        if prepare:
+            version = onnxruntime or host_onnxruntime_version()
+            with console.status("building the target userland", disable=as_json):
+                env = prepare_target(cpu, version, progress)
+            info = {
+                "ok": True,
+                "cpu": cpu,
+                "onnxruntime": version,
+                "qemu": env.emulator.path,
+                "qemu_version": env.emulator.version_text,
+                "rootfs": str(env.rootfs),
+                "site": str(env.site),
+            }
+            if as_json:
+                emit_json(info)
+            else:
+                console.print(f"[green]ready:[/] qemu {info['qemu_version']}, root {info['rootfs']}, "
+                              f"wheels {info['site']}")  # fmt: skip
+            return
+        if bundle is None:
+            fail(
+                "give a BUNDLE folder (or --prepare)",
+                code=EXIT_BAD_INPUT,
+                as_json=as_json,
+                reason="bad_input",
+            )
+        prompt_list = load_prompts(prompts, max_prompts) if (prompts or max_prompts) else None
+        with console.status(f"verifying on emulated {cpu}", disable=as_json):
+            outcome = run_verification(
+                bundle,
+                cpu,
+                text,
+                prompts=prompt_list,
+                new_tokens=new_tokens,
+                max_text_tokens=max_text_tokens,
+                onnxruntime=onnxruntime,
+                trusted_keys=trust or None,
+                thresholds=Thresholds(max_ppl_drift, min_agreement, not no_golden),
+                threads=threads,
+                timeout=timeout,
+                progress=progress,
+            )
+    except TargetRefusedError as exc:
+        fail(exc.message, code=EXIT_REFUSED, as_json=as_json, reason=exc.reason, problems=exc.problems)
+    except (BadInputError, UnsupportedCpuError) as exc:
+        fail(exc.message, code=EXIT_BAD_INPUT, as_json=as_json, reason=exc.reason)
+    except TargetError as exc:
+        fail(exc.message, code=EXIT_ENVIRONMENT, as_json=as_json, reason=exc.reason)
+
+    data: dict[str, Any] = outcome.to_dict()
+    if as_json:
+        emit_json(data)
+    else:
+        _print_human(data)
+    if not outcome.passed:
+        raise typer.Exit(EXIT_REGRESSION)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print_human(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{d['bundle']} on {d['cpu']}", show_header=True)
+    table.add_column("")
+    table.add_column(f"target (aarch64, onnxruntime {d['onnxruntime']})")
+    table.add_column(f"build (onnxruntime {d['host_onnxruntime']})")
+    table.add_row("perplexity", _fmt(d["perplexity"], ".3f"), _fmt(d["host_perplexity"], ".3f"))
+    table.add_row("eval tokens", str(d["eval_tokens"]), str(d["eval_tokens"]))
+    table.add_row("greedy agreement", f"{d['greedy_agreement']:.1%}", "reference")
+    if d["golden_match"] is not None:
+        table.add_row("golden check", "match" if d["golden_match"] else "DIFFERENT", "")
+    table.add_row("seconds", str(d["seconds"]["target"]), str(d["seconds"]["host"]))
+    console.print(table)
+    for w in d["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+    if d["passed"]:
+        drift = _fmt(d["ppl_drift_pct"], "+.2f")
+        console.print(f"[bold green]passed[/] on {d['cpu']} (perplexity drift {drift}%)")
+    else:
+        for r in d["regressions"]:
+            console.print(f"[bold red]regression {r['name']}:[/] {r['message']}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("verify-target")(verify_target_cmd)
