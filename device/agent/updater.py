@@ -241,6 +241,7 @@ class Updater:
                 error=f"agent restarted during {state.value}",
                 error_reason="restarted",
                 error_state=state.value,
+                last_result="rolled_back",
             )
         self._run()
 
@@ -414,6 +415,9 @@ class Updater:
             bundle=self._target_ref(),
             details={"reason": exc.reason, "state": state.value},
         )
+        target = self.record.target_slot
+        if isinstance(exc, DiskFullError) and target is not None and target != self.record.active_slot:
+            self.slots.wipe(target)  # free the space first: recording the failure needs a few bytes too
         if state in IN_FLIGHT:
             self._fire(
                 Event.ERROR,
