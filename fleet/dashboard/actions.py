@@ -1,0 +1,139 @@
+"""The dashboard's write side: every action runs on the fleet service's worker thread through
+``FleetService.call``, with the rollout engine's own functions (``apply_manifest``, ``RolloutEngine.pause``
+and friends), exactly as the REST API does. Nothing here decides anything about a rollout.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from manifests import DeploymentManifest
+
+from ..errors import InvalidManifestError
+from ..rollout import apply_manifest, get_deployment
+from ..service import FleetService
+
+ACTOR = "admin (dashboard)"
+CONTROL_ACTIONS = ("pause", "resume", "abort", "rollback")
+
+
+class ManifestInputError(InvalidManifestError):
+    """A pasted or composed deployment manifest does not parse or validate."""
+
+
+def parse_manifest_text(text: str) -> DeploymentManifest:
+    """YAML or JSON text -> a validated ``DeploymentManifest``; errors name each field's path."""
+    if not text.strip():
+        raise ManifestInputError("the manifest is empty", [{"path": "<root>", "msg": "empty"}])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestInputError(f"not valid YAML or JSON: {exc}", [{"path": "<root>", "msg": str(exc)}]) from exc
+    return validate_manifest(data)
+
+
+def validate_manifest(data: Any) -> DeploymentManifest:
+    if not isinstance(data, dict):
+        raise ManifestInputError("a deployment manifest is a mapping", [{"path": "<root>", "msg": "not a mapping"}])
+    try:
+        return DeploymentManifest.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"path": ".".join(str(p) for p in e["loc"]) or "<root>", "msg": str(e["msg"])} for e in exc.errors()
+        ]
+        raise ManifestInputError(
+            "the manifest does not validate: " + "; ".join(f"{e['path']}: {e['msg']}" for e in errors), errors
+        ) from exc
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+
+
+def compose_manifest(form: dict[str, str]) -> dict[str, Any]:
+    """The 'compose' form's fields -> a deployment manifest document (validated by the caller)."""
+    bundle = form.get("bundle", "")
+    name, _, version = bundle.rpartition("@")
+    strategy_type = form.get("strategy") or "all-at-once"
+    strategy: dict[str, Any] = {"type": strategy_type}
+    if strategy_type == "canary":
+        strategy["canary"] = {"devices": int(form.get("canary_devices") or 1)}
+    elif strategy_type == "waves":
+        sizes = [int(s) for s in _csv(form.get("wave_sizes", ""))] or [1]
+        strategy["waves"] = {"sizes": sizes}
+    if form.get("wait_seconds"):
+        strategy["wait_seconds"] = float(form["wait_seconds"])
+    if form.get("max_in_flight"):
+        strategy["max_in_flight"] = int(form["max_in_flight"])
+    selector: dict[str, Any] = {}
+    tags = {}
+    for pair in _csv(form.get("selector_tags", "")):
+        k, _, v = pair.partition("=")
+        tags[k.strip()] = v.strip()
+    if tags:
+        selector["tags"] = tags
+    if form.get("selector_groups"):
+        selector["groups"] = _csv(form["selector_groups"])
+    if form.get("selector_devices"):
+        selector["device_ids"] = _csv(form["selector_devices"])
+    abort: dict[str, Any] = {}
+    for key, cast in (
+        ("failure_rate_pct", float),
+        ("max_decode_drop_pct", float),
+        ("convergence_timeout_s", float),
+    ):
+        if form.get(key):
+            abort[key] = cast(form[key])
+    if form.get("on_abort"):
+        abort["on_abort"] = form["on_abort"]
+    return {
+        "apiVersion": "nanofleet/v1",
+        "kind": "Deployment",
+        "metadata": {"name": form.get("name", "").strip()},
+        "spec": {
+            "bundle": {"name": name, "version": int(version) if version.isdigit() else version},
+            "selector": selector,
+            "strategy": strategy,
+            "abort": abort,
+        },
+    }
+
+
+def manifest_yaml(manifest: DeploymentManifest | dict[str, Any]) -> str:
+    data = manifest.model_dump(mode="json", exclude_defaults=True) if isinstance(manifest, DeploymentManifest) else manifest
+    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
+
+
+def apply(svc: FleetService, manifest: DeploymentManifest, actor: str = ACTOR) -> tuple[str, str]:
+    """Start (or re-apply) a rollout; returns (result, deployment name)."""
+
+    def run(session: Session) -> tuple[str, str]:
+        dep, result = apply_manifest(session, manifest, actor, svc.now())
+        session.info.setdefault("changed_devices", set()).update(svc.rollouts.tick(session))
+        return result, dep.name
+
+    return svc.call(run)
+
+
+def control(svc: FleetService, name: str, action: str, actor: str = ACTOR) -> str:
+    """pause | resume | abort | rollback a deployment; returns its new status."""
+    if action not in CONTROL_ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+
+    def run(session: Session) -> str:
+        dep = get_deployment(session, name)
+        now = svc.now()
+        if action == "rollback":
+            changed = svc.rollouts.rollback(session, dep, actor, now)
+            session.info.setdefault("changed_devices", set()).update(changed)
+        else:
+            getattr(svc.rollouts, action)(session, dep, actor, now)
+        session.flush()
+        return dep.status
+
+    return svc.call(run)

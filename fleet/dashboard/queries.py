@@ -1,0 +1,403 @@
+"""The read side of the dashboard: plain data for the templates, straight from the fleet's database.
+
+Only reads here. Anything that changes state goes through ``actions`` (the fleet service's worker).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from manifests import BundleManifest, ManifestError, TrustStore, VerificationError, verify_manifest_bytes
+
+from ..db import (
+    AuditEntry,
+    BundleRecord,
+    Deployment,
+    DeploymentTarget,
+    Device,
+    DeviceEvent,
+    TelemetryRollup,
+    TelemetrySample,
+    aware,
+)
+from .charts import Series
+
+ONLINE, OFFLINE = "online", "offline"
+
+
+# --- devices ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceFilters:
+    q: str = ""
+    tag: str = ""  # "key=value" or just "key"
+    group: str = ""
+    hardware_class: str = ""
+    model: str = ""
+    status: str = ""  # online | offline
+
+    def active(self) -> bool:
+        return any(vars(self).values())
+
+    def matches(self, d: Device) -> bool:
+        if self.q and self.q.lower() not in d.id.lower():
+            return False
+        if self.tag:
+            key, _, value = self.tag.partition("=")
+            tags = d.tags or {}
+            if key.strip() not in tags:
+                return False
+            if value and str(tags[key.strip()]) != value.strip():
+                return False
+        if self.group and self.group not in (d.groups or []):
+            return False
+        if self.hardware_class and (d.hardware_class or "") != self.hardware_class:
+            return False
+        if self.model and model_of(d) != self.model:
+            return False
+        return not (self.status and (ONLINE if d.online else OFFLINE) != self.status)
+
+
+def model_of(d: Device) -> str:
+    return f"{d.current_name}@{d.current_version}" if d.current_name else "none"
+
+
+def update_state(d: Device) -> str:
+    return str((d.reported or {}).get("state") or "unknown")
+
+
+def in_sync(d: Device) -> bool | None:
+    """Does the device run what it was told to? None when it was never told anything."""
+    b = (d.desired or {}).get("bundle")
+    if not b:
+        return None
+    return d.current_name == b.get("name") and d.current_version == b.get("version")
+
+
+@dataclass
+class Overview:
+    devices: list[Device]
+    total: int
+    by_status: Counter[str]
+    by_update_state: Counter[str]
+    by_hardware: Counter[str]
+    by_model: Counter[str]
+    tags: list[str]
+    groups: list[str]
+    hardware_classes: list[str]
+    models: list[str]
+
+
+def overview(session: Session, filters: DeviceFilters) -> Overview:
+    everything = session.scalars(select(Device).order_by(Device.id)).all()
+    shown = [d for d in everything if filters.matches(d)]
+    tags = sorted({f"{k}={v}" for d in everything for k, v in (d.tags or {}).items()})
+    return Overview(
+        devices=shown,
+        total=len(everything),
+        by_status=Counter(ONLINE if d.online else OFFLINE for d in shown),
+        by_update_state=Counter(update_state(d) for d in shown),
+        by_hardware=Counter(d.hardware_class or "unknown" for d in shown),
+        by_model=Counter(model_of(d) for d in shown),
+        tags=tags,
+        groups=sorted({g for d in everything for g in (d.groups or [])}),
+        hardware_classes=sorted({d.hardware_class for d in everything if d.hardware_class}),
+        models=sorted({model_of(d) for d in everything}),
+    )
+
+
+@dataclass
+class Metric:
+    key: str
+    title: str
+    unit: str
+    series: list[Series]
+
+
+# payload key -> (title, unit, scale)
+TELEMETRY_METRICS: tuple[tuple[str, str, str, float], ...] = (
+    ("decode_tok_s", "Decode speed", "tok/s", 1.0),
+    ("ttft_p95_ms", "Time to first token, p95", "ms", 1.0),
+    ("rss_bytes", "Resident memory (RSS)", "B", 1.0),
+    ("cpu_temp_c", "CPU temperature", "°C", 1.0),
+    ("disk_free_bytes", "Free disk", "B", 1.0),
+)
+
+
+@dataclass
+class DeviceDetail:
+    device: Device
+    metrics: list[Metric]
+    samples: int
+    state_history: list[dict[str, Any]]
+    targets: list[dict[str, Any]]
+    events: list[DeviceEvent]
+    reported_vs_desired: list[tuple[str, Any, Any, bool]]
+
+
+def telemetry_metrics(session: Session, device_id: str, limit: int = 300) -> tuple[list[Metric], int]:
+    """Each chart's series, one per model version, oldest first: raw samples, else downsampled rollups."""
+    raw = list(
+        reversed(
+            session.scalars(
+                select(TelemetrySample)
+                .where(TelemetrySample.device_id == device_id)
+                .order_by(TelemetrySample.ts.desc())
+                .limit(limit)
+            ).all()
+        )
+    )
+    rows: list[tuple[dt.datetime, str, dict[str, Any]]] = []
+    for r in raw:
+        p = dict(r.payload or {})
+        p.setdefault("decode_tok_s", r.decode_tok_s)
+        p.setdefault("ttft_p95_ms", r.ttft_p95_ms)
+        version = f"{r.model_name}@{r.model_version}" if r.model_name else "no model"
+        rows.append((aware(r.ts), version, p))  # type: ignore[arg-type]
+    if not rows:
+        for roll in reversed(
+            session.scalars(
+                select(TelemetryRollup)
+                .where(TelemetryRollup.device_id == device_id)
+                .order_by(TelemetryRollup.bucket_start.desc())
+                .limit(limit)
+            ).all()
+        ):
+            version = f"{roll.model_name}@{roll.model_version}" if roll.model_name else "no model"
+            rows.append(
+                (
+                    aware(roll.bucket_start),  # type: ignore[arg-type]
+                    version,
+                    {"decode_tok_s": roll.decode_tok_s_avg, "ttft_p95_ms": roll.ttft_p95_ms_max},
+                )
+            )
+    metrics = []
+    for key, title, unit, scale in TELEMETRY_METRICS:
+        by_version: dict[str, Series] = {}
+        for ts, version, p in rows:
+            v = p.get(key)
+            if v is None:
+                continue
+            by_version.setdefault(version, Series(version)).points.append((ts, float(v) * scale))
+        metrics.append(Metric(key, title, unit, list(by_version.values())))
+    return metrics, len(rows)
+
+
+def device_detail(session: Session, device_id: str) -> DeviceDetail | None:
+    d = session.get(Device, device_id)
+    if d is None:
+        return None
+    metrics, n = telemetry_metrics(session, device_id)
+    events = session.scalars(
+        select(DeviceEvent).where(DeviceEvent.device_id == device_id).order_by(DeviceEvent.seq.desc()).limit(100)
+    ).all()
+    history = []
+    for e in reversed(events):
+        p = e.payload or {}
+        if e.kind in ("transition", "result", "refused", "error"):
+            history.append(
+                {
+                    "ts": aware(e.ts),
+                    "kind": e.kind,
+                    "from": p.get("from_state"),
+                    "to": p.get("to_state"),
+                    "deployment": e.deployment_id,
+                    "message": p.get("message") or "",
+                }
+            )
+    target_rows = session.execute(
+        select(DeploymentTarget, Deployment)
+        .join(Deployment, Deployment.id == DeploymentTarget.deployment_id)
+        .where(DeploymentTarget.device_id == device_id)
+        .order_by(DeploymentTarget.assigned_at.desc())
+    ).all()
+    targets = [
+        {
+            "deployment": dep.name,
+            "bundle": f"{dep.bundle_name}@{dep.bundle_version}",
+            "state": t.state,
+            "previous": f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
+            "assigned_at": aware(t.assigned_at),
+            "finished_at": aware(t.finished_at),
+            "error": t.error,
+        }
+        for t, dep in target_rows
+    ]
+    rep = d.reported or {}
+    des = d.desired or {}
+    committed = rep.get("committed") or {}
+    rep_bundle = f"{committed.get('name')}@{committed.get('version')}" if committed.get("name") else None
+    des_b = des.get("bundle") or {}
+    des_bundle = f"{des_b.get('name')}@{des_b.get('version')}" if des_b.get("name") else None
+    comparison = [
+        ("Model", rep_bundle, des_bundle, des_bundle is None or rep_bundle == des_bundle),
+        (
+            "Command (deployment id)",
+            rep.get("deployment_id"),
+            des.get("deployment_id"),
+            not des.get("deployment_id") or rep.get("deployment_id") == des.get("deployment_id"),
+        ),
+        ("Update state", rep.get("state"), "committed" if des_bundle else None, True),
+        ("Last result", rep.get("last_result"), "committed" if des_bundle else None, True),
+        ("Signed rollback attached", None, "yes" if des.get("rollback") else "no", True),
+    ]
+    return DeviceDetail(d, metrics, n, history, targets, list(events), comparison)
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelView:
+    record: BundleRecord
+    manifest: BundleManifest | None
+    verified: bool
+    verify_error: str | None
+    users: list[str] = field(default_factory=list)
+
+
+def models(session: Session, trust: TrustStore) -> list[ModelView]:
+    """Every bundle, its manifest re-verified against the trusted keys as the page is drawn."""
+    out = []
+    for b in session.scalars(select(BundleRecord).order_by(BundleRecord.name, BundleRecord.version.desc())):
+        body = b.manifest_yaml.encode("utf-8")
+        try:
+            m = verify_manifest_bytes(body, b.signature, trust)
+            out.append(ModelView(b, m, True, None))
+            continue
+        except VerificationError as exc:
+            err = f"{exc.reason}: {exc.message}"
+        except ManifestError as exc:
+            err = exc.message
+        try:
+            m = BundleManifest.from_yaml(body)
+        except ManifestError:
+            m = None
+        out.append(ModelView(b, m, False, err))
+    return out
+
+
+def bundle_choices(session: Session) -> list[str]:
+    return [
+        f"{n}@{v}"
+        for n, v in session.execute(
+            select(BundleRecord.name, BundleRecord.version).order_by(
+                BundleRecord.name, BundleRecord.version.desc()
+            )
+        )
+    ]
+
+
+# --- deployments ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WaveView:
+    index: int
+    counts: dict[str, int]
+    total: int
+    done: int
+
+
+@dataclass
+class DeploymentView:
+    dep: Deployment
+    waves: list[WaveView]
+    counts: dict[str, int]
+    strategy: str
+
+
+TERMINAL = ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed")
+
+
+def deployment_view(dep: Deployment) -> DeploymentView:
+    waves: dict[int, Counter[str]] = {}
+    for w in range(max(dep.waves, 1)):
+        waves[w] = Counter()
+    for t in dep.targets:
+        waves.setdefault(t.wave, Counter())[t.state] += 1
+    views = [
+        WaveView(i, dict(c), sum(c.values()), sum(c[k] for k in TERMINAL)) for i, c in sorted(waves.items())
+    ]
+    counts = dict(Counter(t.state for t in dep.targets))
+    strategy = ((dep.manifest.get("spec") or {}).get("strategy") or {}).get("type", "all-at-once")
+    return DeploymentView(dep, views, counts, strategy)
+
+
+def deployments(session: Session) -> list[DeploymentView]:
+    deps = session.scalars(select(Deployment).order_by(Deployment.created_at.desc())).all()
+    return [deployment_view(d) for d in deps]
+
+
+def get_deployment_view(session: Session, name: str) -> DeploymentView | None:
+    dep = session.scalar(select(Deployment).where(Deployment.name == name))
+    return None if dep is None else deployment_view(dep)
+
+
+@dataclass
+class BeforeAfter:
+    tok_s: list[tuple[str, float | None, float | None]]
+    error_rate: list[tuple[str, float | None, float | None]]
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def before_after(session: Session, dep: Deployment) -> BeforeAfter:
+    """For each device updated so far: decode tok/s and error rate on its previous model vs on this one."""
+    tok, err = [], []
+    for t in dep.targets:
+        if t.state not in ("succeeded", "rolling_back", "rolled_back", "rollback_failed"):
+            continue
+        samples = session.scalars(
+            select(TelemetrySample)
+            .where(TelemetrySample.device_id == t.device_id)
+            .order_by(TelemetrySample.ts.desc())
+            .limit(400)
+        ).all()
+        before = [s for s in samples if t.previous_name and (s.model_name, s.model_version) == (t.previous_name, t.previous_version)]
+        after = [s for s in samples if (s.model_name, s.model_version) == (dep.bundle_name, dep.bundle_version)]
+        if t.assigned_at is not None:
+            start = aware(t.assigned_at)
+            before = [s for s in before if aware(s.ts) <= start]  # type: ignore[operator]
+            after = [s for s in after if aware(s.ts) >= start]  # type: ignore[operator]
+        b_tok = _mean([s.decode_tok_s for s in before if s.decode_tok_s is not None])
+        if b_tok is None and t.baseline:
+            b_tok = t.baseline.get("decode_tok_s")
+        a_tok = _mean([s.decode_tok_s for s in after if s.decode_tok_s is not None])
+        tok.append((t.device_id, b_tok, a_tok))
+
+        def rate(rows: list[TelemetrySample]) -> float | None:
+            req = sum(r.requests for r in rows)
+            return None if req == 0 else 100.0 * sum(r.errors for r in rows) / req
+
+        err.append((t.device_id, rate(before), rate(after)))
+    return BeforeAfter(tok, err)
+
+
+# --- audit ------------------------------------------------------------------------------------------
+
+
+def audit_entries(
+    session: Session, *, deployment: str = "", device: str = "", action: str = "", limit: int = 200
+) -> list[AuditEntry]:
+    q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if deployment:
+        q = q.where(AuditEntry.deployment == deployment)
+    if device:
+        q = q.where(AuditEntry.device_id == device)
+    if action:
+        q = q.where(AuditEntry.action == action)
+    return list(session.scalars(q))
+
+
+def audit_actions(session: Session) -> list[str]:
+    return sorted(session.scalars(select(AuditEntry.action).distinct()))
