@@ -97,40 +97,32 @@ class EngineRuntime:
         self.config = config
         self._holder: Any = None
         self._server: Any = None
-        self._thread: threading.Thread | None = None
         self._info: ServingInfo | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        import uvicorn
+        from device.api import ApiServer, ApiSettings, ModelHolder, create_app
 
-        from device import api
-
-        self._holder = api.ModelHolder()
-        settings = _api_settings(api, self.config)
-        app = api.create_app(self._holder, settings)
-        cfg = uvicorn.Config(app, host=self.config.api.bind, port=self.config.api.port, log_level="warning")
-        self._server = uvicorn.Server(cfg)
-        self._thread = threading.Thread(target=self._server.run, name="local-api", daemon=True)
-        self._thread.start()
+        api = self.config.api
+        self._holder = ModelHolder()
+        settings = ApiSettings(host=api.bind, port=api.port, api_key=api.resolved_token())
+        self._server = ApiServer(create_app(self._holder, settings), host=api.bind, port=api.port).start()
 
     def load(self, bundle_dir: Path, manifest: BundleManifest) -> LoadedModel:
         from device.engine import Engine, EngineOptions
 
         try:
             # The agent verified the slot already; a second hashing pass would double the activation time.
-            return Engine.from_bundle(
-                bundle_dir, None, options=EngineOptions(threads=self.config.limits.threads)
-            )
+            options = EngineOptions(threads=self.config.limits.threads)
+            return Engine.from_bundle(bundle_dir, None, options=options)
         except Exception as exc:  # onnxruntime/tokenizers raise many kinds: translate at the edge
             raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc
 
     def serve(self, model: LoadedModel, info: ServingInfo) -> None:
         with self._lock:
-            previous = self._holder.swap(model)
+            # swap drains: in-flight requests and streams finish on the old engine, which is then closed
+            self._holder.swap(model)
             self._info = info
-        if previous is not None and previous is not model:
-            previous.close()
 
     def serving(self) -> ServingInfo | None:
         return self._info
@@ -138,28 +130,11 @@ class EngineRuntime:
     def stats(self) -> dict[str, Any]:
         if self._holder is None:
             return {}
-        snap = getattr(self._holder, "stats", None)
-        if snap is None:
-            return {}
-        data = snap() if callable(snap) else snap
-        if hasattr(data, "model_dump"):
-            data = data.model_dump()
-        elif hasattr(data, "__dict__") and not isinstance(data, dict):
-            data = dict(vars(data))
-        return dict(data)
+        return dict(self._holder.stats.snapshot())
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
-def _api_settings(api: Any, config: AgentConfig) -> Any:
-    settings_cls = getattr(api, "APISettings", None) or getattr(api, "Settings", None)
-    if settings_cls is None:
-        return None
-    return settings_cls(token=config.api.resolved_token())
+            self._server.stop()
 
 
 def make_runtime(config: AgentConfig) -> ModelRuntime:

@@ -50,7 +50,8 @@ def make_bundle(
     golden = golden if golden is not None else answer
     (root / "model.onnx").write_text(json.dumps({"answer": answer, "nan": nan, "version": version}))
     # Deterministic padding so downloads take several chunks and can be cut in the middle.
-    (root / "weights.bin").write_bytes(bytes((i * 7 + version) % 256 for i in range(pad_bytes)))
+    pattern = bytes((i * 7 + version) % 256 for i in range(251))
+    (root / "weights.bin").write_bytes((pattern * (pad_bytes // 251 + 1))[:pad_bytes])
     (root / "tokenizer.json").write_text("{}")
     files = [
         describe_file(root, "model.onnx", "model"),
