@@ -735,4 +735,7 @@ def create_app(
             fleet_key_id=key_id_of(svc.signing_key.public_key),
         )
 
+    from .dashboard import mount_dashboard  # the web UI at / (fleet/dashboard/)
+
+    mount_dashboard(app, svc)
     return app

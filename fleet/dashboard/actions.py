@@ -33,18 +33,23 @@ def parse_manifest_text(text: str) -> DeploymentManifest:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ManifestInputError(f"not valid YAML or JSON: {exc}", [{"path": "<root>", "msg": str(exc)}]) from exc
+        raise ManifestInputError(
+            f"not valid YAML or JSON: {exc}", [{"path": "<root>", "msg": str(exc)}]
+        ) from exc
     return validate_manifest(data)
 
 
 def validate_manifest(data: Any) -> DeploymentManifest:
     if not isinstance(data, dict):
-        raise ManifestInputError("a deployment manifest is a mapping", [{"path": "<root>", "msg": "not a mapping"}])
+        raise ManifestInputError(
+            "a deployment manifest is a mapping", [{"path": "<root>", "msg": "not a mapping"}]
+        )
     try:
         return DeploymentManifest.model_validate(data)
     except ValidationError as exc:
         errors = [
-            {"path": ".".join(str(p) for p in e["loc"]) or "<root>", "msg": str(e["msg"])} for e in exc.errors()
+            {"path": ".".join(str(p) for p in e["loc"]) or "<root>", "msg": str(e["msg"])}
+            for e in exc.errors()
         ]
         raise ManifestInputError(
             "the manifest does not validate: " + "; ".join(f"{e['path']}: {e['msg']}" for e in errors), errors
@@ -105,7 +110,11 @@ def compose_manifest(form: dict[str, str]) -> dict[str, Any]:
 
 
 def manifest_yaml(manifest: DeploymentManifest | dict[str, Any]) -> str:
-    data = manifest.model_dump(mode="json", exclude_defaults=True) if isinstance(manifest, DeploymentManifest) else manifest
+    data = (
+        manifest.model_dump(mode="json", exclude_defaults=True)
+        if isinstance(manifest, DeploymentManifest)
+        else manifest
+    )
     return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
 
 

@@ -162,10 +162,15 @@ def before_after_chart(
     )
     out = [
         _svg_open(
-            width, height, f"{title}. {words}", title, "chart-bars", f' data-rows="{len(rows)}" data-points="{len(rows)}"'
+            width,
+            height,
+            f"{title}. {words}",
+            title,
+            "chart-bars",
+            f' data-rows="{len(rows)}" data-points="{len(rows)}"',
         )
     ]
-    for i, (name, colour) in enumerate(zip(labels, (PALETTE[4], PALETTE[0]))):
+    for i, (name, colour) in enumerate(zip(labels, (PALETTE[4], PALETTE[0]), strict=True)):
         lx = ml + i * 90
         out.append(f'<rect x="{lx}" y="6" width="10" height="10" fill="{colour}"/>')
         out.append(f'<text x="{lx + 14}" y="15" class="legend">{escape(name)}</text>')
@@ -188,7 +193,16 @@ def before_after_chart(
     return Markup("".join(out))
 
 
-ORDER = ("succeeded", "failed", "rollback_failed", "rolled_back", "rolling_back", "in_flight", "skipped", "pending")
+ORDER = (
+    "succeeded",
+    "failed",
+    "rollback_failed",
+    "rolled_back",
+    "rolling_back",
+    "in_flight",
+    "skipped",
+    "pending",
+)
 
 
 def stacked_bar(counts: dict[str, int], label: str, width: int = 400, height: int = 18) -> Markup:

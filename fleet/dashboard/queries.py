@@ -196,7 +196,10 @@ def device_detail(session: Session, device_id: str) -> DeviceDetail | None:
         return None
     metrics, n = telemetry_metrics(session, device_id)
     events = session.scalars(
-        select(DeviceEvent).where(DeviceEvent.device_id == device_id).order_by(DeviceEvent.seq.desc()).limit(100)
+        select(DeviceEvent)
+        .where(DeviceEvent.device_id == device_id)
+        .order_by(DeviceEvent.seq.desc())
+        .limit(100)
     ).all()
     history = []
     for e in reversed(events):
@@ -363,8 +366,14 @@ def before_after(session: Session, dep: Deployment) -> BeforeAfter:
             .order_by(TelemetrySample.ts.desc())
             .limit(400)
         ).all()
-        before = [s for s in samples if t.previous_name and (s.model_name, s.model_version) == (t.previous_name, t.previous_version)]
-        after = [s for s in samples if (s.model_name, s.model_version) == (dep.bundle_name, dep.bundle_version)]
+        before = [
+            s
+            for s in samples
+            if t.previous_name and (s.model_name, s.model_version) == (t.previous_name, t.previous_version)
+        ]
+        after = [
+            s for s in samples if (s.model_name, s.model_version) == (dep.bundle_name, dep.bundle_version)
+        ]
         if t.assigned_at is not None:
             start = aware(t.assigned_at)
             before = [s for s in before if aware(s.ts) <= start]  # type: ignore[operator]

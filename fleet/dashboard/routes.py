@@ -4,8 +4,6 @@ Each page has a live region whose HTML comes from a ``/ui/fragments/...`` endpoi
 and swaps it in place, so numbers and progress bars move without a full reload.
 """
 
-from __future__ import annotations
-
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any
@@ -195,7 +193,11 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             return render(
                 request,
                 "login.html",
-                {"next": safe_next(next), "login_csrf": cookie, "error": "Too many failed attempts; wait a few minutes."},
+                {
+                    "next": safe_next(next),
+                    "login_csrf": cookie,
+                    "error": "Too many failed attempts; wait a few minutes.",
+                },
                 status_code=429,
             )
         if not token or not signer.token_ok(token):
@@ -230,7 +232,12 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
 
     # --- fleet overview --------------------------------------------------------------------------
     def _filters(
-        q: str = "", tag: str = "", group: str = "", hardware_class: str = "", model: str = "", status: str = ""
+        q: str = "",
+        tag: str = "",
+        group: str = "",
+        hardware_class: str = "",
+        model: str = "",
+        status: str = "",
     ) -> queries.DeviceFilters:
         return queries.DeviceFilters(q, tag, group, hardware_class, model, status)
 
@@ -361,7 +368,9 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             "tok_chart": charts.before_after_chart(
                 "Decode speed before and after the update", ba.tok_s, "tok/s"
             ),
-            "err_chart": charts.before_after_chart("Error rate before and after the update", ba.error_rate, "%"),
+            "err_chart": charts.before_after_chart(
+                "Error rate before and after the update", ba.error_rate, "%"
+            ),
             "audit": audit,
         }
 
@@ -417,7 +426,11 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
                 "actions": queries.audit_actions(session),
                 "af": {"deployment": deployment, "device": device, "action": action, "limit": limit},
                 "query": urlencode(
-                    {k: v for k, v in {"deployment": deployment, "device": device, "action": action}.items() if v}
+                    {
+                        k: v
+                        for k, v in {"deployment": deployment, "device": device, "action": action}.items()
+                        if v
+                    }
                 ),
             }
 
@@ -425,13 +438,25 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
 
     @router.get("/audit", response_class=HTMLResponse)
     def audit_page(
-        request: Request, s: PageS, deployment: str = "", device: str = "", action: str = "", limit: Limit = 200
+        request: Request,
+        s: PageS,
+        deployment: str = "",
+        device: str = "",
+        action: str = "",
+        limit: Limit = 200,
     ) -> Response:
-        return render(request, "audit.html", {"nav": "audit", **_audit_ctx(deployment, device, action, limit)}, s)
+        return render(
+            request, "audit.html", {"nav": "audit", **_audit_ctx(deployment, device, action, limit)}, s
+        )
 
     @router.get("/ui/fragments/audit", response_class=HTMLResponse)
     def audit_fragment(
-        request: Request, s: FragS, deployment: str = "", device: str = "", action: str = "", limit: Limit = 200
+        request: Request,
+        s: FragS,
+        deployment: str = "",
+        device: str = "",
+        action: str = "",
+        limit: Limit = 200,
     ) -> Response:
         return render(request, "fragments/audit.html", _audit_ctx(deployment, device, action, limit), s)
 
