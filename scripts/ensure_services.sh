@@ -78,5 +78,8 @@ echo "NANOFLEET_TEST_PG_URL=$PG_URL" >> "$ENV_FILE.tmp"
 command -v qemu-aarch64-static >/dev/null || apt_install qemu-user-static
 command -v debootstrap >/dev/null || apt_install debootstrap
 
+# --- chromium (dashboard browser tests; Playwright drives Debian's build, never a downloaded one) ---
+[ -x /usr/bin/chromium ] || apt_install chromium
+
 mv "$ENV_FILE.tmp" "$ENV_FILE"
 echo "ensure_services: ok ($(tr '\n' ' ' < "$ENV_FILE"))" >&2
