@@ -1,0 +1,266 @@
+"""`nanofleet device install PATH`: run the agent's own update state machine on a package from a stick.
+
+Only the transport differs from an online update: the command's bundle URL is the stick folder
+(``file://``), which the agent's fetcher copies like a download (capped at the declared sizes, resumable).
+Verification, the A/B slots, the health check and rollback are the agent's, unchanged.
+
+Two ways to run it:
+- the agent is running (its status file names a live pid): the request is handed to it through
+  ``<data_dir>/offline/inbox`` (its offline watcher re-verifies it and queues the command on its one
+  update worker), and we wait for the result in the update record; the agent keeps serving throughout;
+- no agent is running: the update runs in this process, with a runtime that loads and health-checks the
+  new model but does not serve it (the next `nanofleet device run` serves the committed slot).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device.agent.config import AgentConfig
+from device.agent.outbox import Outbox
+from device.agent.runtime import LoadedModel, ModelRuntime, ServingInfo, make_runtime
+from device.agent.states import RESTING
+from device.agent.store import StateStore, UpdateRecord
+from manifests import BundleManifest, atomic_write_bytes
+from manifests.mqtt import Event, events_topic
+
+from .errors import InstallTimeoutError
+from .package import VerifiedPackage, select_package
+
+log = logging.getLogger("nanofleet.offline")
+OFFLINE_DIR = "offline"
+INBOX = "inbox"
+RESULTS = "results"
+
+
+@dataclass
+class InstallResult:
+    outcome: str  # committed | in_service | duplicate | failed | refused | rolled_back
+    ok: bool
+    package_id: str
+    deployment: str
+    command_id: str
+    bundle: str
+    via: str  # "agent" (handed to the running agent) or "direct" (run in this process)
+    state: str
+    active_slot: str | None
+    committed: str | None
+    error: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def offline_dir(data_dir: Path) -> Path:
+    return data_dir / OFFLINE_DIR
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def emit_to_outbox(outbox: Outbox, device_id: str, kind: str, message: str, **fields: Any) -> None:
+    """Queue an event exactly as the running agent does (store and forward)."""
+
+    def build(seq: int) -> bytes:
+        return Event(
+            device_id=device_id, seq=seq, ts=now_utc(), kind=kind, message=message, **fields
+        ).to_bytes()  # type: ignore[arg-type]
+
+    outbox.put(events_topic(device_id), build)
+
+
+class InstallOnlyRuntime:
+    """Loads and health-checks through the configured runtime, but serves nothing (no agent running)."""
+
+    def __init__(self, inner: ModelRuntime) -> None:
+        self.inner = inner
+        self._info: ServingInfo | None = None
+
+    def start(self) -> None:
+        pass
+
+    def load(self, bundle_dir: Path, manifest: BundleManifest) -> LoadedModel:
+        return self.inner.load(bundle_dir, manifest)
+
+    def serve(self, model: LoadedModel, info: ServingInfo) -> None:
+        self._info = info
+        model.close()
+
+    def serving(self) -> ServingInfo | None:
+        return self._info
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+
+def agent_pid(data_dir: Path) -> int | None:
+    """The pid of a live agent on this data dir, from the status file it rewrites every second."""
+    from device.agent.agent import read_status
+
+    live = read_status(data_dir)
+    if not live:
+        return None
+    pid = int(live.get("pid") or 0)
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _result(pkg: VerifiedPackage, rec: UpdateRecord, via: str, outcome: str | None = None) -> InstallResult:
+    committed = rec.committed
+    command = pkg.target.command_id
+    mine = rec.deployment_id == command
+    if outcome is None:
+        outcome = (rec.last_result or rec.state.value) if mine else "unknown"
+    ok = outcome in ("committed", "in_service") or (
+        outcome == "duplicate" and mine and rec.last_result == "committed"
+    )
+    return InstallResult(
+        outcome=outcome,
+        ok=ok,
+        package_id=pkg.update.package_id,
+        deployment=pkg.update.deployment,
+        command_id=command,
+        bundle=pkg.ref,
+        via=via,
+        state=rec.state.value,
+        active_slot=rec.active_slot,
+        committed=f"{committed.name}@{committed.version}" if committed else None,
+        error=rec.error if mine and outcome not in ("committed", "in_service") else None,
+        reason=rec.error_reason if mine and outcome not in ("committed", "in_service") else None,
+        details={"previous_result": rec.last_result} if outcome == "duplicate" else {},
+    )
+
+
+def verify_for(cfg: AgentConfig, path: Path, rec: UpdateRecord | None = None) -> VerifiedPackage:
+    rec = rec or StateStore(cfg.data_dir / "state.json").load()
+    return select_package(
+        path,
+        cfg.trust_store(),
+        device_id=cfg.device_id,
+        hardware_class=cfg.hardware_class,
+        highest_committed=rec.highest_committed,
+        max_file_bytes=cfg.limits.max_file_bytes,
+    )
+
+
+def install(
+    cfg: AgentConfig, path: Path, *, timeout_s: float = 3600.0, runtime: ModelRuntime | None = None
+) -> InstallResult:
+    """Verify the package for this board (refusals raise a PackageError; nothing changed), then run it."""
+    store = StateStore(cfg.data_dir / "state.json")
+    rec = store.load()
+    pkg = verify_for(cfg, path, rec)
+    command = pkg.target.command_id
+    if command in rec.seen_deployments or command == rec.deployment_id:
+        return _result(pkg, rec, "none", outcome="duplicate")
+    pid = agent_pid(cfg.data_dir)
+    if pid is not None:
+        return _handoff(cfg, pkg, timeout_s)
+    return _direct(cfg, pkg, runtime)
+
+
+def _direct(cfg: AgentConfig, pkg: VerifiedPackage, runtime: ModelRuntime | None) -> InstallResult:
+    from device.agent.fetch import HttpFetcher
+    from device.agent.updater import EnvHooks, Updater
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(cfg.data_dir / "outbox.sqlite", cfg.telemetry.queue_max_entries)
+    fetcher = HttpFetcher(
+        timeout_s=cfg.artifacts.timeout_s, retries=cfg.artifacts.retries, ca=cfg.artifacts.ca
+    )
+    try:
+
+        def emit(kind: str, message: str, **fields: Any) -> None:
+            emit_to_outbox(outbox, cfg.device_id, kind, message, **fields)
+
+        updater = Updater(
+            data_dir=cfg.data_dir,
+            device_id=cfg.device_id,
+            trust=cfg.trust_store(),
+            fetcher=fetcher,
+            runtime=InstallOnlyRuntime(runtime or make_runtime(cfg)),
+            artifacts_base_url=cfg.artifacts.base_url,
+            hooks=EnvHooks(cfg.data_dir),
+            emit=emit,
+            max_file_bytes=cfg.limits.max_file_bytes,
+            disk_margin_bytes=cfg.limits.disk_margin_bytes,
+            max_memory_bytes=cfg.limits.max_memory_bytes,
+        )
+        if updater.pending_resume():  # an earlier install was cut short: finish or roll it back first
+            log.warning("an interrupted update (%s) is resumed first", updater.record.state.value)
+            updater.resume()
+        emit(
+            "transition",
+            f"offline package {pkg.update.package_id} from {pkg.root}",
+            deployment_id=pkg.target.command_id,
+            bundle=pkg.ref,
+            details={"offline": True, "package_id": pkg.update.package_id},
+        )
+        outcome = updater.handle_desired(pkg.desired())
+        rec = updater.snapshot()
+        return _result(
+            pkg, rec, "direct", outcome=None if outcome not in ("duplicate", "in_service") else outcome
+        )
+    finally:
+        fetcher.close()
+        outbox.close()
+
+
+def submit_request(data_dir: Path, package_root: Path) -> str:
+    request_id = uuid.uuid4().hex[:12]
+    doc = {
+        "request_id": request_id,
+        "package": str(Path(package_root).resolve()),
+        "ts": now_utc().isoformat(),
+    }
+    atomic_write_bytes(offline_dir(data_dir) / INBOX / f"{request_id}.json", json.dumps(doc).encode())
+    return request_id
+
+
+def _handoff(cfg: AgentConfig, pkg: VerifiedPackage, timeout_s: float) -> InstallResult:
+    request_id = submit_request(cfg.data_dir, pkg.root)
+    result_path = offline_dir(cfg.data_dir) / RESULTS / f"{request_id}.json"
+    store = StateStore(cfg.data_dir / "state.json")
+    deadline = time.monotonic() + timeout_s
+    accepted = False
+    while time.monotonic() < deadline:
+        if result_path.is_file():
+            res = json.loads(result_path.read_text())
+            if not res.get("accepted"):
+                result_path.unlink(missing_ok=True)
+                rec = store.load()
+                r = _result(pkg, rec, "agent", outcome="refused")
+                r.ok, r.error, r.reason = False, res.get("error"), res.get("reason")
+                return r
+            accepted = True
+        if accepted:
+            rec = store.load()
+            if rec.deployment_id == pkg.target.command_id and rec.state in RESTING:
+                result_path.unlink(missing_ok=True)
+                return _result(pkg, rec, "agent")
+        time.sleep(0.2)
+    raise InstallTimeoutError(
+        f"the running agent did not finish installing {pkg.ref} within {timeout_s:g}s "
+        f"({'accepted' if accepted else 'not yet picked up'}); see `nanofleet device status`"
+    )
