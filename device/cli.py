@@ -14,4 +14,7 @@ def register(app: typer.Typer) -> None:
 
     engine_cli.register(app, device_app)
     agent_cli.register(app, device_app)
+    from .offline import cli as offline_cli
+
+    offline_cli.register(device_app)
     app.add_typer(device_app, name="device")

@@ -735,6 +735,10 @@ def create_app(
             fleet_key_id=key_id_of(svc.signing_key.public_key),
         )
 
+    from .offline.api import mount as mount_offline  # removable media (fleet/offline/, docs/offline.md)
+
+    mount_offline(app, svc, Admin)
+
     from .dashboard import mount_dashboard  # the web UI at / (fleet/dashboard/)
 
     mount_dashboard(app, svc)

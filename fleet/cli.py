@@ -497,4 +497,7 @@ fleet_app.add_typer(deployments_app, name="deployments")
 
 
 def register(app: typer.Typer) -> None:
+    from .offline.cli import register as register_offline
+
+    register_offline(fleet_app)
     app.add_typer(fleet_app, name="fleet")

@@ -151,6 +151,10 @@ class Agent:
         self.outbox.put(telemetry_topic(self.config.device_id), build)
 
     # ---- inputs ------------------------------------------------------------------------------------
+    def submit(self, desired: DesiredState) -> None:
+        """Queue a command from another source than MQTT (removable media, device.offline)."""
+        self._desired.put(desired)
+
     def _on_desired(self, payload: bytes) -> None:
         try:
             desired = DesiredState.from_bytes(payload)
@@ -194,6 +198,10 @@ class Agent:
         self._publish_reported(self.updater.snapshot())
         self.link.start()
         self._worker.start()
+        from device.offline.watcher import OfflineWatcher
+
+        offline = OfflineWatcher(self, self.updater.snapshot)
+        offline.start()
         sdnotify.notify("READY=1")
         interval = self.config.telemetry.interval_s
         watchdog = sdnotify.watchdog_interval_s()
@@ -210,6 +218,7 @@ class Agent:
             sdnotify.notify("WATCHDOG=1")
             self._stop.wait(min(tick, max(0.05, next_telemetry - time.monotonic()), 1.0))
         sdnotify.notify("STOPPING=1")
+        offline.stop()
         self.link.stop()
         self.runtime.stop()
         self._write_status()

@@ -17,6 +17,8 @@ from manifests import TrustStore
 from manifests.bundle import format_validation_error
 from manifests.errors import KeyFormatError
 
+from device.offline.config import OfflineConfig
+
 from .errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -163,6 +165,9 @@ class AgentConfig(_Strict):
     bootstrap_bundle: Path | None = Field(
         None, description="a bundle folder installed into slot a when no model is installed yet"
     )
+    offline: OfflineConfig = Field(
+        default_factory=OfflineConfig, description="removable media: watched folders (docs/offline.md)"
+    )
 
     def trust_store(self) -> TrustStore:
         try:
@@ -186,6 +191,7 @@ class AgentConfig(_Strict):
             )
         self.artifacts.ca = fix(self.artifacts.ca)
         self.api.token_file = fix(self.api.token_file)
+        self.offline.watch_dirs = [fix(p) for p in self.offline.watch_dirs]  # type: ignore[misc]
         return self
 
 
