@@ -14,9 +14,12 @@ from .server import ApiServer
 from .settings import ApiSettings
 from .stats import RequestRecord, ServingStats
 
+APISettings = ApiSettings  # alias
+
 __all__ = [
     "ApiError",
     "ApiServer",
+    "APISettings",
     "ApiSettings",
     "DrainTimeoutError",
     "ModelHolder",

@@ -78,7 +78,7 @@ class ModelHolder:
             self._engine = new_engine
             self.swaps += 1
             if old is None or old is new_engine:
-                return
+                return old
             deadline = None if drain_timeout is None else time.monotonic() + drain_timeout
             while self._leases.get(id(old), 0):
                 left = None if deadline is None else deadline - time.monotonic()
@@ -89,6 +89,8 @@ class ModelHolder:
                 self._cond.wait(left)
         if close_old:
             old.close()
+        return old
 
     def close(self, drain_timeout: float | None = None) -> None:
+        """Stop serving: drain and close the current engine."""
         self.swap(None, drain_timeout=drain_timeout)

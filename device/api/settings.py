@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class ApiSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    api_key: str | None = Field(default=None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("api_key", "token"),
+        description="if set, /v1/* needs 'Authorization: Bearer <key>' (alias: token)",
+    )
     max_concurrency: int = Field(default=1, ge=1, description="generations running at once")
     max_queue: int = Field(default=8, ge=0, description="requests waiting for a slot before 429/503")
     queue_full_status: int = Field(default=429, description="429 or 503")

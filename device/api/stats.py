@@ -71,7 +71,12 @@ class ServingStats:
         with self._lock:
             self._window.clear()
 
+    def __call__(self) -> dict[str, Any]:
+        return self.snapshot()
+
     def snapshot(self) -> dict[str, Any]:
+        """Counters plus rates over the rolling window: requests, errors, rejected, tokens_in, tokens_out,
+        queue_depth, in_flight, uptime_s, ttft_p50_ms, ttft_p95_ms, decode_tok_s, window_requests."""
         with self._lock:
             recs = list(self._window)
             out: dict[str, Any] = {

@@ -305,7 +305,8 @@ class Engine:
             yield tok
             if use_history:
                 history.append(tok)
-            if len(stream.generated) >= params.max_new_tokens or state.n_past + 1 > self.context_length:
+            # n_past + 1 = prompt + generated: the sequence fills the window, the last token needs no feed
+            if len(stream.generated) >= params.max_new_tokens or state.n_past + 1 >= self.context_length:
                 stream.finish_reason = "length"
                 return
             logits = self.forward(state, [tok])[0]
