@@ -3,6 +3,8 @@ with the build machine, exit non-zero on a regression."""
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,7 @@ def verify_target_cmd(
     try:
         if prepare:
             version = onnxruntime or host_onnxruntime_version()
-            with console.status("building the target userland", disable=as_json):
+            with _status("building the target userland", as_json):
                 env = prepare_target(cpu, version, progress)
             info = {
                 "ok": True,
@@ -120,7 +122,7 @@ def verify_target_cmd(
                 reason="bad_input",
             )
         prompt_list = load_prompts(prompts, max_prompts) if (prompts or max_prompts) else None
-        with console.status(f"verifying on emulated {cpu}", disable=as_json):
+        with _status(f"verifying on emulated {cpu}", as_json):
             outcome = run_verification(
                 bundle,
                 cpu,
@@ -149,6 +151,11 @@ def verify_target_cmd(
         _print_human(data)
     if not outcome.passed:
         raise typer.Exit(EXIT_REGRESSION)
+
+
+def _status(message: str, quiet: bool) -> AbstractContextManager[Any]:
+    """A spinner for people; nothing on stderr's terminal controls when the output is --json."""
+    return contextlib.nullcontext() if quiet else console.status(message)
 
 
 def _fmt(v: float | None, spec: str) -> str:

@@ -1,0 +1,107 @@
+"""Fixtures for target verification: the cached emulated board (built on first use) and small bundles.
+
+The first run builds ~/.cache/nanofleet/target (Debian arm64 root, aarch64 wheels, qemu 10 from Debian
+trixie): a few minutes and network access to the Debian mirror and PyPI. Missing qemu/debootstrap is a
+failure with the install command, never a skip (scripts/ensure_services.sh installs them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from export.target.errors import TargetError
+from export.target.runner import TargetEnv, prepare_target
+from export.target.wheels import host_onnxruntime_version
+from manifests import (
+    ArchConfig,
+    BundleManifest,
+    GraphSpec,
+    Provenance,
+    Recipe,
+    Runtime,
+    SigningKey,
+    describe_file,
+    write_keypair,
+    write_signed_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# The board's onnxruntime that predates the newest fused kernels (see manifests/onnxruntime_ops.json).
+OLD_ORT = "1.26.0"
+
+
+@pytest.fixture(scope="session")
+def target_env() -> TargetEnv:
+    try:
+        return prepare_target("cortex-a76", host_onnxruntime_version())
+    except TargetError as exc:
+        pytest.fail(f"cannot build the emulated target: {exc}")
+
+
+def run_cli(*args: str, timeout: float = 900) -> tuple[int, dict[str, Any], str]:
+    """`nanofleet verify-target ... --json` in a real process: (exit code, JSON, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanofleet.cli", "verify-target", *args, "--json"],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+    try:
+        data = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(
+            f"verify-target printed no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+        )
+    return proc.returncode, data, proc.stderr
+
+
+def tiny_bundle(root: Path, key: SigningKey, nodes: list[Any], ops: list[str]) -> Path:
+    """A signed bundle around a tiny graph; ``ops`` is what the build would list for it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    root.mkdir(parents=True)
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 9
+    onnx.save(model, root / "model.onnx")
+    manifest = BundleManifest(
+        name="tiny",
+        version=1,
+        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        arch=ArchConfig(
+            architecture="llama",
+            num_layers=1,
+            hidden_size=4,
+            num_attention_heads=1,
+            num_kv_heads=1,
+            head_dim=4,
+            vocab_size=4,
+            context_length=16,
+        ),  # fmt: skip
+        graph=GraphSpec(kind="optimum-kv", input_names=["x"], output_names=["y"]),
+        runtime=Runtime(target="arm64", min_onnxruntime="1.20", operators=sorted(ops)),
+        recipe=Recipe(precision="fp32", method="none"),
+        files=[describe_file(root, "model.onnx", "model")],
+        provenance=Provenance(source="tests/target", source_kind="folder"),
+    )
+    write_signed_manifest(root, manifest, key)
+    return root
+
+
+@pytest.fixture
+def signing(tmp_path: Path) -> tuple[SigningKey, Path]:
+    key = SigningKey.generate()
+    _priv, pub = write_keypair(tmp_path / "keys", key)
+    return key, pub

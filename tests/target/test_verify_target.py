@@ -1,0 +1,145 @@
+"""verify-target end to end: the device engine on an emulated Cortex-A76 (qemu-aarch64, Debian arm64 userland,
+aarch64 onnxruntime wheels) against the same program on this machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from export.target.errors import EmulatorTooOldError, ToolMissingError, UnsupportedCpuError
+from export.target.runner import TargetEnv, check_cpu, run_on_target
+from export.target.tools import require_tool
+from export.target.userland import ensure_emulator
+from export.target.wheels import host_onnxruntime_version
+from manifests import (
+    BundleManifest,
+    SigningKey,
+    read_manifest_unverified,
+    write_keypair,
+    write_signed_manifest,
+)
+
+from .conftest import OLD_ORT, run_cli, tiny_bundle
+
+# A few dozen tokens: emulation runs the 135M model at roughly 5 tokens/s.
+SHORT_TEXT = (
+    "The keeper climbed the stairs of the lighthouse every evening at dusk. She lit the lamp, wound the "
+    "clock and wrote the weather in her logbook before the ships came round the cape."
+)
+
+
+def test_plain_onnxruntime_runs_on_the_emulated_board(target_env: TargetEnv, tmp_path: Path) -> None:
+    """The userland itself: aarch64 Python + the aarch64 onnxruntime wheel compute a tiny graph right."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "tiny.onnx")
+    x = [[1.0, -2.0, 3.0, -4.0]]
+    result = run_on_target(target_env, {"mode": "probe", "model": str(tmp_path / "tiny.onnx"), "inputs": [x]})
+    data = result.data
+    assert data["ok"], data
+    assert data["machine"] == "aarch64"
+    assert data["python"].startswith("3.11")
+    assert data["onnxruntime"] == host_onnxruntime_version()
+    assert "com.microsoft:MatMulNBits" in data["ops"]
+    np.testing.assert_allclose(data["outputs"][0], np.maximum(np.asarray(x) @ w, 0), rtol=1e-6)
+
+
+def test_clear_errors_for_bad_cpu_missing_tools_and_old_qemu(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UnsupportedCpuError, match="cortex-a76"):
+        check_cpu("max")  # qemu's default: takes SVE/SME paths no board has
+    with pytest.raises(ToolMissingError, match="apt-get install nanofleet-no-such-package"):
+        require_tool("nanofleet-no-such-tool", "nanofleet-no-such-package", "for this test")
+    old = shutil.which("qemu-aarch64-static")
+    assert old, "qemu-user-static is not installed: run scripts/ensure_services.sh"
+    monkeypatch.setenv("NANOFLEET_QEMU_AARCH64", old)  # Debian bookworm's qemu 7.2
+    with pytest.raises(EmulatorTooOldError, match="qemu 8 or newer"):
+        ensure_emulator("1.32.0")
+    assert ensure_emulator("1.26.0").version[0] == 7
+
+
+def test_bad_cpu_exits_2_with_the_choices(tmp_path: Path) -> None:
+    code, data, _ = run_cli(str(tmp_path), "--cpu", "max", timeout=120)
+    assert code == 2 and data["reason"] == "unsupported_cpu" and "cortex-a72" in data["error"]
+
+
+def test_bundle_using_an_operator_the_target_lacks_is_refused(
+    signing: tuple[SigningKey, Path], tmp_path: Path
+) -> None:
+    """Built with the newest onnxruntime's fused op; the boards run 1.26, which has no kernel for it."""
+    from onnx import helper
+
+    key, pub = signing
+    node = helper.make_node("GatedDeltaNet", ["x", "x", "x", "x", "x"], ["y"], domain="com.microsoft")
+    bundle = tiny_bundle(tmp_path / "b", key, [node], ["com.microsoft:GatedDeltaNet"])
+    code, data, _ = run_cli(str(bundle), "--cpu", "cortex-a76", "--onnxruntime", OLD_ORT, "--trust", str(pub))
+    assert code == 3, data
+    assert data["reason"] == "runtime_incompatible"
+    assert "com.microsoft:GatedDeltaNet" in data["error"] and OLD_ORT in data["error"]
+    assert "emulated cortex-a76" in data["error"]
+    assert any("no CPU kernel" in p for p in data["problems"])
+
+
+def test_default_bundle_verifies_on_cortex_a76(default_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, pub = default_bundle
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)
+    code, data, err = run_cli(
+        str(bundle), "--cpu", "cortex-a76", "--text", str(text), "--max-prompts", "2", "--new-tokens", "8",
+        "--trust", str(pub),
+    )  # fmt: skip
+    assert code == 0, (data, err[-2000:])
+    assert data["passed"] and data["regressions"] == []
+    assert data["target"]["machine"] == "aarch64" and data["host"]["machine"] == "x86_64"
+    assert data["onnxruntime"] == host_onnxruntime_version()
+    assert 20 <= data["eval_tokens"] <= 80
+    assert 1.0 < data["perplexity"] < 1000.0
+    assert abs(data["ppl_drift_pct"]) < 3.0
+    assert data["greedy_agreement"] >= 0.75 and len(data["prompts"]) == 2
+    assert data["golden_match"] is True  # the agent's activation check would pass on a Pi 5
+    assert not data["signed_report_compared"]  # a short text, not the gate's: compared with the build only
+    v = data["verification"]
+    assert v["cpu"] == "cortex-a76" and v["passed"] and v["perplexity"] == data["perplexity"]
+
+
+def test_a_regression_is_named_and_exits_1(default_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """A bundle whose signed golden tokens the board would not reproduce: exit 1, regression 'golden'."""
+    src, _pub = default_bundle
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    manifest = read_manifest_unverified(src)
+    for f in manifest.files:
+        os.link(src / f.path, bundle / f.path)  # read-only use: hard links, no 140 MB copy
+    golden = manifest.golden
+    assert golden is not None
+    wrong = [(t + 1) % manifest.arch.vocab_size for t in golden.expected_token_ids]
+    data = manifest.model_dump(mode="json")
+    data["golden"]["expected_token_ids"] = wrong
+    key = SigningKey.generate()
+    _priv, pub = write_keypair(tmp_path / "keys", key)
+    write_signed_manifest(bundle, BundleManifest.model_validate(yaml.safe_load(yaml.safe_dump(data))), key)
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)
+    code, out, _ = run_cli(
+        str(bundle), "--cpu", "cortex-a76", "--text", str(text), "--max-text-tokens", "16",
+        "--max-prompts", "1", "--new-tokens", "4", "--trust", str(pub),
+    )  # fmt: skip
+    assert code == 1, out
+    assert [r["name"] for r in out["regressions"]] == ["golden"]
+    assert "position 0" in out["regressions"][0]["message"]
+    assert out["verification"]["passed"] is False and "golden" in out["verification"]["message"]
