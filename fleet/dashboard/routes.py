@@ -6,14 +6,18 @@ and swaps it in place, so numbers and progress bars move without a full reload.
 
 import datetime as dt
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from ..db import aware
+from ..registry import users_of
 from ..errors import FleetError, InvalidManifestError
 from ..service import FleetService
 from . import actions, charts, queries
@@ -135,6 +139,12 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             raise CsrfRejected()
         return s
 
+    def db_session() -> Iterator[Session]:
+        # Pages render inside the session: templates may follow relationships (lazy loads).
+        with svc.sessions() as session:
+            yield session
+
+    Db = Annotated[Session, Depends(db_session)]
     PageS = Annotated[DashboardSession, Depends(page_session)]
     FragS = Annotated[DashboardSession, Depends(fragment_session)]
     ActS = Annotated[DashboardSession, Depends(action_session)]
@@ -243,56 +253,51 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
 
     Filters = Annotated[queries.DeviceFilters, Depends(_filters)]
 
-    def _overview_ctx(f: queries.DeviceFilters) -> dict[str, Any]:
-        with svc.sessions() as session:
-            ov = queries.overview(session, f)
+    def _overview_ctx(session: Session, f: queries.DeviceFilters) -> dict[str, Any]:
+        ov = queries.overview(session, f)
         return {"ov": ov, "filters": f, "query": urlencode({k: v for k, v in vars(f).items() if v})}
 
     @router.get("/", response_class=HTMLResponse)
-    def overview_page(request: Request, s: PageS, f: Filters) -> Response:
-        return render(request, "overview.html", {"nav": "overview", **_overview_ctx(f)}, s)
+    def overview_page(request: Request, s: PageS, f: Filters, db: Db) -> Response:
+        return render(request, "overview.html", {"nav": "overview", **_overview_ctx(db, f)}, s)
 
     @router.get("/ui/fragments/overview", response_class=HTMLResponse)
-    def overview_fragment(request: Request, s: FragS, f: Filters) -> Response:
-        return render(request, "fragments/overview.html", _overview_ctx(f), s)
+    def overview_fragment(request: Request, s: FragS, f: Filters, db: Db) -> Response:
+        return render(request, "fragments/overview.html", _overview_ctx(db, f), s)
 
     # --- device ----------------------------------------------------------------------------------
-    def _device_ctx(device_id: str) -> dict[str, Any] | None:
-        with svc.sessions() as session:
-            detail = queries.device_detail(session, device_id)
+    def _device_ctx(session: Session, device_id: str) -> dict[str, Any] | None:
+        detail = queries.device_detail(session, device_id)
         return None if detail is None else {"d": detail, "device": detail.device}
 
     @router.get("/devices/{device_id}", response_class=HTMLResponse)
-    def device_page(request: Request, device_id: str, s: PageS) -> Response:
-        ctx = _device_ctx(device_id)
+    def device_page(request: Request, device_id: str, s: PageS, db: Db) -> Response:
+        ctx = _device_ctx(db, device_id)
         if ctx is None:
             return render(request, "notfound.html", {"what": f"device {device_id}"}, s, 404)
         return render(request, "device.html", {"nav": "overview", **ctx}, s)
 
     @router.get("/ui/fragments/device/{device_id}", response_class=HTMLResponse)
-    def device_fragment(request: Request, device_id: str, s: FragS) -> Response:
-        ctx = _device_ctx(device_id)
+    def device_fragment(request: Request, device_id: str, s: FragS, db: Db) -> Response:
+        ctx = _device_ctx(db, device_id)
         if ctx is None:
             return HTMLResponse("<p>This device no longer exists.</p>", status_code=404)
         return render(request, "fragments/device.html", ctx, s)
 
     # --- models ----------------------------------------------------------------------------------
     @router.get("/models", response_class=HTMLResponse)
-    def models_page(request: Request, s: PageS) -> Response:
-        with svc.sessions() as session:
-            views = queries.models(session, svc.trust)
-            for v in views:
-                from ..registry import users_of
-
-                v.users = users_of(session, v.record.name, v.record.version)
+    def models_page(request: Request, s: PageS, db: Db) -> Response:
+        views = queries.models(db, svc.trust)
+        for v in views:
+            v.users = users_of(db, v.record.name, v.record.version)
         return render(request, "models.html", {"nav": "models", "models": views}, s)
 
     # --- deployments -----------------------------------------------------------------------------
-    def _deployments_ctx() -> dict[str, Any]:
-        with svc.sessions() as session:
-            return {"deps": queries.deployments(session), "bundles": queries.bundle_choices(session)}
+    def _deployments_ctx(session: Session) -> dict[str, Any]:
+        return {"deps": queries.deployments(session), "bundles": queries.bundle_choices(session)}
 
     def _deployments_page(
+        db: Session,
         request: Request,
         s: DashboardSession,
         status_code: int = 200,
@@ -301,7 +306,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         form: dict[str, str] | None = None,
         manifest_text: str = "",
     ) -> Response:
-        ctx = _deployments_ctx()
+        ctx = _deployments_ctx(db)
         return render(
             request,
             "deployments.html",
@@ -318,12 +323,16 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         )
 
     @router.get("/deployments", response_class=HTMLResponse)
-    def deployments_page(request: Request, s: PageS) -> Response:
-        return _deployments_page(request, s)
+    def deployments_page(request: Request, s: PageS, db: Db) -> Response:
+        return _deployments_page(db, request, s)
 
     @router.get("/ui/fragments/deployments", response_class=HTMLResponse)
-    def deployments_fragment(request: Request, s: FragS) -> Response:
-        return render(request, "fragments/deployments.html", _deployments_ctx(), s)
+    def deployments_fragment(request: Request, s: FragS, db: Db) -> Response:
+        return render(request, "fragments/deployments.html", _deployments_ctx(db), s)
+
+    def _refused_page(request: Request, s: DashboardSession, *args: Any) -> Response:
+        with svc.sessions() as session:
+            return _deployments_page(session, request, s, *args)
 
     @router.post("/deployments")
     async def start_deployment(request: Request) -> Response:
@@ -342,26 +351,29 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
                     raise actions.ManifestInputError(f"a number field is not a number: {exc}") from exc
                 manifest = actions.validate_manifest(doc)
         except InvalidManifestError as exc:
-            return _deployments_page(request, s, 422, exc.message, exc.errors, form, manifest_text)
-        from starlette.concurrency import run_in_threadpool
-
+            return await run_in_threadpool(
+                _refused_page, request, s, 422, exc.message, exc.errors, form, manifest_text
+            )
         try:
             result, name = await run_in_threadpool(actions.apply, svc, manifest)
         except InvalidManifestError as exc:
-            return _deployments_page(request, s, 422, exc.message, exc.errors, form, manifest_text)
+            return await run_in_threadpool(
+                _refused_page, request, s, 422, exc.message, exc.errors, form, manifest_text
+            )
         except FleetError as exc:
-            return _deployments_page(request, s, exc.status_code, exc.message, None, form, manifest_text)
+            return await run_in_threadpool(
+                _refused_page, request, s, exc.status_code, exc.message, None, form, manifest_text
+            )
         return RedirectResponse(
             f"/deployments/{quote(name)}?" + urlencode({"applied": result}), status_code=303
         )
 
-    def _deployment_ctx(name: str) -> dict[str, Any] | None:
-        with svc.sessions() as session:
-            view = queries.get_deployment_view(session, name)
-            if view is None:
-                return None
-            ba = queries.before_after(session, view.dep)
-            audit = queries.audit_entries(session, deployment=name, limit=50)
+    def _deployment_ctx(session: Session, name: str) -> dict[str, Any] | None:
+        view = queries.get_deployment_view(session, name)
+        if view is None:
+            return None
+        ba = queries.before_after(session, view.dep)
+        audit = queries.audit_entries(session, deployment=name, limit=50)
         return {
             "v": view,
             "dep": view.dep,
@@ -375,8 +387,10 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         }
 
     @router.get("/deployments/{name}", response_class=HTMLResponse)
-    def deployment_page(request: Request, name: str, s: PageS, applied: str = "", done: str = "") -> Response:
-        ctx = _deployment_ctx(name)
+    def deployment_page(
+        request: Request, name: str, s: PageS, db: Db, applied: str = "", done: str = ""
+    ) -> Response:
+        ctx = _deployment_ctx(db, name)
         if ctx is None:
             return render(request, "notfound.html", {"what": f"deployment {name}"}, s, 404)
         return render(
@@ -384,15 +398,15 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         )
 
     @router.get("/ui/fragments/deployment/{name}", response_class=HTMLResponse)
-    def deployment_fragment(request: Request, name: str, s: FragS) -> Response:
-        ctx = _deployment_ctx(name)
+    def deployment_fragment(request: Request, name: str, s: FragS, db: Db) -> Response:
+        ctx = _deployment_ctx(db, name)
         if ctx is None:
             return HTMLResponse("<p>This deployment no longer exists.</p>", status_code=404)
         return render(request, "fragments/deployment.html", ctx, s)
 
     @router.post("/deployments/{name}/{action}")
     def control_deployment(
-        request: Request, name: str, action: str, s: ActS, confirmed: Annotated[str, Form()] = ""
+        request: Request, name: str, action: str, s: ActS, db: Db, confirmed: Annotated[str, Form()] = ""
     ) -> Response:
         if action not in actions.CONTROL_ACTIONS:
             return render(request, "notfound.html", {"what": f"action {action}"}, s, 404)
@@ -402,7 +416,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         try:
             status = actions.control(svc, name, action)
         except FleetError as exc:
-            ctx = _deployment_ctx(name)
+            ctx = _deployment_ctx(db, name)
             if ctx is None:
                 return render(request, "notfound.html", {"what": f"deployment {name}"}, s, 404)
             return render(
@@ -417,22 +431,16 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         )
 
     # --- audit -----------------------------------------------------------------------------------
-    def _audit_ctx(deployment: str, device: str, action: str, limit: int) -> dict[str, Any]:
-        with svc.sessions() as session:
-            return {
-                "entries": queries.audit_entries(
-                    session, deployment=deployment, device=device, action=action, limit=limit
-                ),
-                "actions": queries.audit_actions(session),
-                "af": {"deployment": deployment, "device": device, "action": action, "limit": limit},
-                "query": urlencode(
-                    {
-                        k: v
-                        for k, v in {"deployment": deployment, "device": device, "action": action}.items()
-                        if v
-                    }
-                ),
-            }
+    def _audit_ctx(session: Session, deployment: str, device: str, action: str, limit: int) -> dict[str, Any]:
+        chosen = {"deployment": deployment, "device": device, "action": action}
+        return {
+            "entries": queries.audit_entries(
+                session, deployment=deployment, device=device, action=action, limit=limit
+            ),
+            "actions": queries.audit_actions(session),
+            "af": {**chosen, "limit": limit},
+            "query": urlencode({k: v for k, v in chosen.items() if v}),
+        }
 
     Limit = Annotated[int, Query(ge=1, le=5000)]
 
@@ -440,25 +448,27 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
     def audit_page(
         request: Request,
         s: PageS,
+        db: Db,
         deployment: str = "",
         device: str = "",
         action: str = "",
         limit: Limit = 200,
     ) -> Response:
         return render(
-            request, "audit.html", {"nav": "audit", **_audit_ctx(deployment, device, action, limit)}, s
+            request, "audit.html", {"nav": "audit", **_audit_ctx(db, deployment, device, action, limit)}, s
         )
 
     @router.get("/ui/fragments/audit", response_class=HTMLResponse)
     def audit_fragment(
         request: Request,
         s: FragS,
+        db: Db,
         deployment: str = "",
         device: str = "",
         action: str = "",
         limit: Limit = 200,
     ) -> Response:
-        return render(request, "fragments/audit.html", _audit_ctx(deployment, device, action, limit), s)
+        return render(request, "fragments/audit.html", _audit_ctx(db, deployment, device, action, limit), s)
 
     handlers: dict[type[Exception], Any] = {LoginRequired: on_login_required, CsrfRejected: on_csrf}
     return router, handlers

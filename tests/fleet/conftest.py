@@ -4,6 +4,10 @@ or a real mosquitto), an admin client and simulated devices."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +30,7 @@ from manifests import (
     SigningKey,
     TrustStore,
     describe_file,
+    load_public_key,
     write_keypair,
     write_signed_manifest,
 )
@@ -82,40 +87,15 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, bundle_key: tuple[SigningK
     return {v: make_bundle(root / f"v{v}", bundle_key[0], v) for v in (1, 2, 3)}
 
 
-class Fleet:
-    """A running fleet service plus helpers to enrol simulated devices against it."""
+class _Enrol:
+    """Enrols simulated devices against a running fleet, as a real agent would (over HTTP)."""
 
-    def __init__(self, config: FleetConfig, bundle_pub: Path) -> None:
-        self.config = config
-        self.bundle_pub = bundle_pub
-        self.server: ServerThread | None = None
-        self.devices: list[SimDevice] = []
+    url: str
+    bundle_pub: Path
+    devices: list[SimDevice]
 
-    def start(self) -> Fleet:
-        self.server = ServerThread(self.config.model_copy(deep=True)).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return self.server.url
-
-    @property
-    def svc(self) -> Any:
-        assert self.server is not None
-        return self.server.svc
-
-    def admin(self) -> FleetClient:
-        return FleetClient(self.url, self.svc.admin_token)
+    def admin(self) -> FleetClient:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def enroll(
         self,
@@ -129,8 +109,6 @@ class Fleet:
     ) -> list[SimDevice]:
         with self.admin() as admin:
             token = admin.enrollment_token(uses=n, tags=tags or {}, groups=groups or [])["token"]
-        fleet_trust = TrustStore()
-        fleet_trust.add(self.svc.signing_key.public_key)
         out = []
         with FleetClient(self.url) as anon:
             for i in range(n):
@@ -143,8 +121,8 @@ class Fleet:
                     username=creds["mqtt"]["username"],
                     password=creds["mqtt"]["password"],
                     bundle_trust=TrustStore.from_paths([self.bundle_pub]),
-                    fleet_trust=fleet_trust,
-                    behaviour=behaviour,
+                    fleet_trust=TrustStore([load_public_key(creds["fleet_public_key"].encode())]),
+                    behaviour=behaviour or Behaviour(),
                     **kw,
                 )
                 dev.token = creds["device_token"]  # type: ignore[attr-defined]
@@ -152,10 +130,97 @@ class Fleet:
         self.devices += out
         return out
 
+
+class Fleet(_Enrol):
+    """The service in a thread of the test process."""
+
+    def __init__(self, config: FleetConfig, bundle_pub: Path) -> None:
+        self.config = config
+        self.bundle_pub = bundle_pub
+        self.server: ServerThread | None = None
+        self.devices = []
+
+    def start(self) -> Fleet:
+        self.server = ServerThread(self.config.model_copy(deep=True)).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def svc(self) -> Any:
+        assert self.server is not None
+        return self.server.svc
+
+    def admin(self) -> FleetClient:
+        return FleetClient(self.url, self.svc.admin_token)
+
     def close(self) -> None:
         for d in self.devices:
             d.stop()
         self.stop()
+
+
+class ProcessFleet(_Enrol):
+    """The service as a real `nanofleet fleet serve` process, so a test can SIGKILL it."""
+
+    def __init__(self, config_path: Path, data_dir: Path, bundle_pub: Path) -> None:
+        self.config_path, self.data_dir, self.bundle_pub = config_path, data_dir, bundle_pub
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.devices = []
+        self.url = ""
+        self.log = data_dir.parent / "fleet-serve.log"
+
+    def start(self) -> ProcessFleet:
+        info = self.data_dir / "service.json"
+        info.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nanofleet.cli",
+                    "fleet",
+                    "serve",
+                    "-c",
+                    str(self.config_path),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        proc = self.proc
+        wait_for(lambda: info.is_file() or proc.poll() is not None, 90, what="fleet process up")
+        assert proc.poll() is None, self.log.read_text()[-3000:]
+        self.url = json.loads(info.read_text())["url"]
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def admin(self) -> FleetClient:
+        return FleetClient(self.url, (self.data_dir / "admin.token").read_text().strip())
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 @pytest.fixture
