@@ -1,9 +1,158 @@
-"""`nanofleet device serve|chat` and `nanofleet bench` (owned by the engine work)."""
+"""`nanofleet device serve|chat` and the top-level `nanofleet bench` (owned by the engine work).
+
+Heavy imports (onnxruntime, uvicorn) happen inside the commands so `nanofleet --help` stays instant."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+_err = Console(stderr=True)
+
+
+def _trust(pubkeys: list[Path] | None):  # noqa: ANN202 - manifests.TrustStore | None
+    from manifests import TrustStore
+
+    return TrustStore.from_paths(list(pubkeys)) if pubkeys else None
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def serve(
+    bundle: Path = typer.Option(
+        ..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind. The default keeps the API on this board only."
+    ),
+    port: int = typer.Option(8080, help="TCP port."),
+    threads: int = typer.Option(None, help="onnxruntime intra-op threads (default: one per physical core)."),
+    pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="NANOFLEET_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*."
+    ),
+    max_concurrency: int = typer.Option(1, help="Generations running at once."),
+    max_queue: int = typer.Option(8, help="Requests waiting for a slot; beyond it: 429."),
+) -> None:
+    """Serve a bundle with the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /healthz, /readyz, /metrics)."""
+    import uvicorn
+
+    from device.api import ApiSettings, ModelHolder, create_app
+    from device.engine import EngineError, EngineOptions
+    from device.engine.bench import load_for_bench
+
+    try:
+        engine = load_for_bench(bundle, _trust(pubkey), EngineOptions(threads=threads))
+    except EngineError as exc:
+        _fail(str(exc))
+    settings = ApiSettings(
+        host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue
+    )
+    _err.print(f"serving [bold]{engine.name}[/] on http://{host}:{port}/v1")
+    uvicorn.run(create_app(ModelHolder(engine), settings), host=host, port=port, log_level="warning")
+
+
+def chat(
+    bundle: Path = typer.Option(
+        ..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."
+    ),
+    system: str = typer.Option(None, help="System message."),
+    max_tokens: int = typer.Option(512, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    threads: int = typer.Option(None, help="onnxruntime intra-op threads."),
+    pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
+) -> None:
+    """Interactive streaming chat in the terminal (empty line or Ctrl-D to quit)."""
+    from device.engine import EngineError, EngineOptions, SamplingParams
+    from device.engine.bench import load_for_bench
+
+    out = Console()
+    try:
+        engine = load_for_bench(bundle, _trust(pubkey), EngineOptions(threads=threads))
+    except EngineError as exc:
+        _fail(str(exc))
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    out.print(f"[dim]{engine.name}: type a message; empty line to quit[/]")
+    while True:
+        try:
+            line = out.input("[bold green]> [/]")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        try:
+            prompt = engine.encode_chat(messages)
+            room = engine.context_length - len(prompt)
+            params = SamplingParams(max_new_tokens=max(0, min(max_tokens, room)), temperature=temperature)
+            answer = []
+            for ev in engine.stream_text(prompt, params):
+                answer.append(ev.text)
+                out.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
+            out.print()
+        except EngineError as exc:
+            out.print(f"[red]{exc}[/]")
+            messages.pop()
+            continue
+        except KeyboardInterrupt:
+            out.print("[dim](stopped)[/]")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+    engine.close()
+
+
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle folder (or a plain optimum export folder)."),
+    prompt_tokens: int = typer.Option(128, help="Prompt length in tokens."),
+    new_tokens: int = typer.Option(128, help="Tokens to generate (greedy, EOS ignored)."),
+    threads: int = typer.Option(None, help="onnxruntime intra-op threads (default: one per physical core)."),
+    runs: int = typer.Option(3, help="Repetitions; the median is reported."),
+    pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (top-level decode_tok_s)."),
+) -> None:
+    """Measure TTFT, prefill tok/s, decode tok/s and peak RSS of a bundle on this machine."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from device.engine import EngineError
+    from device.engine.bench import run_bench
+
+    try:
+        if as_json:
+            result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey))
+        else:
+            cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+            with Progress(*cols, console=_err, transient=True) as progress:
+                progress.add_task(f"benchmarking {bundle.name} ({runs} runs)", total=None)
+                result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey))
+    except EngineError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.model} ({result.onnxruntime}, {result.cpu}, threads={threads or 'auto'})")
+    for col in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model MB"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(result.prompt_tokens),
+        str(result.new_tokens),
+        f"{result.ttft_ms:.1f}",
+        f"{result.prefill_tok_s:.0f}",
+        f"{result.decode_tok_s:.1f}",
+        f"{result.peak_rss_mb:.0f}",
+        f"{result.model_mb:.0f}",
+    )
+    Console().print(table)
 
 
 def register(app: typer.Typer, device_app: typer.Typer) -> None:
-    pass
+    device_app.command("serve")(serve)
+    device_app.command("chat")(chat)
+    app.command("bench")(bench)

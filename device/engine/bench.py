@@ -1,0 +1,139 @@
+"""`nanofleet bench`: time-to-first-token, prefill and decode speed, and peak RSS of one model on this CPU.
+
+The loop is the engine's own (new_state -> prefill -> forward per token), greedy with EOS ignored, so the
+figures are what `device serve` delivers per request."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from manifests import MANIFEST_NAME, TrustStore
+
+from .engine import Engine
+from .errors import BundleLoadError
+from .options import EngineOptions
+from .spec import arch_from_hf_config, optimum_kv_graph
+
+# Plain English, repeated to the asked length: the prompt's content barely matters to speed.
+PROMPT_TEXT = (
+    "The history of computing is a story of machines becoming smaller, cheaper and closer to the people who "
+    "use them. Mainframes filled rooms; minicomputers filled closets; personal computers sat on desks; "
+    "phones fit in pockets. Single-board computers now cost less than a meal and run a full operating "
+    "system, and small language models are starting to run on them without any network at all. "
+)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    path: str
+    threads: int | None
+    prompt_tokens: int
+    new_tokens: int
+    load_s: float
+    ttft_ms: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_ms_per_token: float
+    peak_rss_mb: float
+    model_mb: float
+    onnxruntime: str
+    cpu: str
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_for_bench(path: str | Path, trust: TrustStore | None, options: EngineOptions) -> Engine:
+    """A bundle folder (manifest.yaml) or a plain optimum export folder (config.json + model.onnx)."""
+    root = Path(path)
+    if (root / MANIFEST_NAME).is_file():
+        return Engine.from_bundle(root, trust, options)
+    if (root / "config.json").is_file() and (root / "model.onnx").is_file():
+        arch = arch_from_hf_config(root / "config.json")
+        return Engine.from_parts(root, arch, optimum_kv_graph(arch.num_layers), options)
+    raise BundleLoadError(f"{root} is neither a bundle (manifest.yaml) nor an optimum export folder")
+
+
+def bench_prompt(engine: Engine, n: int) -> list[int]:
+    if engine.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(100, engine.arch.vocab_size - 100, size=n).tolist()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += engine.encode(PROMPT_TEXT, add_special_tokens=not ids)
+    return ids[:n]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_bench(
+    path: str | Path,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    threads: int | None = None,
+    runs: int = 3,
+    trust: TrustStore | None = None,
+    options: EngineOptions | None = None,
+) -> BenchResult:
+    opts = options or EngineOptions(threads=threads)
+    t0 = time.perf_counter()
+    engine = load_for_bench(path, trust, opts)
+    load_s = time.perf_counter() - t0
+    try:
+        prompt = np.asarray(bench_prompt(engine, prompt_tokens), dtype=np.int64)  # [p]
+        if prompt.shape[0] + new_tokens > engine.context_length:
+            raise BundleLoadError(
+                f"{prompt_tokens}+{new_tokens} tokens exceed the context {engine.context_length}"
+            )
+        engine.greedy(prompt[:8].tolist(), 4)  # warm-up: arenas, prepacked weights, thread pool
+        ttfts, decode_rates = [], []
+        for _ in range(max(1, runs)):
+            state = engine.new_state()
+            start = time.perf_counter()
+            logits = engine.prefill(state, prompt)  # [vocab]
+            tok = int(np.argmax(logits))
+            first = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                tok = int(np.argmax(engine.forward(state, [tok])[0]))
+            end = time.perf_counter()
+            ttfts.append(first - start)
+            if new_tokens > 1:
+                decode_rates.append((new_tokens - 1) / (end - first))
+        ttft = statistics.median(ttfts)
+        rate = statistics.median(decode_rates) if decode_rates else 0.0
+        model_bytes = sum(
+            f.stat().st_size for f in engine.model_path.parent.iterdir() if f.suffix in (".onnx", ".data")
+        )
+        return BenchResult(
+            model=engine.name,
+            path=str(path),
+            threads=threads,
+            prompt_tokens=int(prompt.shape[0]),
+            new_tokens=new_tokens,
+            load_s=round(load_s, 3),
+            ttft_ms=round(ttft * 1000, 2),
+            prefill_tok_s=round(prompt.shape[0] / ttft, 1),
+            decode_tok_s=round(rate, 2),
+            decode_ms_per_token=round(1000 / rate, 3) if rate else 0.0,
+            peak_rss_mb=round(_peak_rss_mb(), 1),
+            model_mb=round(model_bytes / 2**20, 1),
+            onnxruntime=ort.__version__,
+            cpu=f"{platform.machine()} x{os.cpu_count()}",
+            runs=max(1, runs),
+        )
+    finally:
+        engine.close()
