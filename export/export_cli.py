@@ -1,4 +1,4 @@
-"""`nanofleet export` and `nanofleet eval`. Module-level imports stay light: torch loads inside the command."""
+"""`nanofleet export` and `nanofleet eval`. Module-level imports stay light: torch loads in the command."""
 
 from __future__ import annotations
 

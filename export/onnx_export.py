@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,10 @@ def export_onnx(model: Any, out_dir: Path) -> Path:
     for name in ("optimum", "optimum.exporters.onnx", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        onnx_export_from_model(model, out_dir, task=ONNX_TASK, do_validation=False)
+        with warnings.catch_warnings():
+            # torch's tracer warns about every Python-level shape branch in transformers; none matter here.
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(model, out_dir, task=ONNX_TASK, do_validation=False)
     except OSError:
         raise
     except Exception as exc:

@@ -168,7 +168,8 @@ def run_export(req: ExportRequest, reporter: Reporter | None = None) -> ExportRe
     except OSError as exc:
         if is_enospc(exc):
             raise OutOfSpaceError(
-                f"no space left on the device while exporting into {parent}; free space or pass --work-dir/--out "
+                f"no space left on the device while exporting into {parent}; free space or pass "
+                f"--work-dir/--out "
                 f"on a larger disk ({exc})"
             ) from exc
         raise

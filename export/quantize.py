@@ -55,7 +55,7 @@ RECIPES: dict[str, QuantRecipe] = {
             4,
             quantize_embeddings=True,
             head_bits=8,
-            description="MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy_level 4; embeddings too",
+            description="MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy 4; embeddings too",
         ),
         QuantRecipe(
             "int8-fp32-embeddings",
@@ -67,7 +67,7 @@ RECIPES: dict[str, QuantRecipe] = {
             4,
             quantize_embeddings=False,
             head_bits=8,
-            description="as int8, but the embedding table stays fp32 (fallback when quantizing it fails the gate)",
+            description="as int8, but the embedding table stays fp32 (the fallback if quantizing it fails)",
         ),
         QuantRecipe(
             "int4",
@@ -85,7 +85,7 @@ RECIPES: dict[str, QuantRecipe] = {
             "dynamic-int8",
             "int8",
             "dynamic-int8",
-            description="dynamic INT8 of every MatMul (optimum arm64 config, per channel): known to fail the gate",
+            description="dynamic INT8 of every MatMul (optimum arm64 config): known to fail the gate",
         ),
     )
 }

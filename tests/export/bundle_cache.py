@@ -1,0 +1,82 @@
+"""Build-once, reuse-everywhere test bundles of the real default model.
+
+A bundle is cached under ``.cache/test-bundles/<kind>-<hash>/`` where the hash covers the sources that
+shape it (export/, manifests/, the eval text), so a change there rebuilds it and nothing else does. A file
+lock makes concurrent test sessions (several developers, xdist) build it once. Each cache folder holds:
+
+    bundle/          the signed bundle (built by the real `nanofleet export` CLI, in a subprocess)
+    keys/            nanofleet.key (0600) + nanofleet.pub: the test key that signed it
+    export.json      the CLI's --json summary
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from manifests import write_keypair
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache" / "test-bundles"
+HASHED = ("export", "manifests")
+BUILD_TIMEOUT_S = 900
+
+
+def sources_hash() -> str:
+    h = hashlib.sha256()
+    for top in HASHED:
+        for p in sorted((REPO / top).rglob("*")):
+            if (
+                p.is_file()
+                and p.suffix in (".py", ".txt", ".json", ".jinja")
+                and "__pycache__" not in p.parts
+            ):
+                h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
+    """(bundle dir, public key path, export summary) for ``kind`` (e.g. 'int8', 'fp32'); builds if missing."""
+    root = CACHE / f"{kind}-{sources_hash()}"
+    bundle, keys, summary = root / "bundle", root / "keys", root / "export.json"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (keys / "nanofleet.key").exists():
+            write_keypair(keys)
+        if not (bundle / "manifest.sig").exists() or not summary.exists():
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "nanofleet.cli",
+                    "export",
+                    "--key",
+                    str(keys / "nanofleet.key"),
+                    "--out",
+                    str(bundle),
+                    "--version",
+                    "1",
+                    "--json",
+                    "--force",
+                    *extra_args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+                env=env,
+                cwd=REPO,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"building the {kind} test bundle failed (exit {proc.returncode}):\n{proc.stdout}\n"
+                    f"{proc.stderr[-4000:]}"
+                )
+            summary.write_text(proc.stdout)
+    return bundle, keys / "nanofleet.pub", json.loads(summary.read_text())
