@@ -5,8 +5,8 @@ and swaps it in place, so numbers and progress bars move without a full reload.
 """
 
 import datetime as dt
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ..db import aware
-from ..registry import users_of
 from ..errors import FleetError, InvalidManifestError
+from ..registry import users_of
 from ..service import FleetService
 from . import actions, charts, queries
 from .auth import (
