@@ -218,8 +218,8 @@ def import_telemetry_file(session: Session, data: bytes, *, actor: str, now: dt.
         outer = TelemetryFile.model_validate_json(data)
     except ValidationError as exc:
         raise TelemetryImportError(
-            f"not a complete nanofleet telemetry export (truncated or corrupt?): {exc.error_count()} error(s), "
-            f"first: {exc.errors()[0]['msg']}"
+            "not a complete nanofleet telemetry export (truncated or corrupt?): "
+            f"{exc.error_count()} error(s), first: {exc.errors()[0]['msg']}"
         ) from exc
     device = session.get(Device, outer.device_id)
     if device is None:
