@@ -40,6 +40,7 @@ def ansible_env(home: Path) -> dict[str, str]:
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_LINT_OFFLINE="1",
+        ANSIBLE_PIPELINING="1",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -91,6 +92,20 @@ def device_host_vars(root: Path, *, api_port: int, bundle: Path | None) -> dict[
     return hv
 
 
+def fleet_host_vars(root: Path) -> dict[str, object]:
+    return {
+        "ansible_host": "127.0.0.1",
+        "nanofleet_fleet_root": str(root),
+        "nanofleet_fleet_manage_system": False,
+        "nanofleet_fleet_user": "root",
+        "nanofleet_fleet_group": "root",
+        "nanofleet_fleet_install_deps": False,
+        "nanofleet_fleet_venv_extra_site_dirs": [shared_site_packages()],
+        "nanofleet_fleet_python": sys.executable,
+        "nanofleet_fleet_bind": "127.0.0.1",
+    }
+
+
 def broker_host_vars(root: Path, port: int) -> dict[str, object]:
     return {
         "ansible_host": "127.0.0.1",
@@ -113,6 +128,7 @@ def write_inventory(
     fleet: dict[str, dict[str, object]],
     pi5: dict[str, dict[str, object]],
     common: dict[str, object],
+    pi4: dict[str, dict[str, object]] | None = None,
 ) -> Path:
     """Every value is a host var: they outrank the playbook's group_vars (inventory group vars do not)."""
 
@@ -125,7 +141,7 @@ def write_inventory(
             "children": {
                 "broker": {"hosts": hosts(broker)},
                 "fleet": {"hosts": hosts(fleet)},
-                "devices": {"children": {"pi5": {"hosts": hosts(pi5)}}},
+                "devices": {"children": {"pi4": {"hosts": hosts(pi4 or {})}, "pi5": {"hosts": hosts(pi5)}}},
             },
         }
     }
@@ -150,3 +166,39 @@ def unit_environment(unit: Path) -> dict[str, str]:
                 key, _, value = item.partition("=")
                 env[key] = value
     return env
+
+
+class Processes:
+    """Long-running services the test starts the way their units would; stopped at the end."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logdir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

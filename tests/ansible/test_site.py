@@ -4,26 +4,33 @@ that the result works (broker ACL with real mosquitto, agent started from the un
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
-from manifests import SigningKey, write_keypair
 from tests.conftest import free_port, mosquitto_bin, wait_port
 
 from ._harness import (
     REPO,
+    Processes,
     Run,
     broker_host_vars,
     device_host_vars,
+    exec_start,
+    fleet_host_vars,
     run_playbook,
+    unit_environment,
     write_inventory,
 )
 
@@ -37,12 +44,26 @@ class Site:
     home: Path
     roots: dict[str, Path]
     broker_port: int
+    fleet_port: int
     api_ports: dict[str, int]
-    first: Run
-    second: Run
+    base: Run  # --limit broker,fleet: the services first
+    first: Run  # everything: enrolment, broker users, boards
+    second: Run  # again: must change nothing
+    procs: Processes
 
-    def credential(self, kind: str, name: str) -> str:
-        return (self.inventory.parent / "credentials" / kind / name).read_text().strip()
+    def credential(self, *parts: str) -> str:
+        return self.inventory.parent.joinpath("credentials", *parts).read_text().strip()
+
+    @property
+    def fleet_url(self) -> str:
+        return f"http://127.0.0.1:{self.fleet_port}"
+
+    def fleet_get(self, path: str) -> httpx.Response:
+        token = self.credential("fleet-admin-token")
+        return httpx.get(self.fleet_url + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    def runs(self) -> list[Run]:
+        return [self.base, self.first, self.second]
 
 
 def _build_wheel(dest: Path) -> Path:
@@ -56,51 +77,115 @@ def _build_wheel(dest: Path) -> Path:
     return wheel
 
 
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: {url} not 200 after {timeout}s")
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("site")
-    wheel = _build_wheel(tmp / "dist")
-    _priv, pub = write_keypair(tmp / "keys", SigningKey.generate())
-    broker_port = free_port()
-    roots = {name: tmp / "roots" / name for name in ("broker", "fleet", "board-a", "board-b")}
-    api_ports = {"board-a": free_port(), "board-b": free_port()}
-    inventory = write_inventory(
-        tmp / "inventory" / "hosts.yml",
-        broker={"broker-test": broker_host_vars(roots["broker"], broker_port)},
-        fleet={"fleet-test": {"ansible_host": "127.0.0.1"}},
-        pi5={
-            name: device_host_vars(roots[name], api_port=api_ports[name], bundle=None)
-            for name in ("board-a", "board-b")
-        },
-        common={
-            "nanofleet_trusted_keys": [str(pub)],
-            "nanofleet_wheel": str(wheel),
-            "nanofleet_broker_port": broker_port,
-            "nanofleet_artifact_base_url": "http://127.0.0.1:9/artifacts/",
-        },
-    )
-    home = tmp / "ansible-home"
-    first = run_playbook(inventory, home)
-    assert first.rc == 0, first.output[-6000:]
-    second = run_playbook(inventory, home)
-    assert second.rc == 0, second.output[-6000:]
-    yield Site(tmp, inventory, home, roots, broker_port, api_ports, first, second)
+def site(default_bundle: tuple[Path, Path]) -> Iterator[Site]:
+    bundle, bundle_pub = default_bundle
+    # Not pytest's tmp_path: its retention sweeps other sessions' folders, and several run at once here.
+    tmp = Path(tempfile.mkdtemp(prefix="nanofleet-ansible-"))
+    procs = Processes(tmp)
+    try:
+        wheel = _build_wheel(tmp / "dist")
+        broker_port, fleet_port = free_port(), free_port()
+        roots = {name: tmp / "roots" / name for name in ("broker", "fleet", "board-a", "board-b")}
+        api_ports = {"board-a": free_port(), "board-b": free_port()}
+        inventory = write_inventory(
+            tmp / "inventory" / "hosts.yml",
+            broker={"broker-test": broker_host_vars(roots["broker"], broker_port)},
+            fleet={"fleet-test": fleet_host_vars(roots["fleet"])},
+            pi5={
+                name: device_host_vars(
+                    roots[name], api_port=api_ports[name], bundle=bundle if name == "board-a" else None
+                )
+                for name in ("board-a", "board-b")
+            },
+            common={
+                "nanofleet_trusted_keys": [str(bundle_pub)],
+                "nanofleet_wheel": str(wheel),
+                "nanofleet_broker_port": broker_port,
+                "nanofleet_fleet_port": fleet_port,
+            },
+        )
+        home = tmp / "ansible-home"
+
+        # 1. The broker and the fleet service, then start them as their units would.
+        base = run_playbook(inventory, home, "--limit", "broker,fleet")
+        assert base.rc == 0, base.output[-6000:]
+        broker_conf = roots["broker"] / "etc/mosquitto/mosquitto.conf"
+        mosq = procs.start("mosquitto", [mosquitto_bin(), "-c", str(broker_conf)])
+        wait_port(broker_port)
+        fleet_unit = roots["fleet"] / "etc/systemd/system/nanofleet-fleet.service"
+        fleet = procs.start("fleet", exec_start(fleet_unit), unit_environment(fleet_unit))
+        _wait_http(f"http://127.0.0.1:{fleet_port}/healthz", 120, fleet, "fleet service")
+
+        # 2. Everything: the boards enrol with the live fleet, the broker learns their credentials.
+        first = run_playbook(inventory, home)
+        assert first.rc == 0, first.output[-8000:]
+        mosq.send_signal(signal.SIGHUP)  # what the role's "Reload mosquitto" handler does under systemd
+        time.sleep(0.5)
+
+        # 3. Again: nothing may change.
+        second = run_playbook(inventory, home)
+        assert second.rc == 0, second.output[-6000:]
+        yield Site(
+            tmp, inventory, home, roots, broker_port, fleet_port, api_ports, base, first, second, procs
+        )
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_first_run_provisions_every_host(site: Site) -> None:
-    assert set(site.first.recap) >= {"broker-test", "board-a", "board-b"}
-    assert all(r["failed"] == 0 for r in site.first.recap.values())
+def test_runs_provision_every_host(site: Site) -> None:
+    assert set(site.first.recap) == {"broker-test", "fleet-test", "board-a", "board-b"}
     for board in ("board-a", "board-b"):
         root = site.roots[board]
         assert (root / "opt/nanofleet/venv/bin/nanofleet").is_file()
         assert (root / "etc/nanofleet/agent.yaml").is_file()
         assert (root / "etc/systemd/system/nanofleet-agent.service").is_file()
     assert (site.roots["broker"] / "etc/mosquitto/conf.d/nanofleet.conf").is_file()
+    assert (site.roots["fleet"] / "etc/nanofleet-fleet/fleet.yaml").stat().st_mode & 0o777 == 0o640
 
 
 def test_second_run_changes_nothing(site: Site) -> None:
     assert site.second.recap, site.second.output[-3000:]
-    assert site.second.changed() == dict.fromkeys(site.second.recap, 0), site.second.output[-6000:]
+    assert site.second.changed() == dict.fromkeys(site.second.recap, 0), site.second.output[-8000:]
+
+
+def test_boards_are_enrolled_through_the_fleet_api(site: Site) -> None:
+    resp = site.fleet_get("/api/v1/devices")
+    assert resp.status_code == 200, resp.text
+    devices = {d["id"]: d for d in resp.json()}
+    assert set(devices) == {"board-a", "board-b"}
+    assert devices["board-a"]["groups"] == ["pi5"]
+    # The MQTT password each board got is the fleet's device token, different per board.
+    a, b = site.credential("mqtt", "board-a"), site.credential("mqtt", "board-b")
+    assert a.startswith("nfd_") and b.startswith("nfd_") and a != b
+    # The fleet accepts it as that board's credential and no other's.
+    mine = httpx.get(
+        f"{site.fleet_url}/api/v1/devices/board-a/desired",
+        headers={"Authorization": f"Bearer {a}"},
+        timeout=10,
+    )
+    theirs = httpx.get(
+        f"{site.fleet_url}/api/v1/devices/board-b/desired",
+        headers={"Authorization": f"Bearer {a}"},
+        timeout=10,
+    )
+    assert mine.status_code != 401 and mine.status_code != 403, mine.text
+    assert theirs.status_code in (401, 403), theirs.text
 
 
 def test_agent_config_is_accepted_by_the_agent(site: Site) -> None:
@@ -108,47 +193,52 @@ def test_agent_config_is_accepted_by_the_agent(site: Site) -> None:
 
     cfg = load_config(site.roots["board-a"] / "etc/nanofleet/agent.yaml")
     assert cfg.device_id == "board-a"
+    assert cfg.hardware_class == "pi5"
     assert cfg.mqtt.username == "board-a"
     assert cfg.mqtt.url == f"mqtt://127.0.0.1:{site.broker_port}"
     assert cfg.mqtt.resolved_password() == site.credential("mqtt", "board-a")
     assert cfg.api.resolved_token() == site.credential("api", "board-a")
     assert cfg.api.port == site.api_ports["board-a"]
-    assert [p.name for p in cfg.trusted_keys] == ["release.pub"] or len(cfg.trusted_keys) == 1
+    assert cfg.artifacts.base_url == f"{site.fleet_url}/bundles/"
+    # The bundle-signing key and the fleet's rollback-signing key.
+    assert sorted(p.name for p in cfg.trusted_keys) == ["fleet-signing.pub", "nanofleet.pub"]
+    assert all(p.is_file() for p in cfg.trusted_keys)
     assert cfg.data_dir == site.roots["board-a"] / "var/lib/nanofleet"
+    assert cfg.bootstrap_bundle is not None and (cfg.bootstrap_bundle / "manifest.sig").is_file()
 
 
-def test_secrets_are_per_device_private_and_never_logged(site: Site) -> None:
-    a, b = site.credential("mqtt", "board-a"), site.credential("mqtt", "board-b")
-    assert a != b and len(a) >= 32
+def test_secrets_are_private_and_never_logged(site: Site) -> None:
     for board in ("board-a", "board-b"):
-        for name in ("mqtt.password", "api.token"):
+        for name in ("mqtt.password", "api.token", "agent.yaml"):
             path = site.roots[board] / "etc/nanofleet" / name
             assert path.stat().st_mode & 0o777 == 0o640, path
-    assert (site.roots["broker"] / "etc/mosquitto/nanofleet.passwd").stat().st_mode & 0o777 == 0o640
-    secrets = [a, b, site.credential("mqtt", "_fleet-service"), site.credential("api", "board-a")]
-    for run in (site.first, site.second):
+    passwd = site.roots["broker"] / "etc/mosquitto/nanofleet.passwd"
+    assert passwd.stat().st_mode & 0o777 == 0o640
+    secrets = [
+        site.credential("mqtt", "board-a"),
+        site.credential("mqtt", "board-b"),
+        site.credential("mqtt", "_fleet-service"),
+        site.credential("api", "board-a"),
+        site.credential("fleet-admin-token"),
+    ]
+    for run in site.runs():
         for secret in secrets:
             assert secret not in run.output
-    # No secret in the broker's files either: only hashes.
-    assert a not in (site.roots["broker"] / "etc/mosquitto/nanofleet.passwd").read_text()
+    # The broker holds only hashes.
+    assert not any(secret in passwd.read_text() for secret in secrets)
+    cred_dir = site.inventory.parent / "credentials"
+    assert cred_dir.stat().st_mode & 0o777 == 0o700
+    assert (cred_dir / "mqtt" / "board-a").stat().st_mode & 0o777 == 0o600
 
 
 # --- the broker, for real ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def broker(site: Site) -> Iterator[int]:
-    """mosquitto started from the generated main config, as Debian's unit starts it."""
-    conf = site.roots["broker"] / "etc/mosquitto/mosquitto.conf"
-    log = open(site.tmp / "mosquitto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([mosquitto_bin(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(site.broker_port)
-        yield site.broker_port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+@pytest.fixture
+def broker(site: Site) -> int:
+    """The mosquitto the site fixture started from the generated main config, as Debian's unit does."""
+    assert site.procs.procs["mosquitto"].poll() is None, site.procs.log("mosquitto")
+    return site.broker_port
 
 
 def _client(port: int, username: str | None, password: str | None) -> tuple[mqtt.Client, int]:
@@ -259,3 +349,35 @@ def test_broker_acl_confines_each_device_to_its_own_topics(site: Site, broker: i
     finally:
         for probe in (fleet, a, b):
             probe.close()
+
+
+# --- the agent, started from the unit's ExecStart ---------------------------------------------------
+
+
+def test_agent_starts_from_its_unit_answers_readyz_and_reaches_the_fleet(site: Site) -> None:
+    unit = site.roots["board-a"] / "etc/systemd/system/nanofleet-agent.service"
+    argv = exec_start(unit)
+    assert argv[1:4] == ["device", "run", "--config"]
+    agent = site.procs.start("agent-a", argv, unit_environment(unit))
+    port = site.api_ports["board-a"]
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/readyz", 300, agent, "agent")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{site.procs.log('agent-a')}") from None
+    # The local API wants the per-device token.
+    token = site.credential("api", "board-a")
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    assert models.status_code == 401
+    models = httpx.get(
+        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert models.status_code == 200, models.text
+    # Over the broker, with its fleet-issued credentials and within the ACL, the agent reaches the fleet.
+    deadline = time.monotonic() + 60
+    device: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        device = site.fleet_get("/api/v1/devices/board-a").json()
+        if device.get("online") and device.get("reported"):
+            break
+        time.sleep(1)
+    assert device.get("online") and device.get("reported"), (device, site.procs.log("agent-a"))
