@@ -575,6 +575,7 @@ class Updater:
             last_result="committed",
             rollback_authorized=False,
         )
+        self.hooks.on_enter(State.COMMITTED)  # (test hook: killed_in_committed)
         self._emit(
             "result",
             f"{manifest.ref} committed in slot {slot}",
