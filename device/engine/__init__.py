@@ -17,7 +17,7 @@ from .errors import (
 )
 from .graph import RunState
 from .options import EngineOptions, SamplingParams
-from .spec import arch_from_hf_config, optimum_kv_graph
+from .spec import arch_from_hf_config, graph_spec_for_folder, optimum_kv_graph
 
 __all__ = [
     "BundleLoadError",
@@ -35,5 +35,6 @@ __all__ = [
     "TokenStream",
     "UnsupportedGraphError",
     "arch_from_hf_config",
+    "graph_spec_for_folder",
     "optimum_kv_graph",
 ]

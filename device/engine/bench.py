@@ -22,7 +22,7 @@ from manifests import MANIFEST_NAME, TrustStore
 from .engine import Engine
 from .errors import BundleLoadError
 from .options import EngineOptions
-from .spec import arch_from_hf_config, optimum_kv_graph
+from .spec import arch_from_hf_config, graph_spec_for_folder
 
 # Plain English, repeated to the asked length: the prompt's content barely matters to speed.
 PROMPT_TEXT = (
@@ -62,7 +62,7 @@ def load_for_bench(path: str | Path, trust: TrustStore | None, options: EngineOp
         return Engine.from_bundle(root, trust, options)
     if (root / "config.json").is_file() and (root / "model.onnx").is_file():
         arch = arch_from_hf_config(root / "config.json")
-        return Engine.from_parts(root, arch, optimum_kv_graph(arch.num_layers), options)
+        return Engine.from_parts(root, arch, graph_spec_for_folder(root, arch.num_layers), options)
     raise BundleLoadError(f"{root} is neither a bundle (manifest.yaml) nor an optimum export folder")
 
 
@@ -102,7 +102,7 @@ def run_bench(
         engine.greedy(prompt[:8].tolist(), 4)  # warm-up: arenas, prepacked weights, thread pool
         ttfts, decode_rates = [], []
         for _ in range(max(1, runs)):
-            state = engine.new_state()
+            state = engine.new_state(prompt.shape[0] + new_tokens)
             start = time.perf_counter()
             logits = engine.prefill(state, prompt)  # [vocab]
             tok = int(np.argmax(logits))

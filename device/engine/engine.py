@@ -105,7 +105,7 @@ class Engine:
         self.context_length = min(arch.context_length, options.max_context or arch.context_length)
         self._lock = threading.Lock()
         self._session = load_session(model_path, options)
-        self._driver = make_driver(self._session, arch, graph)
+        self._driver = make_driver(self._session, arch, graph, self.context_length)
         self._chat: ChatTemplate | None = None
         if chat_template is not None:
             self._chat = ChatTemplate(
@@ -209,8 +209,9 @@ class Engine:
 
     # ---------------------------------------------------------------- the model call
 
-    def new_state(self) -> RunState:
-        return self._live_driver().new_state()
+    def new_state(self, capacity: int | None = None) -> RunState:
+        """A fresh KV cache; ``capacity`` (tokens) lets graphs with preallocated buffers size them."""
+        return self._live_driver().new_state(capacity)
 
     def forward(self, state: RunState, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Feed ``token_ids`` [n] after what ``state`` holds; returns logits [n, vocab]."""
@@ -245,7 +246,7 @@ class Engine:
             window = ids[w0 : w0 + self.context_length]  # [w]
             if window.shape[0] < 2:
                 break
-            state = self.new_state()
+            state = self.new_state(window.shape[0])
             for start in range(0, window.shape[0] - 1, chunk):
                 inp = window[
                     start : min(start + chunk, window.shape[0] - 1)
@@ -266,7 +267,7 @@ class Engine:
         out: list[int] = []
         if max_new_tokens == 0:
             return out
-        state = self.new_state()
+        state = self.new_state(prompt.shape[0] + max_new_tokens)
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
             tok = int(np.argmax(logits))
@@ -293,7 +294,7 @@ class Engine:
         sampler = Sampler(params)
         use_history = params.repetition_penalty != 1.0
         history = list(prompt.tolist()) if use_history else []
-        state = self.new_state()
+        state = self.new_state(min(prompt.shape[0] + params.max_new_tokens, self.context_length))
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
             tok = sampler(logits, np.asarray(history, dtype=np.int64) if use_history else None)

@@ -7,6 +7,11 @@ Every driver takes ``token_ids`` [n] for one sequence (batch 1) and returns logi
 outputs logits [1, n, vocab], present.{i}.key/value [1, kv_heads, past + n, head_dim]. The graph itself
 concatenates past and new keys; we bind its present OrtValues straight back as the next past, so Python
 never copies or reallocates the cache (IO binding keeps the tensors inside onnxruntime).
+
+"gqa": export/fuse_gqa.py's graph with GroupQueryAttention. Inputs input_ids [1, n], seqlens_k [1] int32
+(past + n - 1), total_sequence_length [] int32 (past + n), past_key_values.{i}.key/value
+[1, kv_heads, capacity, head_dim]; outputs logits [1, n, vocab] and present.{i}.* bound to the SAME
+buffers as the past inputs, so each step writes only its new rows in place (nothing is copied).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ class RunState:
     """Per-request state: the KV cache (one OrtValue per layer and k/v) and the position."""
 
     n_past: int = 0  # tokens already in the cache
-    past: list[ort.OrtValue] = field(default_factory=list)  # 2*L tensors [1, kv_heads, n_past, head_dim]
+    # optimum-kv: 2*L tensors [1, kv_heads, n_past, head_dim]; gqa: [1, kv_heads, capacity, head_dim]
+    past: list[ort.OrtValue] = field(default_factory=list)
+    capacity: int = 0  # gqa: rows allocated per buffer
 
 
 class OptimumKVDriver:
@@ -58,7 +65,7 @@ class OptimumKVDriver:
         if extra:
             raise UnsupportedGraphError(f"graph has inputs this driver does not feed: {sorted(extra)}")
 
-    def new_state(self) -> RunState:
+    def new_state(self, capacity: int | None = None) -> RunState:
         a = self.arch
         empty = np.zeros((1, a.num_kv_heads, 0, a.head_dim), dtype=self.kv_dtype)  # [1, kvh, 0, hd]
         return RunState(n_past=0, past=[ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names])
@@ -87,9 +94,82 @@ class OptimumKVDriver:
         return logits
 
 
-def make_driver(session: ort.InferenceSession, arch: ArchConfig, graph: GraphSpec) -> OptimumKVDriver:
+class GQADriver:
+    kind = "gqa"
+    ROUND = 64  # buffer rows are allocated in multiples of this
+
+    def __init__(
+        self, session: ort.InferenceSession, arch: ArchConfig, graph: GraphSpec, context_length: int
+    ) -> None:
+        self.session = session
+        self.arch = arch
+        self.context_length = context_length
+        self.kv_dtype = KV_DTYPES[graph.kv_dtype]
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        L = arch.num_layers
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+        need = {"input_ids", "seqlens_k", "total_sequence_length", *self.past_names}
+        missing = sorted(need - inputs) + sorted({"logits", *self.present_names} - outputs)
+        if missing:
+            raise UnsupportedGraphError(f"graph is not a gqa graph for {L} layers: missing {missing[:4]}")
+        extra = inputs - need
+        if extra:
+            raise UnsupportedGraphError(f"graph has inputs this driver does not feed: {sorted(extra)}")
+
+    def _alloc(self, capacity: int) -> list[ort.OrtValue]:
+        a = self.arch
+        shape = (1, a.num_kv_heads, capacity, a.head_dim)  # [1, kvh, capacity, hd]
+        # np.zeros maps fresh zero pages lazily: untouched rows cost no memory
+        return [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype)) for _ in self.past_names
+        ]
+
+    def _round(self, n: int) -> int:
+        return min(self.context_length, -(-n // self.ROUND) * self.ROUND)
+
+    def new_state(self, capacity: int | None = None) -> RunState:
+        cap = self._round(capacity or self.context_length)
+        return RunState(n_past=0, past=self._alloc(cap), capacity=cap)
+
+    def _grow(self, state: RunState, need: int) -> None:
+        """Rare: a caller fed more than it reserved. Copy into bigger buffers once (doubling)."""
+        cap = self._round(max(need, 2 * state.capacity))
+        new = self._alloc(cap)
+        for old_v, new_v in zip(state.past, new, strict=True):
+            new_v.numpy()[:, :, : state.n_past] = old_v.numpy()[:, :, : state.n_past]
+        state.past, state.capacity = new, cap
+
+    def forward(self, state: RunState, token_ids: np.ndarray) -> np.ndarray:
+        n = int(token_ids.shape[0])
+        total = state.n_past + n
+        if total > state.capacity:
+            self._grow(state, total)
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", token_ids.astype(np.int64).reshape(1, n))  # [1, n]
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))  # [1]
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))  # []
+        b.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+        for past_name, present_name, buf in zip(self.past_names, self.present_names, state.past, strict=True):
+            b.bind_ortvalue_input(past_name, buf)
+            b.bind_ortvalue_output(present_name, buf)  # in place: GQA appends the new rows
+        self.session.run_with_iobinding(b)
+        logits = b.get_outputs()[0].numpy()[0]  # [n, vocab]
+        state.n_past = total
+        return logits
+
+
+Driver = OptimumKVDriver | GQADriver
+
+
+def make_driver(
+    session: ort.InferenceSession, arch: ArchConfig, graph: GraphSpec, context_length: int | None = None
+) -> Driver:
     if graph.kind == "optimum-kv":
         return OptimumKVDriver(session, arch, graph)
+    if graph.kind == "gqa":
+        return GQADriver(session, arch, graph, context_length or arch.context_length)
     raise UnsupportedGraphError(
-        f"graph kind {graph.kind!r} is not supported by this engine (knows: optimum-kv)"
+        f"graph kind {graph.kind!r} is not supported by this engine (knows: optimum-kv, gqa)"
     )

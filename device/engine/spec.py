@@ -56,3 +56,18 @@ def optimum_kv_graph(num_layers: int, model_file: str = "model.onnx", kv_dtype: 
         output_names=["logits", *present],
         kv_dtype=kv_dtype,  # type: ignore[arg-type]
     )
+
+
+GRAPH_SPEC_FILE = "graph.json"
+
+
+def graph_spec_for_folder(folder: str | Path, num_layers: int) -> GraphSpec:
+    """The GraphSpec of a plain model folder: ``graph.json`` when present (written by export/fuse_gqa.py),
+    else optimum's text-generation-with-past convention."""
+    path = Path(folder) / GRAPH_SPEC_FILE
+    if path.is_file():
+        try:
+            return GraphSpec.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise BundleLoadError(f"{path} is not a valid GraphSpec: {exc}") from exc
+    return optimum_kv_graph(num_layers)

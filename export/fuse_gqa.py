@@ -1,0 +1,340 @@
+"""Build a fused-attention ONNX graph (GraphSpec.kind "gqa") straight from a Llama-family checkpoint.
+
+Why: optimum's text-generation-with-past graph concatenates past and new keys in every layer at every
+step (the whole KV cache is copied per token) and runs attention as a dozen small ops. This graph uses
+onnxruntime's fused kernels instead, as onnxruntime-genai's builder does:
+
+    Gather(embed) -> [SimplifiedLayerNorm | SkipSimplifiedLayerNorm] -> MatMul(packed QKV)
+      -> GroupQueryAttention(rotary inside, past/present share ONE preallocated buffer)
+      -> MatMul(o) -> SkipSimplifiedLayerNorm -> MatMul(packed gate|up) -> SiLU*up -> MatMul(down) -> ...
+      -> SkipSimplifiedLayerNorm -> MatMul(Transpose(embed) or lm_head) -> logits
+
+I/O (batch 1 is what the device engine drives, but the graph is batch-generic):
+    input_ids              int64 [batch, seq]
+    seqlens_k              int32 [batch]        total tokens - 1 (past + seq - 1)
+    total_sequence_length  int32 []             past + seq
+    past_key_values.{i}.key/value  float [batch, kv_heads, max_seq, head_dim]   the shared buffer
+    -> logits [batch, seq, vocab], present.{i}.key/value (same shape, bound to the same buffer)
+
+Weights are plain fp32 MatMul/Gather initializers laid out like optimum's (a tied LM head is
+MatMul(x, Transpose(E))), so export/quantize.py's MatMulNBits/GatherBlockQuantized recipes apply as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests import GraphSpec
+
+GRAPH_KIND = "gqa"
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+PROTOBUF_LIMIT = 2_000_000_000
+
+
+class FuseGqaError(Exception):
+    """The checkpoint cannot be built into a GQA graph (unsupported architecture or feature)."""
+
+
+def gqa_graph_spec(num_layers: int, model_file: str = "model.onnx") -> GraphSpec:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return GraphSpec(
+        kind=GRAPH_KIND,
+        model_file=model_file,
+        input_names=["input_ids", "seqlens_k", "total_sequence_length", *past],
+        output_names=["logits", *present],
+        kv_dtype="float32",
+        shared_kv_buffer=True,
+    )
+
+
+def load_safetensors_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json as a dict, fp32 numpy weights) of a Hugging Face checkpoint folder."""
+    from safetensors.numpy import load_file
+
+    root = Path(folder)
+    config = json.loads((root / "config.json").read_text())
+    weights: dict[str, np.ndarray] = {}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FuseGqaError(f"no *.safetensors in {root}")
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            weights[k] = v.astype(np.float32, copy=False)
+    return config, weights
+
+
+def weights_from_torch(model: Any) -> dict[str, np.ndarray]:
+    """fp32 numpy weights of a loaded transformers model (build side only)."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _rope_caches(config: Mapping[str, Any], head_dim: int, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    theta = float(config.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # [hd/2]
+    scaling = config.get("rope_scaling")
+    positions = np.arange(max_seq, dtype=np.float64)  # [max_seq]
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind == "linear":
+            positions = positions / float(scaling["factor"])
+        elif kind == "llama3":
+            factor = float(scaling["factor"])
+            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+            old_ctx = float(scaling["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv_freq
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+            mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+            inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+        elif kind != "default":
+            raise FuseGqaError(f"rope_scaling {kind!r} is not supported by the GQA builder")
+    freqs = np.outer(positions, inv_freq)  # [max_seq, hd/2]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def build_gqa_model(
+    config: Mapping[str, Any], weights: Mapping[str, np.ndarray], max_seq: int | None = None
+) -> Any:
+    """The fused graph as an onnx.ModelProto (fp32 weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    arch = str(config.get("model_type", ""))
+    if arch not in SUPPORTED_ARCHS:
+        raise FuseGqaError(
+            f"model_type {arch!r} is not supported by the GQA builder ({', '.join(SUPPORTED_ARCHS)})"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise FuseGqaError(f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)")
+    L = int(config["num_hidden_layers"])
+    H = int(config["hidden_size"])
+    nq = int(config["num_attention_heads"])
+    nkv = int(config.get("num_key_value_heads") or nq)
+    hd = int(config.get("head_dim") or H // nq)
+    inter = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    eps = float(config.get("rms_norm_eps", 1e-6))
+    ctx = int(max_seq or config.get("max_position_embeddings", 2048))
+    window = config.get("sliding_window") if arch == "mistral" else None
+    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in weights
+
+    inits: list[Any] = []
+    nodes: list[Any] = []
+
+    def init(name: str, arr: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def w(name: str) -> np.ndarray:
+        if name not in weights:
+            raise FuseGqaError(f"checkpoint lacks {name}")
+        return weights[name]
+
+    def node(
+        op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any
+    ) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+
+    embed = init("model.embed_tokens.weight", w("model.embed_tokens.weight"))  # [vocab, H]
+    cos, sin = _rope_caches(config, hd, ctx)
+    init("cos_cache", cos)  # [ctx, hd/2]
+    init("sin_cache", sin)
+    node("Gather", [embed, "input_ids"], ["embeddings"], "/model/embed_tokens/Gather")  # [b, s, H]
+
+    residual = "embeddings"
+    pending: str | None = None  # the last sub-layer output, not yet added to the residual
+    for i in range(L):
+        p = f"model.layers.{i}"
+        ln1 = init(f"{p}.input_layernorm.weight", w(f"{p}.input_layernorm.weight"))
+        x = f"/model/layers.{i}/input_layernorm/output_0"
+        if pending is None:
+            node(
+                "SimplifiedLayerNormalization",
+                [residual, ln1],
+                [x],
+                f"/model/layers.{i}/input_layernorm",
+                axis=-1,
+                epsilon=eps,
+                stash_type=1,
+            )
+        else:
+            new_res = f"/model/layers.{i}/input_layernorm/residual"
+            node(
+                "SkipSimplifiedLayerNormalization",
+                [pending, residual, ln1],
+                [x, "", "", new_res],
+                f"/model/layers.{i}/input_layernorm",
+                domain="com.microsoft",
+                epsilon=eps,
+            )
+            residual = new_res
+        # packed QKV: [H, (nq + 2 nkv) hd]
+        q, k, v = (w(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v"))
+        wqkv = init(f"{p}.self_attn.qkv_proj.weight", np.concatenate([q.T, k.T, v.T], axis=1))
+        qkv = f"/model/layers.{i}/attn/qkv_proj/output_0"
+        node("MatMul", [x, wqkv], [qkv], f"/model/layers.{i}/attn/qkv_proj/MatMul")
+        if f"{p}.self_attn.q_proj.bias" in weights:
+            b = np.concatenate([w(f"{p}.self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
+            bname = init(f"{p}.self_attn.qkv_proj.bias", b)
+            node("Add", [qkv, bname], [qkv + "_biased"], f"/model/layers.{i}/attn/qkv_proj/Add")
+            qkv += "_biased"
+        attn = f"/model/layers.{i}/attn/GroupQueryAttention/output_0"
+        gqa_attrs: dict[str, Any] = {
+            "num_heads": nq,
+            "kv_num_heads": nkv,
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+            "scale": 1.0 / math.sqrt(hd),
+        }
+        if window:
+            gqa_attrs["local_window_size"] = int(window)
+        node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                "seqlens_k",
+                "total_sequence_length",
+                "cos_cache",
+                "sin_cache",
+            ],
+            [attn, f"present.{i}.key", f"present.{i}.value"],
+            f"/model/layers.{i}/attn/GroupQueryAttention",
+            domain="com.microsoft",
+            **gqa_attrs,
+        )
+        wo = init(f"{p}.self_attn.o_proj.weight", w(f"{p}.self_attn.o_proj.weight").T)  # [nq hd, H]
+        o = f"/model/layers.{i}/attn/o_proj/output_0"
+        node("MatMul", [attn, wo], [o], f"/model/layers.{i}/attn/o_proj/MatMul")
+        ln2 = init(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))
+        x2 = f"/model/layers.{i}/post_attention_layernorm/output_0"
+        res2 = f"/model/layers.{i}/post_attention_layernorm/residual"
+        node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, ln2],
+            [x2, "", "", res2],
+            f"/model/layers.{i}/post_attention_layernorm",
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        residual = res2
+        # packed gate|up: [H, 2 inter]
+        wgu = init(
+            f"{p}.mlp.gate_up_proj.weight",
+            np.concatenate([w(f"{p}.mlp.gate_proj.weight").T, w(f"{p}.mlp.up_proj.weight").T], axis=1),
+        )
+        gu, gate, up = (f"/model/layers.{i}/mlp/{n}" for n in ("gate_up", "gate", "up"))
+        node("MatMul", [x2, wgu], [gu], f"/model/layers.{i}/mlp/gate_up_proj/MatMul")
+        split = init(f"/model/layers.{i}/mlp/split_sizes", np.array([inter, inter], dtype=np.int64))
+        node("Split", [gu, split], [gate, up], f"/model/layers.{i}/mlp/Split", axis=-1)
+        sig, act, prod = (f"/model/layers.{i}/mlp/{n}" for n in ("sigmoid", "silu", "act"))
+        node("Sigmoid", [gate], [sig], f"/model/layers.{i}/mlp/Sigmoid")
+        node("Mul", [gate, sig], [act], f"/model/layers.{i}/mlp/SiLU")
+        node("Mul", [act, up], [prod], f"/model/layers.{i}/mlp/Mul")
+        wd = init(f"{p}.mlp.down_proj.weight", w(f"{p}.mlp.down_proj.weight").T)  # [inter, H]
+        pending = f"/model/layers.{i}/mlp/down_proj/output_0"
+        node("MatMul", [prod, wd], [pending], f"/model/layers.{i}/mlp/down_proj/MatMul")
+
+    lnf = init("model.norm.weight", w("model.norm.weight"))
+    node(
+        "SkipSimplifiedLayerNormalization",
+        [pending, residual, lnf],
+        ["/model/norm/output_0"],
+        "/model/norm",
+        domain="com.microsoft",
+        epsilon=eps,
+    )
+    if tied:
+        node("Transpose", [embed], ["/lm_head/Transpose_output_0"], "/lm_head/Transpose", perm=[1, 0])
+        head = "/lm_head/Transpose_output_0"
+    else:
+        head = init("lm_head.weight", w("lm_head.weight").T)  # [H, vocab]
+    node("MatMul", ["/model/norm/output_0", head], ["logits"], "/lm_head/MatMul")
+
+    f32 = TensorProto.FLOAT
+    kv_shape = ["batch_size", nkv, "max_sequence_length", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])]
+    for i in range(L):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, kv_shape))
+    graph = helper.make_graph(nodes, f"{arch}-gqa", inputs, outputs, initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="nanofleet.fuse_gqa",
+    )
+    model.ir_version = 8
+    return model
+
+
+def save_model(model: Any, out_dir: str | Path, model_file: str = "model.onnx") -> Path:
+    """Save, with external data when the weights pass protobuf's 2 GB limit."""
+    import onnx
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / model_file
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=model_file + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def build_gqa_folder(
+    hf_dir: str | Path, out_dir: str | Path, max_seq: int | None = None, model_file: str = "model.onnx"
+) -> GraphSpec:
+    """Checkpoint folder (config.json + safetensors) -> out_dir/model.onnx; returns its GraphSpec."""
+    config, weights = load_safetensors_folder(hf_dir)
+    save_model(build_gqa_model(config, weights, max_seq), out_dir, model_file)
+    return gqa_graph_spec(int(config["num_hidden_layers"]), model_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import shutil
+
+    ap = argparse.ArgumentParser(description="Build the fused GQA graph of a Llama-family checkpoint folder.")
+    ap.add_argument("hf_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--max-seq", type=int, default=None)
+    a = ap.parse_args(argv)
+    spec = build_gqa_folder(a.hf_dir, a.out_dir, a.max_seq)
+    (Path(a.out_dir) / "graph.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
+        src = Path(a.hf_dir) / name
+        if src.is_file():
+            shutil.copy(src, Path(a.out_dir) / name)
+
+
+if __name__ == "__main__":
+    main()
