@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME, DeploymentManifest
 from manifests import mqtt as contract
@@ -33,12 +35,21 @@ from .db import (
     TelemetrySample,
     aware,
 )
-from .errors import ConflictError, EnrollmentError, FleetError, InvalidManifestError, NotFoundError
+from .errors import (
+    ConflictError,
+    EnrollmentError,
+    FleetError,
+    InvalidBundleError,
+    InvalidManifestError,
+    NotFoundError,
+)
 from .registry import delete_bundle, get_bundle, ingest_bundle, users_of
 from .rollout import apply_manifest, get_deployment
 from .service import FleetService, hash_secret
 
 bearer = HTTPBearer(auto_error=False)
+# Bundle versions are positive 32-bit integers everywhere (database columns included).
+Version = Annotated[int, PathParam(ge=1, le=2_147_483_647)]
 
 
 class Principal:
@@ -170,6 +181,17 @@ def create_app(
         if isinstance(exc, InvalidManifestError):
             body["errors"] = exc.errors
         return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
+        return JSONResponse(
+            {"detail": str(exc.detail), "reason": reason},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -514,7 +536,7 @@ def create_app(
                     422, "every uploaded part needs a filename (the file's path in the bundle)"
                 )
             if f.filename in parts:
-                raise HTTPException(422, f"{f.filename} uploaded twice")
+                raise InvalidBundleError(f"{f.filename} uploaded twice")
             parts[f.filename] = f.file
         rec, created = ingest_bundle(session, svc.blobs, svc.trust, parts)
         if created:
@@ -535,7 +557,7 @@ def create_app(
         return [model_out(svc, session, b) for b in recs]
 
     @app.get("/api/v1/models/{name}/{version}", tags=["models"], responses={404: {"model": S.ErrorBody}})
-    def inspect_model(name: str, version: int, session: Db, p: Admin) -> dict[str, Any]:
+    def inspect_model(name: str, version: Version, session: Db, p: Admin) -> dict[str, Any]:
         b = get_bundle(session, name, version)
         import yaml
 
@@ -550,7 +572,7 @@ def create_app(
         tags=["models"],
         responses={404: {"model": S.ErrorBody}, 409: {"model": S.ErrorBody}},
     )
-    def remove_model(name: str, version: int, session: Db, p: Admin) -> Response:
+    def remove_model(name: str, version: Version, session: Db, p: Admin) -> Response:
         """Delete a bundle; refused while a device runs it or is told to, or an active deployment uses it."""
         delete_bundle(session, svc.blobs, name, version)
         session.add(AuditEntry(actor=p.name, action="model_deleted", details={"bundle": f"{name}@{version}"}))
@@ -558,9 +580,9 @@ def create_app(
         return Response(status_code=204)
 
     # Artifacts ----------------------------------------------------------------------------------
-    @app.api_route(
+    @app.head("/bundles/{name}/{version}/{path:path}", include_in_schema=False)
+    @app.get(
         "/bundles/{name}/{version}/{path:path}",
-        methods=["GET", "HEAD"],
         tags=["artifacts"],
         responses={
             200: {"content": {"application/octet-stream": {}}},
@@ -571,7 +593,11 @@ def create_app(
         },
     )
     def bundle_file(
-        name: str, version: int, path: str, session: Db, if_none_match: Annotated[str | None, Header()] = None
+        name: str,
+        version: Version,
+        path: str,
+        session: Db,
+        if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
         """A bundle file, with Range, an ETag (its sha256) and X-Checksum-Sha256. No auth: bundles are
         signed, so devices trust the signature, not the transport."""

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("in_progress", "paused", "rolling_back")
 TERMINAL_TARGET = ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed")
 BASELINE_SAMPLES = 5
+MAX_VERSION = 2_147_483_647
 
 
 @dataclass
@@ -132,6 +133,9 @@ def apply_manifest(
 ) -> tuple[Deployment, str]:
     """Make the manifest the desired state. Returns (deployment, 'created' | 'configured' | 'unchanged')."""
     spec = manifest.spec
+    if spec.bundle.version > MAX_VERSION:
+        msg = f"bundle version {spec.bundle.version} is over the maximum {MAX_VERSION}"
+        raise InvalidManifestError(msg, [{"path": "spec.bundle.version", "msg": msg}])
     try:
         get_bundle(session, spec.bundle.name, spec.bundle.version)
     except NotFoundError as exc:

@@ -51,6 +51,10 @@ class _Call:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
+def _describe(item: Inbound | _Call) -> str:
+    return f"MQTT message on {item.topic}" if isinstance(item, Inbound) else "API command"
+
+
 class FleetService:
     def __init__(self, config: FleetConfig, *, now: Callable[[], dt.datetime] = utcnow) -> None:
         self.config = config
@@ -161,11 +165,20 @@ class FleetService:
                     batch.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
+            tick = time.monotonic() - last_tick >= self.config.tick_s or bool(batch)
             try:
-                self._process(batch, tick=time.monotonic() - last_tick >= self.config.tick_s or bool(batch))
-            except Exception:  # noqa: BLE001 - the worker must survive anything; the next tick retries
-                log.exception("fleet worker iteration failed")
-                time.sleep(0.5)
+                self._process(batch, tick=tick)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                log.exception("fleet worker batch failed; retrying its items one by one")
+                # One poison message must not take the rest of its batch down with it.
+                for item in batch:
+                    try:
+                        self._process([item], tick=False)
+                    except Exception as exc:  # noqa: BLE001
+                        log.error("dropped %s after an error: %s", _describe(item), exc)
+                        if isinstance(item, _Call) and not item.future.done():
+                            item.future.set_exception(exc)
+                time.sleep(0.2)
             last_tick = time.monotonic()
 
     def _process(self, batch: list[Inbound | _Call], *, tick: bool) -> None:
