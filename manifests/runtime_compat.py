@@ -4,7 +4,7 @@ A bundle's manifest says what it needs (``runtime.min_onnxruntime``, ``runtime.o
 was verified with (``runtime.verified_onnxruntime``). The local onnxruntime says what it has: its version and
 the CPU kernels it registers. ``check_runtime_compat`` compares the two and refuses, naming every unmet need,
 rather than letting onnxruntime fail later with an obscure "could not find an implementation" (or, worse,
-load a graph whose kernels it lacks for one attribute value, such as 8-bit ``MatMulNBits`` before 1.26).
+load a graph whose kernels it lacks for one attribute value, such as 8-bit ``MatMulNBits`` before 1.23).
 
 Stdlib + this package only: it runs on the boards and inside the emulated target userland.
 """
@@ -96,12 +96,12 @@ def feature_needs(recipe: Recipe | None, operators: Iterable[str]) -> list[Featu
         and recipe.bits is not None
         and recipe.bits != 4
     ):
-        # Measured (FACTS.md): 1.22 has MatMulNBits but refuses bits=8 ("not implemented"); 1.26 runs it.
-        # 1.23-1.25 were not measured, so the floor is the first version seen to work.
+        # Measured on aarch64 under qemu (docs/target-verification.md): 1.22.0 registers MatMulNBits but
+        # fails bits=8 at run time; 1.23.2, 1.24.4, 1.25.1 and 1.26.0 run it with the same results.
         needs.append(
             FeatureNeed(
                 "com.microsoft:MatMulNBits",
-                "1.26",
+                "1.23",
                 f"{recipe.bits}-bit MatMulNBits kernels (onnxruntime 1.22 implements only 4-bit)",
             )
         )

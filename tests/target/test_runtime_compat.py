@@ -93,11 +93,12 @@ def test_too_old_runtime_is_refused() -> None:
         check_runtime_compat(make_manifest(BASE_OPS, min_ort="1.26"), "1.24.1", BASE_OPS)
 
 
-def test_8bit_matmulnbits_needs_126_even_when_the_op_exists() -> None:
+def test_8bit_matmulnbits_needs_123_even_when_the_op_exists() -> None:
     # 1.22 registers MatMulNBits but implements only 4-bit: the op list alone would let it through.
     with pytest.raises(RuntimeIncompatibleError, match="8-bit MatMulNBits"):
         check_runtime_compat(make_manifest(BASE_OPS, bits=8), "1.22.0", BASE_OPS)
     assert check_runtime_compat(make_manifest(BASE_OPS, bits=4), "1.22.0", BASE_OPS)
+    assert check_runtime_compat(make_manifest(BASE_OPS, bits=8), "1.23.2", BASE_OPS)
 
 
 def test_every_problem_is_listed_at_once() -> None:
