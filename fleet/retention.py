@@ -70,12 +70,19 @@ def compact(session: Session, cfg: TelemetryConfig, now: dt.datetime) -> int:
             roll.samples += add["samples"]
             roll.requests += add["requests"]
             roll.errors += add["errors"]
-        session.execute(delete(TelemetrySample).where(TelemetrySample.id.in_([r.id for r in rows])))
+        session.execute(
+            delete(TelemetrySample)
+            .where(TelemetrySample.id.in_([r.id for r in rows]))
+            .execution_options(synchronize_session=False)
+        )
+        for r in rows:
+            session.expunge(r)
         session.flush()
         folded += len(rows)
     session.execute(
-        delete(TelemetryRollup).where(
-            TelemetryRollup.bucket_start < now - dt.timedelta(seconds=cfg.rollup_retention_s)
-        )
+        delete(TelemetryRollup)
+        .where(TelemetryRollup.bucket_start < now - dt.timedelta(seconds=cfg.rollup_retention_s))
+        .execution_options(synchronize_session=False)
     )
+    session.expire_all()
     return folded
