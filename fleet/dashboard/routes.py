@@ -111,6 +111,10 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
+    def _https(request: Request) -> bool:
+        # Behind a TLS-terminating proxy the request arrives as http; the public URL says how users come.
+        return request.url.scheme == "https" or svc.public_url.startswith("https://")
+
     def _path_with_query(request: Request) -> str:
         q = request.url.query
         return request.url.path + (f"?{q}" if q else "")
@@ -181,7 +185,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             login_csrf,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=_https(request),
             path="/login",
         )
         return resp
@@ -227,7 +231,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             max_age=signer.ttl_s,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=_https(request),
             path="/",
         )
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")

@@ -157,3 +157,18 @@ def test_bad_manifest_is_reported_field_by_field(dash_fleet: DashFleet) -> None:
             data={"csrf_token": csrf, "mode": "compose", "name": "unknown-bundle", "bundle": "no-such@9"},
         )
         assert r.status_code == 422 and "no bundle no-such@9" in r.text
+
+
+def test_html_in_device_data_is_escaped(dash_fleet: DashFleet) -> None:
+    evil = '<img src=x onerror="alert(1)">'
+    with dash_fleet.admin() as admin:
+        admin._req("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab", "note": evil}})
+    try:
+        with signed_in_client(dash_fleet) as client:
+            for path in ("/", "/devices/pi-lab-02", "/ui/fragments/overview"):
+                html = client.get(path).text
+                assert evil not in html, path
+                assert "&lt;img src=x onerror=" in html, path
+    finally:
+        with dash_fleet.admin() as admin:
+            admin._req("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab"}})

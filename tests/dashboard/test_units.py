@@ -1,0 +1,124 @@
+"""Unit tests of the dashboard's pieces that need no server: session signing, redirects, throttling,
+manifest composition and the SVG charts."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from fleet.dashboard import actions, charts
+from fleet.dashboard.auth import LoginThrottle, SessionSigner, safe_next
+from fleet.dashboard.charts import Series
+
+
+def test_session_cookie_round_trip_expiry_tamper_and_revoke() -> None:
+    signer = SessionSigner("nfa_token-one", ttl_s=60)
+    cookie, sess = signer.issue(now=1000.0)
+    assert signer.check(cookie, now=1001.0) == sess
+    assert signer.check(cookie, now=1061.0) is None  # expired
+    sid, exp, mac = cookie.split(".")
+    assert signer.check(f"{sid}.{int(exp) + 999}.{mac}", now=1001.0) is None  # longer life, same mac
+    assert signer.check(f"x{sid}.{exp}.{mac}", now=1001.0) is None
+    assert SessionSigner("nfa_token-two").check(cookie, now=1001.0) is None  # admin token changed
+    other_cookie, other = signer.issue(now=1000.0)
+    assert (
+        other.csrf != sess.csrf and signer.csrf_ok(sess, sess.csrf) and not signer.csrf_ok(sess, other.csrf)
+    )
+    assert not signer.csrf_ok(sess, None) and not signer.csrf_ok(sess, "")
+    signer.revoke(sess)
+    assert signer.check(cookie, now=1001.0) is None
+    assert signer.check(other_cookie, now=1001.0) == other
+    assert signer.token_ok(" nfa_token-one\n") and not signer.token_ok("nfa_token-on")
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/deployments/x?y=1", "/deployments/x?y=1"),
+        ("//evil.example/", "/"),
+        ("https://evil.example/", "/"),
+        ("/\\evil.example", "/"),
+        ("", "/"),
+        (None, "/"),
+    ],
+)
+def test_safe_next(target: str | None, expected: str) -> None:
+    assert safe_next(target) == expected
+
+
+def test_login_throttle_blocks_after_the_limit() -> None:
+    t = LoginThrottle(limit=3, window_s=60)
+    for _ in range(3):
+        assert not t.blocked("10.0.0.1")
+        t.failed("10.0.0.1")
+    assert t.blocked("10.0.0.1") and not t.blocked("10.0.0.2")
+    t.succeeded("10.0.0.1")
+    assert not t.blocked("10.0.0.1")
+
+
+def test_compose_manifest_validates() -> None:
+    doc = actions.compose_manifest(
+        {
+            "name": "r1",
+            "bundle": "smollm2@3",
+            "strategy": "waves",
+            "wave_sizes": "1, 2;5",
+            "wait_seconds": "30",
+            "selector_tags": "site=lab, tier=edge",
+            "selector_groups": "pilot",
+            "failure_rate_pct": "20",
+            "on_abort": "rollback",
+        }
+    )
+    m = actions.validate_manifest(doc)
+    assert m.spec.bundle.name == "smollm2" and m.spec.bundle.version == 3
+    assert m.spec.strategy.waves is not None and m.spec.strategy.waves.sizes == [1, 2, 5]
+    assert m.spec.strategy.wait_seconds == 30
+    assert m.spec.selector.tags == {"site": "lab", "tier": "edge"} and m.spec.selector.groups == ["pilot"]
+    assert m.spec.abort.failure_rate_pct == 20 and m.spec.abort.on_abort == "rollback"
+    canary = actions.validate_manifest(
+        actions.compose_manifest({"name": "r2", "bundle": "m@1", "strategy": "canary", "canary_devices": "2"})
+    )
+    assert canary.spec.strategy.canary is not None and canary.spec.strategy.canary.devices == 2
+    with pytest.raises(ValueError):
+        actions.compose_manifest({"name": "r3", "bundle": "m@1", "strategy": "waves", "wave_sizes": "two"})
+
+
+def test_pasted_manifest_errors_name_fields() -> None:
+    with pytest.raises(actions.ManifestInputError) as e:
+        actions.parse_manifest_text("metadata: {name: ok}\nspec: {bundle: {name: m}}\n")
+    paths = {err["path"] for err in e.value.errors}
+    assert "spec.bundle.version" in paths
+    with pytest.raises(actions.ManifestInputError):
+        actions.parse_manifest_text("spec: [unclosed")
+    with pytest.raises(actions.ManifestInputError):
+        actions.parse_manifest_text("   ")
+    ok = actions.parse_manifest_text(
+        '{"apiVersion": "nanofleet/v1", "kind": "Deployment", "metadata": {"name": "j"},'
+        ' "spec": {"bundle": {"name": "m", "version": 2}}}'
+    )
+    assert ok.metadata.name == "j"
+
+
+def test_line_chart_draws_each_series_and_escapes_labels() -> None:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    s1 = Series("m@1", [(t0 + dt.timedelta(seconds=i), 100.0 + i) for i in range(5)])
+    s2 = Series("<script>x</script>", [(t0 + dt.timedelta(seconds=10 + i), 130.0) for i in range(3)])
+    svg = str(charts.line_chart("Decode", [s1, s2], "tok/s"))
+    assert svg.count("<polyline") == 2 and 'data-points="8"' in svg
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    assert "min 100 tok/s, max 130 tok/s, latest 130 tok/s" in svg
+    empty = str(charts.line_chart("Decode", [Series("m@1", [])]))
+    assert 'data-points="0"' in empty and "no data yet" in empty
+
+
+def test_before_after_and_wave_bars() -> None:
+    svg = str(
+        charts.before_after_chart("tok/s", [("d1", 100.0, 130.0), ("d2", None, None), ("d3", 90.0, None)])
+    )
+    assert 'data-rows="2"' in svg and svg.count('class="bar"') == 4
+    bar = str(charts.stacked_bar({"succeeded": 2, "failed": 1, "pending": 1}, "Wave 1"))
+    assert 'data-total="4"' in bar and 'data-done="3"' in bar
+    assert "Wave 1: 3 of 4 finished (2 succeeded, 1 failed, 1 pending)" in bar
+    assert charts.fmt_num(3 * 2**30, "B") == "3.0 GiB" and charts.fmt_num(None) == "–"
