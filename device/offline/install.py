@@ -172,11 +172,13 @@ def install(
     rec = store.load()
     pkg = verify_for(cfg, path, rec)
     command = pkg.target.command_id
-    if command in rec.seen_deployments or command == rec.deployment_id:
-        return _result(pkg, rec, "none", outcome="duplicate")
+    seen = command in rec.seen_deployments or command == rec.deployment_id
     pid = agent_pid(cfg.data_dir)
+    if seen and (pid is not None or rec.state in RESTING):
+        return _result(pkg, rec, "none", outcome="duplicate")
     if pid is not None:
         return _handoff(cfg, pkg, timeout_s)
+    # No agent running: this process owns the update record (an interrupted install is resumed first).
     return _direct(cfg, pkg, runtime)
 
 
@@ -207,9 +209,13 @@ def _direct(cfg: AgentConfig, pkg: VerifiedPackage, runtime: ModelRuntime | None
             disk_margin_bytes=cfg.limits.disk_margin_bytes,
             max_memory_bytes=cfg.limits.max_memory_bytes,
         )
-        if updater.pending_resume():  # an earlier install was cut short: finish or roll it back first
+        resumed = updater.pending_resume()
+        if resumed:  # an earlier install was cut short: finish it (or roll it back) first
             log.warning("an interrupted update (%s) is resumed first", updater.record.state.value)
             updater.resume()
+        same = updater.record.deployment_id == pkg.target.command_id
+        if resumed and same:  # it was this package's install: the resume finished it
+            return _result(pkg, updater.snapshot(), "direct")
         emit(
             "transition",
             f"offline package {pkg.update.package_id} from {pkg.root}",

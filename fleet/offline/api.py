@@ -55,7 +55,9 @@ def mount(app: FastAPI, svc: FleetService, admin: Any) -> None:
         raw = bytes(data)
 
         def run(session: Any) -> dict[str, Any]:
-            return import_telemetry_file(session, raw, actor=p.name, now=svc.now())
+            return import_telemetry_file(
+                session, raw, actor=p.name, now=svc.now(), pause_dir=svc.config.data_dir
+            )
 
         import asyncio
 

@@ -16,7 +16,10 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import os
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,6 +43,7 @@ from manifests import (
     DeploymentManifest,
     SignedDocument,
     SigningKey,
+    atomic_write_bytes,
 )
 from manifests import mqtt as contract
 
@@ -51,6 +55,7 @@ from ..rollout import RolloutEngine, audit, get_deployment
 
 EXPORT_ACTION = "offline_export"
 IMPORT_ACTION = "offline_import"
+PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"
 WAITING = ("pending", "in_flight")
 
 
@@ -212,7 +217,17 @@ def _previous_import(session: Session, device_id: str, export_id: str) -> AuditE
     return None
 
 
-def import_telemetry_file(session: Session, data: bytes, *, actor: str, now: dt.datetime) -> dict[str, Any]:
+def _pause_hook(pause_dir: Path | None) -> None:
+    """Test hook (real-process tests): NANOFLEET_OFFLINE_PAUSE_IN=import-telemetry stops an import
+    half-way, before its transaction commits, until the process is killed."""
+    if pause_dir is not None and os.environ.get(PAUSE_ENV) == "import-telemetry":
+        atomic_write_bytes(pause_dir / "paused-in-import-telemetry", b"")
+        threading.Event().wait()
+
+
+def import_telemetry_file(
+    session: Session, data: bytes, *, actor: str, now: dt.datetime, pause_dir: Path | None = None
+) -> dict[str, Any]:
     """Verify and ingest one export; importing the same export again ingests nothing."""
     try:
         outer = TelemetryFile.model_validate_json(data)
@@ -257,7 +272,9 @@ def import_telemetry_file(session: Session, data: bytes, *, actor: str, now: dt.
         if dev_id != device.id or leaf not in ("telemetry", "events"):
             raise TelemetryImportError(f"entry on topic {e.topic!r} does not belong to device {device.id}")
     tel0, ev0 = _counts(session, device.id)
-    for e in body.entries:
+    for i, e in enumerate(body.entries):
+        if i == len(body.entries) // 2:
+            _pause_hook(pause_dir)
         handle_message(session, e.topic, e.payload.encode("utf-8"))
         session.flush()
     if body.reported is not None:

@@ -105,7 +105,7 @@ class FleetProc:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> FleetProc:
+    def start(self, env: dict[str, str] | None = None) -> FleetProc:
         info = self.data / "service.json"
         info.unlink(missing_ok=True)
         self.proc = popen_cli(
@@ -116,6 +116,7 @@ class FleetProc:
             "--log-level",
             "warning",
             log=self.root / "fleet.log",
+            env=env,
         )
 
         def up() -> bool:
