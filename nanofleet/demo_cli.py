@@ -1,9 +1,477 @@
-"""`nanofleet demo`: the main job (see issue: fleet service). For now it exports the default model."""
+"""`nanofleet demo`: the main job, end to end on one machine.
+
+1. export the default model (SmolLM2-135M-Instruct) to a signed INT8 bundle, unless cached;
+2. start the fleet (SQLite + embedded MQTT broker) and N device agents, each its own process and data dir;
+3. enrol the agents and roll v1 out with a canary;
+4. ask every device a question through its OpenAI-compatible API, show answers and telemetry;
+5. roll v2 out in waves;
+6. roll out a deliberately broken v3 (its golden check cannot pass): the canary fails, the fleet
+   aborts and sends a signed rollback;
+7. stop everything it started and exit 0.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
 import typer
+
+QUESTION = "What is the capital of France? Answer in one short sentence."
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DemoError(Exception):
+    pass
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("demo")(demo)
+
+
+def demo(
+    devices: int = typer.Option(3, "--devices", "-n", min=1, max=16, help="How many local device agents."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON summary on stdout (progress on stderr)."
+    ),
+    work_dir: Path = typer.Option(
+        Path(".cache/demo"), "--work-dir", help="Cache (keys, exported bundle) and this run's files."
+    ),
+    threads: int = typer.Option(1, "--threads", min=1, help="Inference threads per agent."),
+    keep: bool = typer.Option(False, "--keep", help="Keep this run's fleet and agent data for inspection."),
+) -> None:
+    """Export the default model, start a fleet and N agents, roll out v1 (canary) and v2 (waves), ask
+    every device a question, then show a broken v3 being aborted and rolled back automatically."""
+    from ._output import console, emit_json, fail
+
+    t0 = time.monotonic()
+    try:
+        summary = Demo(devices, work_dir.resolve(), threads, keep, console).run()
+    except DemoError as exc:
+        fail(str(exc), as_json=as_json, reason="demo")
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(f"[bold green]demo finished in {summary['seconds']:.0f}s[/]")
+
+
+class Demo:
+    def __init__(self, n: int, work: Path, threads: int, keep: bool, console: Any) -> None:
+        self.n, self.work, self.threads, self.keep, self.console = n, work, threads, keep, console
+        self.run_dir = work / "run"
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        bundles = self.bundles()
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True)
+        with ExitStack() as stack:
+            stack.callback(self.stop_all)
+            server = self.start_fleet(stack)
+            from fleet.client import FleetClient
+
+            admin = stack.enter_context(FleetClient(server.url, server.svc.admin_token))
+            agents = self.start_agents(server, admin)
+            self.step("uploading the bundles to the fleet registry")
+            for v in (1, 2, 3):
+                m = admin.upload_bundle(bundles[v])
+                self.say(
+                    f"  {m['name']}@{m['version']}: {m['total_size'] / 1e6:.0f} MB, signed by {m['key_id']}"
+                )
+            name = bundles["name"]
+
+            self.step(f"v1 to {self.n} devices: canary first, then the rest")
+            self.rollout(
+                admin,
+                self.deployment(
+                    "demo-v1", name, 1, {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 2}
+                ),
+                "completed",
+                420,
+            )
+            answers = self.ask_all(agents)
+            self.show(admin, answers)
+
+            self.step("v2 in waves")
+            waves = [1, self.n - 1] if self.n > 1 else [1]
+            self.rollout(
+                admin,
+                self.deployment(
+                    "demo-v2",
+                    name,
+                    2,
+                    {"type": "waves", "waves": {"sizes": waves}, "wait_seconds": 2, "max_in_flight": 2},
+                ),
+                "completed",
+                420,
+            )
+
+            self.step("a broken v3 (its golden check cannot pass): expect an automatic abort and rollback")
+            dep = self.rollout(
+                admin,
+                self.deployment(
+                    "demo-v3-broken",
+                    name,
+                    3,
+                    {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 5},
+                    abort={
+                        "failure_rate_pct": 1,
+                        "min_devices": 1,
+                        "convergence_timeout_s": 240,
+                        "on_abort": "rollback",
+                    },
+                ),
+                "rolled_back",
+                420,
+            )
+            self.say(f"  aborted: {dep['abort_reason']}")
+            self.wait(
+                lambda: all(d.get("model") == f"{name}@2" for d in admin.devices()),
+                120,
+                "every device back on v2",
+            )
+            answers = self.ask_all(agents)
+            self.show(admin, answers)
+            devs = {d["id"]: d for d in admin.devices()}
+            return {
+                "ok": True,
+                "bundle": name,
+                "fleet_url": server.url,
+                "deployments": {
+                    d["name"]: {"status": d["status"], "abort_reason": d["abort_reason"]}
+                    for d in admin.deployments()
+                },
+                "devices": [
+                    {
+                        "id": a["id"],
+                        "model_version": _version(devs[a["id"]].get("model")),
+                        "answer": answers.get(a["id"]),
+                        "telemetry": devs[a["id"]].get("telemetry"),
+                    }
+                    for a in agents
+                ],
+            }
+
+    # ---------------------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        self.console.print(msg)
+
+    def step(self, msg: str) -> None:
+        self.console.rule(f"[bold]{msg}")
+
+    def wait(self, pred: Any, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.console.status(f"waiting: {what}"):
+            while time.monotonic() < deadline:
+                self.check_procs()
+                got = pred()
+                if got:
+                    return got
+                time.sleep(0.5)
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def check_procs(self) -> None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                log = self.run_dir / f"{name}.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise DemoError(f"{name} exited with {p.returncode}:\n{tail}")
+
+    # 1. bundles ----------------------------------------------------------------------------------
+    def bundles(self) -> dict[Any, Any]:
+        from manifests import (
+            GoldenCheck,
+            SigningKey,
+            TrustStore,
+            VerificationError,
+            verify_bundle,
+            write_keypair,
+            write_signed_manifest,
+        )
+
+        keys = self.work / "keys"
+        if not (keys / "nanofleet.key").exists():
+            write_keypair(keys)
+        key = SigningKey.load(keys / "nanofleet.key")
+        trust = TrustStore.from_paths([keys / "nanofleet.pub"])
+        v1 = self.work / "bundles" / "v1"
+        try:
+            m1 = verify_bundle(v1, trust)
+            self.say(f"[green]cached[/] {m1.ref} in {v1}")
+        except (VerificationError, OSError):
+            self.step("exporting the default model (SmolLM2-135M-Instruct -> signed INT8 bundle)")
+            cmd = [
+                sys.executable,
+                "-m",
+                "nanofleet.cli",
+                "export",
+                "--key",
+                str(keys / "nanofleet.key"),
+                "--out",
+                str(v1),
+                "--version",
+                "1",
+                "--force",
+            ]
+            self.say("  $ nanofleet export " + " ".join(cmd[4:]))
+            # Its output goes to stderr: stdout stays clean for --json.
+            proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO, stdout=sys.stderr)
+            if proc.returncode != 0:
+                raise DemoError(f"nanofleet export failed with exit code {proc.returncode}") from None
+            m1 = verify_bundle(v1, trust)
+
+        def derive(version: int, golden: GoldenCheck | None) -> Path:
+            """v2 and v3 reuse v1's files (the fleet stores them once) under a new signed manifest."""
+            out = self.work / "bundles" / f"v{version}"
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            for f in m1.files:
+                (out / f.path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(v1 / f.path, out / f.path)
+                except OSError:
+                    shutil.copy2(v1 / f.path, out / f.path)
+            update: dict[str, Any] = {"version": version}
+            if golden is not None:
+                update["golden"] = golden
+            write_signed_manifest(out, m1.model_copy(update=update), key)
+            return out
+
+        broken = None
+        if m1.golden is not None:
+            # Expect different tokens than the model produces: the agent's activation check must fail.
+            g = m1.golden
+            wrong = [(t + 1) % m1.arch.vocab_size for t in g.expected_token_ids]
+            broken = GoldenCheck(
+                prompt_token_ids=g.prompt_token_ids,
+                expected_token_ids=wrong,
+                latency_budget_ms=g.latency_budget_ms,
+            )
+        else:
+            raise DemoError("the exported bundle has no golden check; cannot build the broken v3")
+        return {
+            "name": m1.name,
+            1: v1,
+            2: derive(2, None),
+            3: derive(3, broken),
+            "pub": keys / "nanofleet.pub",
+        }
+
+    # 2. fleet and agents ---------------------------------------------------------------------------
+    def start_fleet(self, stack: ExitStack) -> Any:
+        from fleet.config import FleetConfig
+        from fleet.server import ServerThread
+
+        self.step("starting the fleet (SQLite, embedded MQTT broker)")
+        cfg = FleetConfig(
+            data_dir=self.run_dir / "fleet",
+            port=0,
+            trusted_keys=[self.work / "keys" / "nanofleet.pub"],
+            tick_s=0.25,
+        )
+        cfg.broker.keepalive_s = 10
+        server = ServerThread(cfg).start()
+        stack.callback(server.stop)
+        self.say(
+            f"  fleet {server.url}  MQTT {server.svc.mqtt_url}  admin token in {cfg.data_dir}/admin.token"
+        )
+        return server
+
+    def start_agents(self, server: Any, admin: Any) -> list[dict[str, Any]]:
+        import secrets
+
+        import yaml
+
+        from fleet.client import FleetClient
+        from fleet.server import free_port
+
+        self.step(f"enrolling and starting {self.n} device agents")
+        token = admin.enrollment_token(uses=self.n, tags={"site": "demo"}, groups=["demo"])["token"]
+        agents = []
+        with FleetClient(server.url) as anon:
+            for i in range(self.n):
+                dev_id = f"demo-{i}"
+                root = self.run_dir / dev_id
+                (root / "creds").mkdir(parents=True)
+                creds = anon.enroll(token, device_id=dev_id, hardware_class="x86-demo", cpu_arch="x86_64")
+                (root / "creds" / "mqtt.password").write_text(creds["device_token"])
+                os.chmod(root / "creds" / "mqtt.password", 0o600)
+                (root / "creds" / "fleet.pub").write_text(creds["fleet_public_key"])
+                port, api_token = free_port("127.0.0.1"), secrets.token_urlsafe(16)
+                conf = {
+                    "device_id": dev_id,
+                    "hardware_class": "x86-demo",
+                    "mqtt": {
+                        "url": creds["mqtt"]["url"],
+                        "username": creds["mqtt"]["username"],
+                        "password_file": "creds/mqtt.password",
+                        "keepalive_s": 10,
+                        "reconnect_max_s": 2,
+                    },
+                    "artifacts": {"base_url": server.url + "/"},
+                    # The bundle signer, and the fleet's key for signed rollbacks.
+                    "trusted_keys": [str(self.work / "keys" / "nanofleet.pub"), "creds/fleet.pub"],
+                    "data_dir": "data",
+                    "api": {"bind": "127.0.0.1", "port": port, "token": api_token},
+                    "telemetry": {"interval_s": 2},
+                    "limits": {"threads": self.threads},
+                }
+                (root / "agent.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+                log = open(self.run_dir / f"{dev_id}.log", "ab")  # noqa: SIM115 - owned by the child
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "nanofleet.cli",
+                        "device",
+                        "run",
+                        "--config",
+                        str(root / "agent.yaml"),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    start_new_session=True,
+                )
+                log.close()
+                self.procs.append((dev_id, proc))
+                agents.append({"id": dev_id, "api": f"http://127.0.0.1:{port}", "token": api_token})
+                self.say(f"  {dev_id}: pid {proc.pid}, API :{port}, data {root / 'data'}")
+        self.wait(lambda: sum(d["online"] for d in admin.devices()) == self.n, 120, "every agent online")
+        return agents
+
+    def stop_all(self) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if not self.keep and self.run_dir.exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # 3. rollouts -----------------------------------------------------------------------------------
+    @staticmethod
+    def deployment(
+        name: str, bundle: str, version: int, strategy: dict[str, Any], abort: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "apiVersion": "nanofleet/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "bundle": {"name": bundle, "version": version},
+                "selector": {"tags": {"site": "demo"}},
+                "strategy": strategy,
+                "abort": abort
+                or {
+                    "failure_rate_pct": 50,
+                    "min_devices": 1,
+                    "convergence_timeout_s": 300,
+                    "on_abort": "rollback",
+                },
+            },
+        }
+
+    def rollout(self, admin: Any, doc: dict[str, Any], expect: str, timeout: float) -> dict[str, Any]:
+        from fleet.cli import deployment_detail
+
+        res = admin.apply(doc)
+        name = doc["metadata"]["name"]
+        self.say(f"  applied {name}: {res['result']}, waves {res['deployment']['waves']}")
+        last = ""
+        deadline = time.monotonic() + timeout
+        dep = res["deployment"]
+        while time.monotonic() < deadline:
+            self.check_procs()
+            dep = admin.deployment(name)
+            line = (
+                f"  {dep['status']}: wave {min(dep['wave'] + 1, dep['waves'])}/{dep['waves']} "
+                + ", ".join(f"{k}={v}" for k, v in sorted(dep["counts"].items()) if k != "total")
+            )
+            if line != last:
+                self.say(line)
+                last = line
+            if dep["status"] == expect:
+                break
+            if dep["status"] in ("completed", "aborted", "rolled_back", "paused") and dep["status"] != expect:
+                self.console.print(deployment_detail(dep))
+                raise DemoError(
+                    f"deployment {name} ended {dep['status']} (expected {expect}): {dep['abort_reason']}"
+                )
+            time.sleep(0.5)
+        else:
+            raise DemoError(f"deployment {name} did not reach {expect} within {timeout:.0f}s")
+        self.console.print(deployment_detail(dep))
+        return dep
+
+    # 4. ask and show -------------------------------------------------------------------------------
+    def ask_all(self, agents: list[dict[str, Any]]) -> dict[str, str]:
+        import httpx
+
+        self.step(f"asking every device: {QUESTION!r}")
+        answers = {}
+        for a in agents:
+            headers = {"Authorization": f"Bearer {a['token']}"}
+            self.wait(lambda a=a, h=headers: _ready(httpx, a["api"], h), 120, f"{a['id']} serving")
+            r = httpx.post(
+                f"{a['api']}/v1/chat/completions",
+                headers=headers,
+                timeout=120,
+                json={
+                    "model": "default",
+                    "messages": [{"role": "user", "content": QUESTION}],
+                    "max_tokens": 32,
+                    "temperature": 0,
+                },
+            )
+            if r.status_code != 200:
+                raise DemoError(f"{a['id']} answered HTTP {r.status_code}: {r.text[:300]}")
+            answers[a["id"]] = r.json()["choices"][0]["message"]["content"].strip()
+        return answers
+
+    def show(self, admin: Any, answers: dict[str, str]) -> None:
+        from rich.table import Table
+
+        time.sleep(2.5)  # one telemetry interval, so the table shows the requests just made
+        t = Table(title="devices")
+        for col in ("device", "model", "answer", "decode tok/s", "TTFT p95", "requests", "RSS"):
+            t.add_column(col)
+        for d in admin.devices():
+            tel = d.get("telemetry") or {}
+            t.add_row(
+                d["id"],
+                d.get("model") or "-",
+                answers.get(d["id"], "-"),
+                f"{tel['decode_tok_s']:.1f}" if tel.get("decode_tok_s") else "-",
+                f"{tel['ttft_p95_ms']:.0f} ms" if tel.get("ttft_p95_ms") else "-",
+                str(tel.get("requests", "-")),
+                f"{tel['rss_bytes'] / 2**20:.0f} MiB" if tel.get("rss_bytes") else "-",
+            )
+        self.console.print(t)
+
+
+def _version(model: str | None) -> int | None:
+    return int(model.rsplit("@", 1)[1]) if model and "@" in model else None
+
+
+def _ready(httpx: Any, api: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.get(f"{api}/readyz", headers=headers, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
