@@ -83,7 +83,8 @@ def in_sync(d: Device) -> bool | None:
 
 @dataclass
 class Overview:
-    devices: list[Device]
+    devices: list[Device]  # the first ``limit`` matching devices
+    matching: int
     total: int
     by_status: Counter[str]
     by_update_state: Counter[str]
@@ -95,12 +96,14 @@ class Overview:
     models: list[str]
 
 
-def overview(session: Session, filters: DeviceFilters) -> Overview:
+def overview(session: Session, filters: DeviceFilters, limit: int = 500) -> Overview:
+    """Facet counts over every matching device; the table lists at most ``limit`` of them."""
     everything = session.scalars(select(Device).order_by(Device.id)).all()
     shown = [d for d in everything if filters.matches(d)]
     tags = sorted({f"{k}={v}" for d in everything for k, v in (d.tags or {}).items()})
     return Overview(
-        devices=shown,
+        devices=shown[:limit],
+        matching=len(shown),
         total=len(everything),
         by_status=Counter(ONLINE if d.online else OFFLINE for d in shown),
         by_update_state=Counter(update_state(d) for d in shown),
