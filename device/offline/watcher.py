@@ -90,7 +90,7 @@ class OfflineWatcher:
         self._requests()
         for watch in self.cfg.offline.watch_dirs:
             for root in find_packages(watch):
-                self._pickup(root)
+                self._pickup(root, watch)
         self._finish_pending()
 
     def _verify(self, root: Path) -> VerifiedPackage:
@@ -126,7 +126,13 @@ class OfflineWatcher:
         atomic_write_bytes(self.dir / RESULTS / req_path.name, json.dumps(result).encode())
         req_path.unlink(missing_ok=True)
 
-    def _pickup(self, root: Path) -> None:
+    def _export_dir(self, root: Path, watch: Path) -> Path | None:
+        """The stick's folder holding the package (never above the watched folder, never the package)."""
+        if not self.cfg.offline.export_telemetry_on_pickup or root == watch:
+            return None
+        return root.parent
+
+    def _pickup(self, root: Path, watch: Path) -> None:
         import hashlib
 
         try:
@@ -154,12 +160,10 @@ class OfflineWatcher:
         cmd = pkg.target.command_id
         if cmd in rec.seen_deployments or cmd == rec.deployment_id:
             log.info("offline package %s: command %s was handled before", root.name, cmd)
-            self.pending.append(
-                _Pending(pkg, root.parent if self.cfg.offline.export_telemetry_on_pickup else None)
-            )
+            self.pending.append(_Pending(pkg, self._export_dir(root, watch)))
             return
         log.info("offline package %s picked up from %s", pkg.update.package_id, root)
-        self._queue(pkg, root.parent if self.cfg.offline.export_telemetry_on_pickup else None)
+        self._queue(pkg, self._export_dir(root, watch))
 
     def _queue(self, pkg: VerifiedPackage, export_to: Path | None) -> None:
         self.agent.emit(
