@@ -32,8 +32,10 @@ from typing import Any
 from manifests import (
     ArchConfig,
     BundleManifest,
+    GoldenCheck,
     GraphSpec,
     ManifestError,
+    QualityReport,
     Recipe,
     Runtime,
     TargetVerification,
@@ -193,6 +195,8 @@ def run_verification(
     graph: GraphSpec | None = None,
     runtime: Runtime | None = None,
     recipe: Recipe | None = None,
+    quality: QualityReport | None = None,
+    golden: GoldenCheck | None = None,
     thresholds: Thresholds | None = None,
     threads: int | None = None,
     timeout: float = 3600,
@@ -203,6 +207,8 @@ def run_verification(
     ``text``: the eval text (str), a file (Path), or None for the export gate's default text.
     ``onnxruntime``: the version the boards run (default: this machine's, the build's version).
     ``trusted_keys``: public keys; when given, the signature and every file are checked on the target.
+    ``arch``/``graph``/``runtime``/``recipe``/``quality``/``golden``: for a staging folder (no manifest yet),
+    what the manifest will say; ignored when the folder has a manifest.
     """
     check_cpu(cpu)
     thresholds = thresholds or Thresholds()
@@ -239,6 +245,8 @@ def run_verification(
             job["runtime"] = runtime.model_dump(mode="json")
         if recipe is not None:
             job["recipe"] = recipe.model_dump(mode="json")
+        if golden is not None:
+            job["golden_check"] = golden.model_dump(mode="json")
     if trusted_keys:
         job["trusted_keys"] = [str(Path(k).resolve()) for k in trusted_keys]
 
@@ -258,17 +266,18 @@ def run_verification(
     host = run_on_host({**job, "trusted_keys": None}, timeout)
     if not host.data.get("ok"):
         raise _refusal("this (build) machine", host.data)
-    return compare(root, manifest, cpu, target_env.emulator.version_text, eval_text, max_text_tokens,
-                   target, host, thresholds)  # fmt: skip
+    signed_quality = manifest.quality if manifest is not None else quality
+    return compare(
+        root, signed_quality, cpu, target_env.emulator.version_text, eval_text, target, host, thresholds
+    )
 
 
 def compare(
     root: Path,
-    manifest: BundleManifest | None,
+    quality: QualityReport | None,
     cpu: str,
     emulator: str,
     eval_text: str,
-    max_text_tokens: int | None,
     target: RemoteResult,
     host: RemoteResult,
     thresholds: Thresholds,
@@ -302,7 +311,6 @@ def compare(
                 )
 
     compared_signed = False
-    quality = manifest.quality if manifest else None
     text_sha = hashlib.sha256(eval_text.encode()).hexdigest()
     if quality is not None and ppl is not None and math.isfinite(ppl):
         if text_sha == quality.eval_text_sha256 and t.get("eval_tokens") == quality.eval_tokens:
