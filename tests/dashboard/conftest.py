@@ -220,11 +220,26 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 
 @pytest.fixture(scope="session")
 def dash_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashFleet]:
-    root = tmp_path_factory.mktemp("dashboard")
+    with running_dash_fleet(tmp_path_factory.mktemp("dashboard")) as fleet:
+        yield fleet
+
+
+@contextlib.contextmanager
+def running_dash_fleet(
+    root: Path, *, database_url: str | None = None, schema: str | None = None
+) -> Iterator[DashFleet]:
+    """A fleet service with bundles v1..v3 registered and four devices online on v1, sending telemetry."""
     key = SigningKey.generate()
     _, pub = write_keypair(root / "keys", key)
     bundle_dirs = {v: make_quality_bundle(root / f"bundle-v{v}", key, v) for v in (1, 2, 3)}
-    cfg = FleetConfig(data_dir=root / "fleet", port=0, trusted_keys=[pub], tick_s=0.1)
+    cfg = FleetConfig(
+        data_dir=root / "fleet",
+        database_url=database_url,
+        database_schema=schema,
+        port=0,
+        trusted_keys=[pub],
+        tick_s=0.1,
+    )
     server = ServerThread(cfg).start()
     fleet = DashFleet(server, bundle_dirs, pub)
     try:
