@@ -56,6 +56,13 @@ def export(
         None, "--work-dir", help="Where temporary files go. Default: beside --out."
     ),
     threads: int = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the gate."),
+    verify_target: list[str] = typer.Option(
+        [],
+        "--verify-target",
+        help="Also prove the bundle on an emulated board CPU before signing (cortex-a72, cortex-a76, "
+        "neoverse-n1; repeatable; minutes each): see `nanofleet verify-target`. The result is signed into "
+        "the quality report; a regression fails the gate.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Export a model to a signed, quality-gated ONNX bundle for the boards.
@@ -105,6 +112,7 @@ def export(
             force=force,
             threads=threads,
             work_dir=work_dir,
+            verify_targets=tuple(verify_target),
         )
         with Reporter(enabled=not as_json) as reporter:
             result = run_export(req, reporter)

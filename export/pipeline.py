@@ -73,6 +73,7 @@ class ExportRequest:
     force: bool = False
     threads: int | None = None
     work_dir: Path | None = None  # where the temp work folder goes; default beside --out
+    verify_targets: tuple[str, ...] = ()  # emulated board CPUs to prove the bundle on (export/target)
 
 
 @dataclass
@@ -474,6 +475,22 @@ def _assemble_into(
             max(GOLDEN_BUDGET_MIN_MS, cand.greedy_ms_first_prompt * GOLDEN_BUDGET_FACTOR), 1
         ),
     )
+    runtime = Runtime(
+        target=req.target,
+        min_onnxruntime=min_onnxruntime(ops, recipe),
+        operators=ops,
+        verified_onnxruntime=[ort_version] if host == req.target else [],
+    )
+    embeddings_8bit = any(n.startswith("embedding-8bit") for n in outcome.notes)
+    manifest_recipe = outcome.manifest_recipe(recipe, embeddings_8bit)
+    quality = result.report
+    if req.verify_targets:  # `--verify-target CPU`: prove the staged bundle on emulated boards first
+        from .target.gate import verify_on_targets
+
+        quality, runtime = verify_on_targets(
+            stage, req.verify_targets, req.eval_text, arch, graph, runtime, manifest_recipe, quality, golden,
+            prompts=req.prompts, greedy_tokens=req.thresholds.greedy_tokens, threads=req.threads,
+        )  # fmt: skip
     manifest = BundleManifest(
         name=name,
         version=req.version or int(created.timestamp()),
@@ -481,15 +498,10 @@ def _assemble_into(
         expires_at=expires,
         arch=arch,
         graph=graph,
-        runtime=Runtime(
-            target=req.target,
-            min_onnxruntime=min_onnxruntime(ops, recipe),
-            operators=ops,
-            verified_onnxruntime=[ort_version] if host == req.target else [],
-        ),
-        recipe=outcome.manifest_recipe(recipe, any(n.startswith("embedding-8bit") for n in outcome.notes)),
+        runtime=runtime,
+        recipe=manifest_recipe,
         files=files,
-        quality=result.report,
+        quality=quality,
         golden=golden,
         provenance=Provenance(
             source=src.spec,

@@ -143,3 +143,33 @@ def test_a_regression_is_named_and_exits_1(default_bundle: tuple[Path, Path], tm
     assert [r["name"] for r in out["regressions"]] == ["golden"]
     assert "position 0" in out["regressions"][0]["message"]
     assert out["verification"]["passed"] is False and "golden" in out["verification"]["message"]
+
+
+def test_export_gate_signs_the_target_result_into_the_quality_report(
+    default_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`nanofleet export --verify-target` path: the staged bundle (files, no manifest yet) is verified from
+    what the manifest will say, and the result lands in the quality report and verified_onnxruntime."""
+    from export.target.gate import verify_on_targets
+
+    src, _pub = default_bundle
+    manifest = read_manifest_unverified(src)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for f in manifest.files:
+        os.link(src / f.path, stage / f.path)
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["The capital of France is"]')
+    assert manifest.quality is not None and manifest.quality.target_verifications == []
+    runtime = manifest.runtime.model_copy(update={"verified_onnxruntime": []})
+    quality, runtime = verify_on_targets(
+        stage, ["cortex-a76"], text, manifest.arch, manifest.graph, runtime, manifest.recipe,
+        manifest.quality, manifest.golden, prompts=prompts, greedy_tokens=8,
+    )  # fmt: skip
+    [tv] = quality.target_verifications
+    assert tv.cpu == "cortex-a76" and tv.passed and tv.onnxruntime == host_onnxruntime_version()
+    assert tv.eval_tokens and tv.eval_tokens > 20 and 1.0 < tv.perplexity < 1000.0
+    assert runtime.verified_onnxruntime == [host_onnxruntime_version()]
+    assert quality.ppl_quantized == manifest.quality.ppl_quantized  # the build's own results are kept
