@@ -56,6 +56,12 @@ def export(
         None, "--work-dir", help="Where temporary files go. Default: beside --out."
     ),
     threads: int = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the gate."),
+    graph: str = typer.Option(
+        "optimum-kv",
+        "--graph",
+        help="Graph kind: 'optimum-kv' (optimum's export) or 'gqa' (fused GroupQueryAttention with an "
+        "in-place KV buffer: faster decode; proven equal to the optimum graph before the gate).",
+    ),
     verify_target: list[str] = typer.Option(
         [],
         "--verify-target",
@@ -113,6 +119,7 @@ def export(
             threads=threads,
             work_dir=work_dir,
             verify_targets=tuple(verify_target),
+            graph=graph,  # type: ignore[arg-type]
         )
         with Reporter(enabled=not as_json) as reporter:
             result = run_export(req, reporter)

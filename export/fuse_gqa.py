@@ -30,15 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from manifests import GraphSpec
+from manifests import ArchConfig, GraphSpec
+
+from .errors import ExportError
 
 GRAPH_KIND = "gqa"
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 PROTOBUF_LIMIT = 2_000_000_000
 
 
-class FuseGqaError(Exception):
-    """The checkpoint cannot be built into a GQA graph (unsupported architecture or feature)."""
+class FuseGqaError(ExportError):
+    """The checkpoint cannot be built into a GQA graph, or the graph does not match the reference."""
+
+    reason = "fuse_gqa"
 
 
 def gqa_graph_spec(num_layers: int, model_file: str = "model.onnx") -> GraphSpec:
@@ -310,6 +314,40 @@ def build_gqa_folder(
     config, weights = load_safetensors_folder(hf_dir)
     save_model(build_gqa_model(config, weights, max_seq), out_dir, model_file)
     return gqa_graph_spec(int(config["num_hidden_layers"]), model_file)
+
+
+def fuse_for_export(
+    model: Any,
+    out_dir: Path,
+    reference_dir: Path,
+    arch: ArchConfig,
+    token_ids: list[int],
+    threads: int | None = None,
+    model_file: str = "model.onnx",
+) -> tuple[Path, GraphSpec]:
+    """The export pipeline's hook: build the fused graph from the loaded torch model, then prove it equals
+    the validated optimum graph in ``reference_dir`` (same perplexity, same greedy tokens) through the device
+    engine before it goes on to quantization and the quality gate."""
+    from device.engine import Engine, EngineOptions, optimum_kv_graph
+
+    config = model.config.to_dict()
+    save_model(build_gqa_model(config, weights_from_torch(model), arch.context_length), out_dir, model_file)
+    spec = gqa_graph_spec(arch.num_layers, model_file)
+    ids = list(token_ids)[: min(256, arch.context_length)]
+    opts = EngineOptions(threads=threads)
+    ref = Engine.from_parts(reference_dir, arch, optimum_kv_graph(arch.num_layers), opts, tokenizer_path=None)
+    try:
+        ref_ppl, ref_tokens = ref.perplexity(ids), ref.greedy(ids[:32], 16)
+    finally:
+        ref.close()
+    with Engine.from_parts(out_dir, arch, spec, opts) as fused:
+        ppl, tokens = fused.perplexity(ids), fused.greedy(ids[:32], 16)
+    if abs(ppl - ref_ppl) > 1e-3 * ref_ppl or tokens != ref_tokens:
+        raise FuseGqaError(
+            f"the fused GQA graph does not reproduce the reference: perplexity {ppl:.4f} vs {ref_ppl:.4f}, "
+            f"greedy tokens {'equal' if tokens == ref_tokens else 'differ'}"
+        )
+    return out_dir / model_file, spec
 
 
 def main(argv: list[str] | None = None) -> None:

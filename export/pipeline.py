@@ -74,6 +74,7 @@ class ExportRequest:
     threads: int | None = None
     work_dir: Path | None = None  # where the temp work folder goes; default beside --out
     verify_targets: tuple[str, ...] = ()  # emulated board CPUs to prove the bundle on (export/target)
+    graph: Literal["optimum-kv", "gqa"] = "optimum-kv"  # "gqa": export/fuse_gqa.py (engine work)
 
 
 @dataclass
@@ -210,9 +211,19 @@ def _run(
         onnx_path = export_onnx(model, fp32_dir)
     with reporter.step("validate", "validating ONNX against torch"):
         validation = validate_against_torch(model, onnx_path, arch, evalset.token_ids, threads=req.threads)
+    graph = _graph_spec(onnx_path)
+    if req.graph not in ("optimum-kv", "gqa"):
+        raise ExportError(f"unknown graph kind {req.graph!r}: optimum-kv or gqa")
+    if req.graph == "gqa":  # fused attention + shared KV buffer, proven equal to the validated graph
+        from .fuse_gqa import fuse_for_export
+
+        with reporter.step("fuse", "building the fused GroupQueryAttention graph"):
+            onnx_path, graph = fuse_for_export(
+                model, work / "gqa", fp32_dir, arch, evalset.token_ids, req.threads
+            )
+        fp32_dir = onnx_path.parent
     del model
     gc.collect()
-    graph = _graph_spec(onnx_path)
     for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_FILE):
         if (assets / f).exists():
             shutil.copyfile(assets / f, fp32_dir / f)
