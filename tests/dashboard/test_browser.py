@@ -328,9 +328,13 @@ def test_paste_a_manifest_then_abort(tab: Tab, dash_fleet: DashFleet) -> None:
 def test_pages_fit_a_phone(browser: Any, dash_fleet: DashFleet, artifacts: Path) -> None:
     t = Tab(browser, dash_fleet, artifacts, PHONE)
     t.sign_in("/")
-    for i, path in enumerate(
-        ["/", "/devices/pi-lab-01", "/models", "/deployments", "/deployments/ui-rollout", "/audit"]
-    ):
+    paths = ["/", "/devices/pi-lab-01", "/models", "/deployments", "/audit"]
+    with dash_fleet.admin() as admin:
+        # A deployment page too: the one with the most devices (the rollout test's, when it ran first).
+        deps = sorted(admin.deployments(), key=lambda d: -d["counts"]["total"])
+    if deps:
+        paths.append(f"/deployments/{deps[0]['name']}")
+    for i, path in enumerate(paths):
         t.page.goto(path)
         overflow = t.page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
@@ -340,3 +344,27 @@ def test_pages_fit_a_phone(browser: Any, dash_fleet: DashFleet, artifacts: Path)
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], path
         t.shot(f"20-phone-{i}-{path.strip('/').replace('/', '-') or 'overview'}")
     t.close()
+
+
+def test_overview_follows_a_device_going_online_and_offline(tab: Tab, dash_fleet: DashFleet) -> None:
+    from manifests import mqtt as c
+
+    page = tab.page
+    page.goto("/?tag=site%3Dspare")
+    assert page.locator("#devices tbody tr[data-device]").count() == 0
+    page.evaluate("() => { window.__sameDocument = 'yes'; }")
+    (dev,) = dash_fleet.enroll(["pi-spare-01"], tags={"site": "spare"}, groups=[])
+    # The new device appears, online, in the filtered live table without a reload.
+    row = page.locator("#devices tbody tr[data-device='pi-spare-01']")
+    row.wait_for(timeout=20_000)
+    page.locator("#count-online", has_text="1").wait_for(timeout=20_000)
+    assert "online" in row.inner_text()
+    # It says goodbye over MQTT (as an agent does on shutdown) and the page shows it offline.
+    dev.client.publish(
+        c.status_topic(dev.id), c.Status(device_id=dev.id, online=False).to_bytes(), qos=1, retain=True
+    ).wait_for_publish(5)
+    page.locator("#count-offline", has_text="1").wait_for(timeout=20_000)
+    assert "offline" in row.inner_text()
+    assert page.evaluate("() => window.__sameDocument") == "yes"
+    tab.shot("13-overview-device-offline")
+    dev.stop()
