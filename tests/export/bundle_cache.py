@@ -42,8 +42,18 @@ def sources_hash() -> str:
     return h.hexdigest()[:16]
 
 
+# One answer per test session, even if sources change while it runs.
+_SESSION: dict[str, tuple[Path, Path, dict]] = {}
+
+
 def cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
     """(bundle dir, public key path, export summary) for ``kind`` (e.g. 'int8', 'fp32'); builds if missing."""
+    if kind not in _SESSION:
+        _SESSION[kind] = _cached_bundle(kind, extra_args)
+    return _SESSION[kind]
+
+
+def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
     root = CACHE / f"{kind}-{sources_hash()}"
     bundle, keys, summary = root / "bundle", root / "keys", root / "export.json"
     root.mkdir(parents=True, exist_ok=True)
