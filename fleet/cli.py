@@ -350,7 +350,9 @@ def _live(ctx: typer.Context, render: Any, watch: bool, done: Any = None) -> Non
 
 
 @models_app.callback(invoke_without_command=True)
-def models(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+def models(
+    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")
+) -> None:
     if ctx.invoked_subcommand is not None:
         return
     rows = _call(ctx, lambda c: c.models(), as_json)
@@ -434,8 +436,8 @@ def models_delete(
 @deployments_app.callback(invoke_without_command=True)
 def deployments(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json"),
-    watch: bool = typer.Option(False, "--watch"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every second (Ctrl-C to stop)."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
