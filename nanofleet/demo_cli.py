@@ -52,6 +52,8 @@ def demo(
     from ._output import console, emit_json, fail
 
     t0 = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so every process this demo started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         summary = Demo(devices, work_dir.resolve(), threads, keep, console).run()
     except DemoError as exc:
