@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from manifests import BundleManifest, ManifestError, TrustStore, VerificationError, verify_manifest_bytes
@@ -349,50 +349,101 @@ def get_deployment_view(session: Session, name: str) -> DeploymentView | None:
 
 @dataclass
 class BeforeAfter:
-    tok_s: list[tuple[str, float | None, float | None]]
-    error_rate: list[tuple[str, float | None, float | None]]
+    tok_s: list[tuple[str, float | None, float | None]]  # (device, before, after), worst change first
+    error_rate: list[tuple[str, float | None, float | None]]  # percent
+    devices: int  # updated devices with telemetry (the charts show at most ``limit``)
+    tok_s_mean: tuple[float | None, float | None]
+    error_rate_overall: tuple[float | None, float | None]
+
+
+UPDATED = ("succeeded", "rolling_back", "rolled_back", "rollback_failed")
 
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def before_after(session: Session, dep: Deployment) -> BeforeAfter:
-    """For each device updated so far: decode tok/s and error rate on its previous model vs on this one."""
-    tok, err = [], []
-    for t in dep.targets:
-        if t.state not in ("succeeded", "rolling_back", "rolled_back", "rollback_failed"):
+def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAfter:
+    """For each device updated so far: decode tok/s and error rate on its previous model (samples before
+    it was started) vs on this deployment's model (samples since). One aggregate query for the whole
+    deployment, so it stays cheap with thousands of devices."""
+    is_new = (TelemetrySample.model_name == dep.bundle_name) & (
+        TelemetrySample.model_version == dep.bundle_version
+    )
+    was_previous = (
+        (TelemetrySample.model_name == DeploymentTarget.previous_name)
+        & (TelemetrySample.model_version == DeploymentTarget.previous_version)
+        & (TelemetrySample.ts <= DeploymentTarget.assigned_at)
+    )
+    after = case((is_new, 1), else_=0).label("after")
+    rows = session.execute(
+        select(
+            DeploymentTarget.device_id,
+            after,
+            func.avg(TelemetrySample.decode_tok_s),
+            func.sum(TelemetrySample.requests),
+            func.sum(TelemetrySample.errors),
+        )
+        .join(TelemetrySample, TelemetrySample.device_id == DeploymentTarget.device_id)
+        .where(
+            DeploymentTarget.deployment_id == dep.id,
+            DeploymentTarget.state.in_(UPDATED),
+            DeploymentTarget.assigned_at.is_not(None),
+            or_(is_new & (TelemetrySample.ts >= DeploymentTarget.assigned_at), was_previous),
+        )
+        .group_by(DeploymentTarget.device_id, after)
+    ).all()
+    stats: dict[str, dict[int, tuple[float | None, int, int]]] = {}
+    for device_id, is_after, tok, req, errs in rows:
+        stats.setdefault(device_id, {})[int(is_after)] = (
+            None if tok is None else float(tok),
+            int(req or 0),
+            int(errs or 0),
+        )
+    baselines = {t.device_id: t.baseline for t in dep.targets if t.state in UPDATED}
+    tok: list[tuple[str, float | None, float | None]] = []
+    err: list[tuple[str, float | None, float | None]] = []
+    totals = [[0, 0], [0, 0]]  # [before, after] x [requests, errors]
+    for device_id, baseline in baselines.items():
+        st = stats.get(device_id, {})
+        b, a = st.get(0), st.get(1)
+        b_tok = b[0] if b else None
+        if b_tok is None and baseline:
+            b_tok = baseline.get("decode_tok_s")
+        a_tok = a[0] if a else None
+        if b_tok is None and a_tok is None:
             continue
-        samples = session.scalars(
-            select(TelemetrySample)
-            .where(TelemetrySample.device_id == t.device_id)
-            .order_by(TelemetrySample.ts.desc())
-            .limit(400)
-        ).all()
-        before = [
-            s
-            for s in samples
-            if t.previous_name and (s.model_name, s.model_version) == (t.previous_name, t.previous_version)
-        ]
-        after = [
-            s for s in samples if (s.model_name, s.model_version) == (dep.bundle_name, dep.bundle_version)
-        ]
-        if t.assigned_at is not None:
-            start = aware(t.assigned_at)
-            before = [s for s in before if aware(s.ts) <= start]  # type: ignore[operator]
-            after = [s for s in after if aware(s.ts) >= start]  # type: ignore[operator]
-        b_tok = _mean([s.decode_tok_s for s in before if s.decode_tok_s is not None])
-        if b_tok is None and t.baseline:
-            b_tok = t.baseline.get("decode_tok_s")
-        a_tok = _mean([s.decode_tok_s for s in after if s.decode_tok_s is not None])
-        tok.append((t.device_id, b_tok, a_tok))
+        tok.append((device_id, b_tok, a_tok))
+        err.append(
+            (
+                device_id,
+                None if not b or not b[1] else 100.0 * b[2] / b[1],
+                None if not a or not a[1] else 100.0 * a[2] / a[1],
+            )
+        )
+        for i, x in ((0, b), (1, a)):
+            if x:
+                totals[i][0] += x[1]
+                totals[i][1] += x[2]
 
-        def rate(rows: list[TelemetrySample]) -> float | None:
-            req = sum(r.requests for r in rows)
-            return None if req == 0 else 100.0 * sum(r.errors for r in rows) / req
+    def change(row: tuple[str, float | None, float | None]) -> float:
+        _, b_, a_ = row
+        return (a_ / b_) if a_ is not None and b_ else float("inf")
 
-        err.append((t.device_id, rate(before), rate(after)))
-    return BeforeAfter(tok, err)
+    # The devices that changed for the worse come first; the chart shows the first ``limit``.
+    order = sorted(range(len(tok)), key=lambda i: (change(tok[i]), tok[i][0]))
+    return BeforeAfter(
+        tok_s=[tok[i] for i in order][:limit],
+        error_rate=[err[i] for i in order][:limit],
+        devices=len(tok),
+        tok_s_mean=(
+            _mean([r[1] for r in tok if r[1] is not None]),
+            _mean([r[2] for r in tok if r[2] is not None]),
+        ),
+        error_rate_overall=tuple(  # type: ignore[arg-type]
+            None if req == 0 else 100.0 * errs / req for req, errs in totals
+        ),
+    )
 
 
 # --- audit ------------------------------------------------------------------------------------------

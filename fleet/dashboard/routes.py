@@ -387,6 +387,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             "err_chart": charts.before_after_chart(
                 "Error rate before and after the update", ba.error_rate, "%"
             ),
+            "ba": ba,
             "audit": audit,
         }
 

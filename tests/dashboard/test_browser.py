@@ -269,6 +269,8 @@ def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(
     assert all(100 <= b <= 104 for b in before_tok), tok
     assert all(130 <= a <= 134 for a in after_tok), tok
     assert err[0::2] == [10.0] * 4 and err[1::2] == [0.0] * 4, err
+    summary = page.locator("#ba-summary").inner_text()
+    assert summary.startswith("4 updated devices with telemetry") and "10.0 % → 0.00 %" in summary, summary
     tab.check_accessible()
     tab.shot("08-rollout-completed")
 
