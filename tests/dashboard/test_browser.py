@@ -370,3 +370,21 @@ def test_overview_follows_a_device_going_online_and_offline(tab: Tab, dash_fleet
     assert page.evaluate("() => window.__sameDocument") == "yes"
     tab.shot("13-overview-device-offline")
     dev.stop()
+
+
+def test_live_page_goes_to_sign_in_when_the_session_ends(tab: Tab) -> None:
+    page = tab.page
+    page.goto("/audit?action=enrolled")
+    ticks = live_ticks(tab)
+    wait_for(lambda: live_ticks(tab) > ticks, timeout=10, what="a live update")
+    # The session ends (cookie gone, as after it expires): the next live update takes us to sign-in,
+    # and signing in brings us back to the same filtered page.
+    tab.context.clear_cookies()
+    page.wait_for_url(re.compile(r"/login\?next=%2Faudit%3Faction%3Denrolled$"), timeout=10_000)
+    assert tab.errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
+    tab.errors.clear()
+    page.get_by_label("Admin token").fill(tab.fleet.token)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Sign in").click()
+    assert page.url.endswith("/audit?action=enrolled")
+    assert page.locator("#audit tbody tr[data-action='enrolled']").count() >= 4
