@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from manifests import SignedDocument, check_relative_path
+from manifests.errors import UnsafePathError
 
 PACKAGE_DOC = "package.json"
 DEPLOYMENT_DOC = "deployment.yaml"
@@ -37,6 +38,14 @@ TELEMETRY_SUFFIX = ".nftelemetry"
 TEMP_PREFIX = ".nanofleet-tmp-"  # a half-written package or file: readers skip dot names
 MAX_PACKAGE_DOC_BYTES = 4 * 1024 * 1024
 MAX_TELEMETRY_FILE_BYTES = 512 * 1024 * 1024
+
+
+def _safe_path(v: str) -> str:
+    try:
+        check_relative_path(v)
+    except UnsafePathError as exc:  # a ValueError for pydantic, so it becomes a schema error
+        raise ValueError(exc.message) from exc
+    return v
 
 
 class _Strict(BaseModel):
@@ -51,8 +60,7 @@ class PackageFile(_Strict):
     @field_validator("path")
     @classmethod
     def _safe(cls, v: str) -> str:
-        check_relative_path(v)
-        return v
+        return _safe_path(v)
 
 
 class PackageBundle(_Strict):
@@ -64,8 +72,7 @@ class PackageBundle(_Strict):
     @field_validator("path")
     @classmethod
     def _safe(cls, v: str) -> str:
-        check_relative_path(v)
-        return v
+        return _safe_path(v)
 
 
 class PackageTarget(_Strict):

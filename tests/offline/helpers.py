@@ -9,24 +9,57 @@ import yaml
 
 from device.offline.format import PACKAGE_DOC
 
-from .conftest import Board, FleetProc, wait_for
+from .conftest import Board, FleetProc
 
 
 def bootstrapped(
     fleet: FleetProc, root: Path, device_id: str, v1: Path, release_pub: Path, **kw: object
 ) -> Board:
-    """A board enrolled in the fleet that committed ``v1`` (its bootstrap bundle), agent stopped."""
+    """A board enrolled in the fleet that committed ``v1`` and queued some telemetry, agent stopped.
+
+    Done in-process with the agent's own Updater, Outbox and Sampler (and the fake runtime) to keep the
+    suite fast: booting an agent process for each board is what the round-trip test does.
+    """
+    from device.agent.agent import agent_version
+    from device.agent.config import load_config
+    from device.agent.fetch import HttpFetcher
+    from device.agent.outbox import Outbox
+    from device.agent.runtime import ServingInfo
+    from device.agent.telemetry import Sampler
+    from device.agent.updater import Updater
+    from device.offline.install import emit_to_outbox
+    from manifests.mqtt import telemetry_topic
+    from tests.device_agent.fake_runtime import FakeRuntime
+
     token = fleet.enroll(device_id)
-    board = Board(root, device_id, token, [release_pub, fleet.fleet_pub], bootstrap=v1, **kw)  # type: ignore[arg-type]
-    board.run()
+    board = Board(root, device_id, token, [release_pub, fleet.fleet_pub], **kw)  # type: ignore[arg-type]
+    cfg = load_config(board.config)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(cfg.data_dir / "outbox.sqlite", cfg.telemetry.queue_max_entries)
+    fetcher = HttpFetcher()
     try:
-        wait_for(
-            lambda: board.state().get("state") == "committed" and board.state().get("active_slot"),
-            30,
-            "the bootstrap bundle to commit",
+        runtime = FakeRuntime()
+        updater = Updater(
+            data_dir=cfg.data_dir,
+            device_id=device_id,
+            trust=cfg.trust_store(),
+            fetcher=fetcher,
+            runtime=runtime,
+            artifacts_base_url=cfg.artifacts.base_url,
+            emit=lambda kind, msg, **f: emit_to_outbox(outbox, device_id, kind, msg, **f),
+            disk_margin_bytes=0,
         )
+        assert updater.bootstrap(v1) == "committed"
+        sampler = Sampler(device_id, agent_version(), cfg.data_dir)
+        serving: ServingInfo | None = runtime.serving()
+        for _ in range(3):
+            outbox.put(
+                telemetry_topic(device_id),
+                lambda seq: sampler.sample(seq, runtime.stats(), serving, outbox.dropped).to_bytes(),
+            )
     finally:
-        board.stop()
+        fetcher.close()
+        outbox.close()
     return board
 
 
