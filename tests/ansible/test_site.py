@@ -34,7 +34,8 @@ from ._harness import (
     write_inventory,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
+# The module fixture runs the playbook three times and may wait for the default bundle to be built.
+pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.timeout(1800)]
 
 
 @dataclass
