@@ -318,6 +318,12 @@ class DeploymentView:
     waves: list[WaveView]
     counts: dict[str, int]
     strategy: str
+    targets: list[DeploymentTarget]  # the table's rows: problems first, at most TARGET_ROWS
+
+
+TARGET_ROWS = 300
+# Rows that need a look come first in the per-device table.
+TARGET_ORDER = {"failed": 0, "rollback_failed": 0, "in_flight": 1, "rolling_back": 1}
 
 
 TERMINAL = ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed")
@@ -334,7 +340,8 @@ def deployment_view(dep: Deployment) -> DeploymentView:
     ]
     counts = dict(Counter(t.state for t in dep.targets))
     strategy = ((dep.manifest.get("spec") or {}).get("strategy") or {}).get("type", "all-at-once")
-    return DeploymentView(dep, views, counts, strategy)
+    rows = sorted(dep.targets, key=lambda t: (TARGET_ORDER.get(t.state, 2), t.position))[:TARGET_ROWS]
+    return DeploymentView(dep, views, counts, strategy, rows)
 
 
 def deployments(session: Session) -> list[DeploymentView]:
