@@ -13,8 +13,9 @@ I/O (batch 1 is what the device engine drives, but the graph is batch-generic):
     input_ids              int64 [batch, seq]
     seqlens_k              int32 [batch]        total tokens - 1 (past + seq - 1)
     total_sequence_length  int32 []             past + seq
+    logits_index           int64 [k]            which of the seq positions get logits (e.g. [seq - 1])
     past_key_values.{i}.key/value  float [batch, kv_heads, max_seq, head_dim]   the shared buffer
-    -> logits [batch, seq, vocab], present.{i}.key/value (same shape, bound to the same buffer)
+    -> logits [batch, k, vocab], present.{i}.key/value (same shape, bound to the same buffer)
 
 Weights are plain fp32 MatMul/Gather initializers laid out like optimum's (a tied LM head is
 MatMul(x, Transpose(E))), so export/quantize.py's MatMulNBits/GatherBlockQuantized recipes apply as is.
@@ -51,7 +52,7 @@ def gqa_graph_spec(num_layers: int, model_file: str = "model.onnx") -> GraphSpec
     return GraphSpec(
         kind=GRAPH_KIND,
         model_file=model_file,
-        input_names=["input_ids", "seqlens_k", "total_sequence_length", *past],
+        input_names=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *past],
         output_names=["logits", *present],
         kv_dtype="float32",
         shared_kv_buffer=True,
@@ -257,12 +258,15 @@ def build_gqa_model(
         domain="com.microsoft",
         epsilon=eps,
     )
+    # Only the rows asked for go through the LM head: generation needs the last one (a prefill of n tokens
+    # skips n-1 of the [H x vocab] products and the [n, vocab] logits buffer); perplexity asks for all.
+    node("Gather", ["/model/norm/output_0", "logits_index"], ["/lm_head/rows"], "/lm_head/Gather", axis=1)
     if tied:
         node("Transpose", [embed], ["/lm_head/Transpose_output_0"], "/lm_head/Transpose", perm=[1, 0])
         head = "/lm_head/Transpose_output_0"
     else:
         head = init("lm_head.weight", w("lm_head.weight").T)  # [H, vocab]
-    node("MatMul", ["/model/norm/output_0", head], ["logits"], "/lm_head/MatMul")
+    node("MatMul", ["/lm_head/rows", head], ["logits"], "/lm_head/MatMul")
 
     f32 = TensorProto.FLOAT
     kv_shape = ["batch_size", nkv, "max_sequence_length", hd]
@@ -270,8 +274,9 @@ def build_gqa_model(
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["logits_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", vocab])]
     for i in range(L):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))

@@ -213,21 +213,24 @@ class Engine:
         """A fresh KV cache; ``capacity`` (tokens) lets graphs with preallocated buffers size them."""
         return self._live_driver().new_state(capacity)
 
-    def forward(self, state: RunState, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Feed ``token_ids`` [n] after what ``state`` holds; returns logits [n, vocab]."""
+    def forward(
+        self, state: RunState, token_ids: Sequence[int] | np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
+        """Feed ``token_ids`` [n] after what ``state`` holds; returns logits [n, vocab], or with
+        ``last_only`` the last row's [1, vocab] (graphs that can skip the LM head for the others do)."""
         ids = np.asarray(token_ids, dtype=np.int64)  # [n]
         if state.n_past + ids.shape[0] > self.context_length:
             raise ContextWindowError(
                 f"{state.n_past + ids.shape[0]} tokens exceed the context window of {self.context_length}"
             )
-        return self._live_driver().forward(state, ids)
+        return self._live_driver().forward(state, ids, last_only)
 
     def prefill(self, state: RunState, token_ids: np.ndarray) -> np.ndarray:
         """Feed a prompt in chunks of ``options.prefill_chunk``; returns the last logits [vocab]."""
         chunk = self.options.prefill_chunk
         last: np.ndarray | None = None
         for start in range(0, token_ids.shape[0], chunk):
-            last = self.forward(state, token_ids[start : start + chunk])[-1]  # [vocab]
+            last = self.forward(state, token_ids[start : start + chunk], last_only=True)[-1]  # [vocab]
         assert last is not None
         return last
 

@@ -70,7 +70,7 @@ class OptimumKVDriver:
         empty = np.zeros((1, a.num_kv_heads, 0, a.head_dim), dtype=self.kv_dtype)  # [1, kvh, 0, hd]
         return RunState(n_past=0, past=[ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names])
 
-    def forward(self, state: RunState, token_ids: np.ndarray) -> np.ndarray:
+    def forward(self, state: RunState, token_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         n = int(token_ids.shape[0])
         total = state.n_past + n
         ids = token_ids.astype(np.int64).reshape(1, n)  # [1, n]
@@ -114,7 +114,8 @@ class GQADriver:
         missing = sorted(need - inputs) + sorted({"logits", *self.present_names} - outputs)
         if missing:
             raise UnsupportedGraphError(f"graph is not a gqa graph for {L} layers: missing {missing[:4]}")
-        extra = inputs - need
+        self.has_logits_index = "logits_index" in inputs  # the graph can skip the LM head for other rows
+        extra = inputs - need - {"logits_index"}
         if extra:
             raise UnsupportedGraphError(f"graph has inputs this driver does not feed: {sorted(extra)}")
 
@@ -141,7 +142,7 @@ class GQADriver:
             new_v.numpy()[:, :, : state.n_past] = old_v.numpy()[:, :, : state.n_past]
         state.past, state.capacity = new, cap
 
-    def forward(self, state: RunState, token_ids: np.ndarray) -> np.ndarray:
+    def forward(self, state: RunState, token_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         n = int(token_ids.shape[0])
         total = state.n_past + n
         if total > state.capacity:
@@ -150,12 +151,17 @@ class GQADriver:
         b.bind_cpu_input("input_ids", token_ids.astype(np.int64).reshape(1, n))  # [1, n]
         b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))  # [1]
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))  # []
+        if self.has_logits_index:
+            rows = np.array([n - 1], dtype=np.int64) if last_only else np.arange(n, dtype=np.int64)  # [k]
+            b.bind_cpu_input("logits_index", rows)
         b.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
         for past_name, present_name, buf in zip(self.past_names, self.present_names, state.past, strict=True):
             b.bind_ortvalue_input(past_name, buf)
             b.bind_ortvalue_output(present_name, buf)  # in place: GQA appends the new rows
         self.session.run_with_iobinding(b)
-        logits = b.get_outputs()[0].numpy()[0]  # [n, vocab]
+        logits = b.get_outputs()[0].numpy()[
+            0
+        ]  # [k, vocab]: k = 1 with last_only (when the graph can), else n
         state.n_past = total
         return logits
 

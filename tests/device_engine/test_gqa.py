@@ -61,6 +61,11 @@ def test_tiny_gqa_graph_matches_torch(tmp_path: Path, model_type: str, tied: boo
             got = np.concatenate([e.forward(state, ids[i : i + chunk]) for i in range(0, 40, chunk)])
             np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
             assert state.n_past == 40
+            # last_only: the LM head runs for the last row only, with the same result
+            state = e.new_state(40)
+            last = e.forward(state, ids, last_only=True)
+            assert last.shape == (1, 256)
+            np.testing.assert_allclose(last[0], ref[-1], atol=2e-4, rtol=1e-3)
 
 
 def test_tiny_gqa_greedy_and_buffer_growth(tmp_path: Path) -> None:
@@ -99,7 +104,12 @@ def test_unsupported_architectures_are_named() -> None:
 @pytest.fixture(scope="session")
 def default_gqa_dir() -> Path:
     """The default model's GQA graph, built once and cached beside the other test artefacts."""
-    out = FP32_DIR.parent / "test-gqa-fp32-smollm2"
+    import hashlib
+
+    import export.fuse_gqa as fuse
+
+    digest = hashlib.sha256(Path(fuse.__file__).read_bytes()).hexdigest()[:10]
+    out = FP32_DIR.parent / f"test-gqa-fp32-smollm2-{digest}"
     if not (out / "model.onnx").is_file():
         build_gqa_folder(require(HF_DIR / "model.safetensors").parent, out)
     return out
