@@ -261,10 +261,15 @@ class RolloutEngine:
             select(Deployment).where(Deployment.status.in_(("in_progress", "rolling_back")))
         ).all()
         for dep in deps:
-            if dep.status == "in_progress":
-                changed |= self._advance(session, dep, now)
-            elif dep.status == "rolling_back":
-                self._watch_rollback(session, dep, now)
+            # Each deployment in its own savepoint: a bug or bad data in one never stalls the others.
+            try:
+                with session.begin_nested():
+                    if dep.status == "in_progress":
+                        changed |= self._advance(session, dep, now)
+                    elif dep.status == "rolling_back":
+                        self._watch_rollback(session, dep, now)
+            except Exception:  # noqa: BLE001 - logged; retried next tick
+                log.exception("rollout tick of deployment %s failed", dep.name)
         return changed
 
     def _outcome(self, device: Device | None, command_id: str | None) -> tuple[str, str | None] | None:

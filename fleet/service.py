@@ -165,7 +165,11 @@ class FleetService:
                     batch.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            tick = time.monotonic() - last_tick >= self.config.tick_s or bool(batch)
+            # The rollout engine runs at most every tick_s however busy MQTT is (API commands tick
+            # on their own).
+            tick = time.monotonic() - last_tick >= self.config.tick_s
+            if not batch and not tick:
+                continue
             try:
                 self._process(batch, tick=tick)
             except Exception:  # noqa: BLE001 - the worker must survive anything
@@ -179,7 +183,8 @@ class FleetService:
                         if isinstance(item, _Call) and not item.future.done():
                             item.future.set_exception(exc)
                 time.sleep(0.2)
-            last_tick = time.monotonic()
+            if tick:
+                last_tick = time.monotonic()
 
     def _process(self, batch: list[Inbound | _Call], *, tick: bool) -> None:
         changed: set[str] = set()
