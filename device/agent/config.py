@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -60,6 +61,9 @@ class TLSConfig(_Strict):
 
 class MQTTConfig(_Strict):
     url: str = Field(description="mqtt://host:port or mqtts://host:port")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version; '3.1.1' for brokers without MQTT 5 (amqtt: the fleet's embedded one)"
+    )
     username: str | None = None
     password: str | None = None
     password_file: Path | None = None

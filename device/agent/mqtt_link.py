@@ -52,10 +52,13 @@ class MqttLink:
         self._acked: set[int] = set()
         self._acked_cond = threading.Condition()
 
+        # MQTT 3.1.1 has no session expiry: a persistent session (clean_session=False) stands in for it.
+        v311 = config.protocol == "3.1.1"
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"nanofleet-agent-{device_id}",
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv311 if v311 else mqtt.MQTTv5,
+            **({"clean_session": False} if v311 else {}),
         )
         if config.username:
             c.username_pw_set(config.username, config.resolved_password())
@@ -81,15 +84,18 @@ class MqttLink:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.config.session_expiry_s
-        self.client.connect_async(
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
+        if self.config.protocol == "3.1.1":
+            self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+        else:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            self.client.connect_async(
+                self.config.host,
+                self.config.port,
+                keepalive=self.config.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
         self.client.loop_start()
         self._sender.start()
 
