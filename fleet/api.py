@@ -273,6 +273,7 @@ def create_app(
     def _mqtt(device_id: str, password: str | None) -> S.MqttCredentials:
         return S.MqttCredentials(
             url=svc.mqtt_url,
+            protocol="3.1.1" if svc.config.broker.embedded else None,
             username=device_id,
             password=password,
             topics={

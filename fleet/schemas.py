@@ -43,6 +43,9 @@ class EnrollRequest(BaseModel):
 
 class MqttCredentials(BaseModel):
     url: str
+    protocol: str | None = Field(
+        None, description="'3.1.1' for the embedded broker (amqtt has no MQTT 5); null: the broker decides"
+    )
     username: str
     password: str | None = Field(None, description="the device token; only in the enrolment/rotate answer")
     topics: dict[str, str]

@@ -316,6 +316,7 @@ class Demo:
                     "hardware_class": "x86-demo",
                     "mqtt": {
                         "url": creds["mqtt"]["url"],
+                        "protocol": creds["mqtt"].get("protocol") or "5",
                         "username": creds["mqtt"]["username"],
                         "password_file": "creds/mqtt.password",
                         "keepalive_s": 10,
