@@ -120,7 +120,7 @@ def import_telemetry(
 
 
 def offline_devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Devices whose telemetry came home on removable media, with their last import time."""
+    """Devices served by removable media: last package sent, last telemetry import, model, result."""
     from rich.table import Table
 
     from nanofleet._output import emit_json, fail, out
@@ -135,13 +135,16 @@ def offline_devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--j
     if as_json:
         emit_json(rows)
         return
-    table = Table("device", "last import", "imports", "exported at", "model", "update", "result")
+    table = Table(
+        "device", "last import", "imports", "exported at", "last package", "model", "update", "result"
+    )
     for r in rows:
         table.add_row(
             r["device_id"],
-            r["last_import"] or "-",
+            r["last_import"] or "[yellow]never[/]",
             str(r["imports"]),
             r["last_exported_at"] or "-",
+            f"{r['last_package'] or '-'} ({r['last_package_at'] or '-'})",
             r["model"] or "-",
             r["update_state"] or "-",
             r["last_result"] or "-",

@@ -313,18 +313,28 @@ def import_telemetry_file(
 
 
 def offline_devices(session: Session) -> list[dict[str, Any]]:
-    """Devices that ever came home on a stick: last import, number of imports, what they run."""
+    """Devices served by removable media: the last package sent to them and the last time their
+    telemetry came home (None: a stick went out, nothing came back yet), with what they run now."""
     last: dict[str, dict[str, Any]] = {}
     for entry in session.scalars(
-        select(AuditEntry).where(AuditEntry.action == IMPORT_ACTION).order_by(AuditEntry.ts, AuditEntry.id)
+        select(AuditEntry)
+        .where(AuditEntry.action.in_((EXPORT_ACTION, IMPORT_ACTION)))
+        .order_by(AuditEntry.ts, AuditEntry.id)
     ):
+        details = entry.details or {}
+        if entry.action == EXPORT_ACTION:
+            for device_id in details.get("devices") or []:
+                rec = last.setdefault(device_id, {"imports": 0})
+                rec["last_package"] = details.get("package_id")
+                rec["last_package_at"] = aware(entry.ts)
+            continue
         if entry.device_id is None:
             continue
         rec = last.setdefault(entry.device_id, {"imports": 0})
         rec["imports"] += 1
         rec["last_import"] = aware(entry.ts)
-        rec["last_export_id"] = (entry.details or {}).get("export_id")
-        rec["last_exported_at"] = (entry.details or {}).get("exported_at")
+        rec["last_export_id"] = details.get("export_id")
+        rec["last_exported_at"] = details.get("exported_at")
     out = []
     for dev in session.scalars(select(Device).where(Device.id.in_(list(last))).order_by(Device.id)):
         info = last[dev.id]
@@ -335,6 +345,10 @@ def offline_devices(session: Session) -> list[dict[str, Any]]:
                 "imports": info["imports"],
                 "last_export_id": info.get("last_export_id"),
                 "last_exported_at": info.get("last_exported_at"),
+                "last_package": info.get("last_package"),
+                "last_package_at": info["last_package_at"].isoformat()
+                if info.get("last_package_at")
+                else None,
                 "model": f"{dev.current_name}@{dev.current_version}" if dev.current_name else None,
                 "update_state": (dev.reported or {}).get("state"),
                 "last_result": (dev.reported or {}).get("last_result"),
