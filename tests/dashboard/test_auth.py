@@ -95,7 +95,10 @@ def test_actions_without_csrf_token_are_refused(dash_fleet: DashFleet) -> None:
                 {"mode": "compose", "name": "evil", "bundle": f"{BUNDLE}@1", "csrf_token": "x" * 64},
             ),
             (f"/deployments/{name}/rollback", {"confirmed": "yes"}),
-            (f"/deployments/{name}/abort", {"confirmed": "yes", "csrf_token": csrf[:-1] + "0"}),
+            (
+                f"/deployments/{name}/abort",
+                {"confirmed": "yes", "csrf_token": csrf[:-1] + ("1" if csrf[-1] == "0" else "0")},
+            ),
             ("/logout", {}),
         ]
         for path, data in attempts:
