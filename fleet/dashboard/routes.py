@@ -5,6 +5,8 @@ and swaps it in place, so numbers and progress bars move without a full reload.
 """
 
 import datetime as dt
+import hmac
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -171,15 +173,11 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
 
     # --- sign in / out ---------------------------------------------------------------------------
     @router.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request, next: str = "/", error: str = "") -> Response:
+    def login_page(request: Request, next: str = "/") -> Response:
         if signer.check(request.cookies.get(SESSION_COOKIE)) is not None:
             return RedirectResponse(safe_next(next), status_code=303)
-        import secrets
-
         login_csrf = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24)
-        resp = render(
-            request, "login.html", {"next": safe_next(next), "login_csrf": login_csrf, "error": error}
-        )
+        resp = render(request, "login.html", {"next": safe_next(next), "login_csrf": login_csrf, "error": ""})
         resp.set_cookie(
             LOGIN_CSRF_COOKIE,
             login_csrf,
@@ -199,8 +197,6 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
     ) -> Response:
         client = request.client.host if request.client else "?"
         cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-        import hmac
-
         if not cookie or not csrf_token or not hmac.compare_digest(cookie, csrf_token):
             raise CsrfRejected()
         if throttle.blocked(client):
