@@ -160,6 +160,23 @@ def test_runs_provision_every_host(site: Site) -> None:
     assert (site.roots["fleet"] / "etc/nanofleet-fleet/fleet.yaml").stat().st_mode & 0o777 == 0o640
 
 
+def test_units_pass_systemd_analyze_verify(site: Site) -> None:
+    """systemd's own checker: known keys, valid values, an executable ExecStart (the venv's nanofleet)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed (Debian package systemd): cannot check the units")
+    for unit in (
+        site.roots["board-a"] / "etc/systemd/system/nanofleet-agent.service",
+        site.roots["fleet"] / "etc/systemd/system/nanofleet-fleet.service",
+    ):
+        proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and not proc.stderr.strip(), (unit.name, proc.stderr)
+        text = unit.read_text()
+        assert "Restart=on-failure" in text
+    agent_unit = (site.roots["board-a"] / "etc/systemd/system/nanofleet-agent.service").read_text()
+    assert "Type=notify" in agent_unit and "WatchdogSec=60" in agent_unit
+
+
 def test_second_run_changes_nothing(site: Site) -> None:
     assert site.second.recap, site.second.output[-3000:]
     assert site.second.changed() == dict.fromkeys(site.second.recap, 0), site.second.output[-8000:]
