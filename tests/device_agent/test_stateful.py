@@ -150,7 +150,7 @@ class UpdateMachine(RuleBasedStateMachine):
         # the system itself (not the model): a lower version serves only under a signed rollback
         if was is not None and now is not None and now.version < was.version:
             assert rollback, f"went down from {was.version} to {now.version} without a signed rollback"
-        self.converge_to = expected if expected == version else None
+        self.converge_to = expected if (kind == "good" and expected == version) else None
         if expected is not None:
             self.highest = max(self.highest, expected)
         self.serving = expected
