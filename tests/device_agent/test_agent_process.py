@@ -23,7 +23,7 @@ from .fake_runtime import FakeRuntime
 from .helpers import ArtifactServer, make_bundle, ref_for
 from .procs import AgentProcess, Observer, wait_for, write_config
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 DEVICE = "proc-dev"
 
 
