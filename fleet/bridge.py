@@ -63,6 +63,7 @@ class MqttBridge:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._keepalive = keepalive
+        self._stopping = False
 
     def start(self) -> None:
         # connect_async + loop_start: paho keeps reconnecting in the background if the broker is down.
@@ -70,6 +71,7 @@ class MqttBridge:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -89,7 +91,8 @@ class MqttBridge:
         self, _c: mqtt.Client, _ud: object, _flags: object, reason: object, _p: object
     ) -> None:
         self.connected.clear()
-        log.warning("MQTT bridge disconnected (%s); reconnecting", reason)
+        if not self._stopping:
+            log.warning("MQTT bridge disconnected (%s); reconnecting", reason)
 
     def _on_message(self, _c: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))

@@ -49,8 +49,12 @@ def demo(
 ) -> None:
     """Export the default model, start a fleet and N agents, roll out v1 (canary) and v2 (waves), ask
     every device a question, then show a broken v3 being aborted and rolled back automatically."""
+    import logging
+
     from ._output import console, emit_json, fail
 
+    # amqtt logs every dropped client at WARNING; the demo reports what matters itself.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
     t0 = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so every process this demo started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -432,12 +436,14 @@ class Demo:
         for a in agents:
             headers = {"Authorization": f"Bearer {a['token']}"}
             self.wait(lambda a=a, h=headers: _ready(httpx, a["api"], h), 120, f"{a['id']} serving")
+            # The agent serves its committed bundle under the bundle's name.
+            model = httpx.get(f"{a['api']}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
             r = httpx.post(
                 f"{a['api']}/v1/chat/completions",
                 headers=headers,
                 timeout=120,
                 json={
-                    "model": "default",
+                    "model": model,
                     "messages": [{"role": "user", "content": QUESTION}],
                     "max_tokens": 32,
                     "temperature": 0,
