@@ -327,6 +327,32 @@ def test_paste_a_manifest_then_abort(tab: Tab, dash_fleet: DashFleet) -> None:
     page.locator("#dep-status", has_text="rolled_back").wait_for(timeout=30_000)
 
 
+def test_automatic_abort_shows_its_reason_and_the_regression(tab: Tab, dash_fleet: DashFleet) -> None:
+    """v3 decodes at 60 tok/s where v1 did 100: the rollout engine aborts and rolls back by itself, and
+    the page shows why, with the drop in the before/after chart."""
+    page = tab.page
+    page.goto("/deployments")
+    page.get_by_label(re.compile("^Manifest")).fill(
+        "apiVersion: nanofleet/v1\nkind: Deployment\nmetadata: {name: slow-v3}\n"
+        f"spec:\n  bundle: {{name: {BUNDLE}, version: 3}}\n  selector: {{groups: [pilot]}}\n"
+        "  strategy: {type: canary, canary: {devices: 1}, wait_seconds: 600}\n"
+        "  abort: {max_decode_drop_pct: 20, on_abort: rollback}\n"
+    )
+    with page.expect_navigation():
+        page.get_by_role("button", name="Apply manifest").click()
+    page.locator("#abort-reason").wait_for(timeout=30_000)
+    reason = page.locator("#abort-reason").inner_text()
+    assert re.search(
+        r"decode [\d.]+ tok/s is \d+% below [\d.]+ tok/s on its previous model \(limit 20%\)", reason
+    )
+    page.locator("#dep-status", has_text="rolled_back").wait_for(timeout=30_000)
+    bars = page.locator("#chart-tok svg rect.bar").evaluate_all("rs => rs.map(r => Number(r.dataset.value))")
+    assert len(bars) == 2 and 100 <= bars[0] <= 104 and 60 <= bars[1] <= 64, bars
+    tab.shot("14-automatic-abort")
+    with dash_fleet.admin() as admin:
+        wait_for(lambda: {d["model"] for d in admin.devices()} == {f"{BUNDLE}@1"}, what="all back on v1")
+
+
 def test_pages_fit_a_phone(browser: Any, dash_fleet: DashFleet, artifacts: Path) -> None:
     t = Tab(browser, dash_fleet, artifacts, PHONE)
     t.sign_in("/")
