@@ -485,11 +485,12 @@ class RolloutEngine:
                     f"decode {now_tps:.1f} tok/s is {drop:.0f}% below {base:.1f} tok/s on its previous "
                     f"model (limit {rules.max_decode_drop_pct:g}%)"
                 )
-        if problem is None and rules.max_error_rate is not None and newest.requests > 0:
-            rate = newest.errors / newest.requests
-            health["error_rate"] = round(rate, 4)
-            if rate > rules.max_error_rate:
-                problem = f"error rate {rate:.2%} over {rules.max_error_rate:.2%}"
+        if problem is None and rules.max_error_rate is not None:
+            rate = self._error_rate(session, t, list(reversed(latest)))
+            if rate is not None:
+                health["error_rate"] = round(rate, 4)
+                if rate > rules.max_error_rate:
+                    problem = f"error rate {rate:.2%} on the new model, over {rules.max_error_rate:.2%}"
         if problem is None and rules.ttft_p95_budget_ms and newest.ttft_p95_ms is not None:
             health["ttft_p95_ms"] = newest.ttft_p95_ms
             if newest.ttft_p95_ms > rules.ttft_p95_budget_ms:
@@ -498,6 +499,30 @@ class RolloutEngine:
                 )
         t.health = health
         return problem
+
+    def _error_rate(self, session: Session, t: DeploymentTarget, new: list[TelemetrySample]) -> float | None:
+        """Errors per request on the new model. Agents send counters cumulative since they started; a
+        counter that went down (agent restart, or a per-interval sender) falls back to summing samples."""
+        anchor = None
+        if t.finished_at is not None:
+            anchor = session.scalars(
+                select(TelemetrySample)
+                .where(TelemetrySample.device_id == t.device_id, TelemetrySample.ts < new[0].ts)
+                .order_by(TelemetrySample.ts.desc())
+                .limit(1)
+            ).first()
+        series = ([anchor] if anchor is not None else []) + new
+        cumulative = all(
+            b.requests >= a.requests and b.errors >= a.errors
+            for a, b in zip(series, series[1:], strict=False)
+        )
+        if cumulative and anchor is not None:
+            requests, errors = new[-1].requests - anchor.requests, new[-1].errors - anchor.errors
+        elif cumulative:
+            requests, errors = new[-1].requests, new[-1].errors
+        else:
+            requests, errors = sum(x.requests for x in new), sum(x.errors for x in new)
+        return errors / requests if requests > 0 else None
 
     # Abort, rollback, manual control ---------------------------------------------------------------
     def _abort(self, session: Session, dep: Deployment, reason: str, now: dt.datetime) -> set[str]:

@@ -33,6 +33,8 @@ class Behaviour:
     fail_versions: set[int] = field(default_factory=set)  # the update fails and the device stays put
     hang_versions: set[int] = field(default_factory=set)  # the device never reports a result
     decode_tok_s: dict[int, float] = field(default_factory=dict)  # per version; default 100
+    error_rate: dict[int, float] = field(default_factory=dict)  # per version; default 0
+    ttft_p95_ms: dict[int, float] = field(default_factory=dict)  # per version; default 80
     install_s: float = 0.2
     fetch_files: bool = True
 
@@ -60,6 +62,8 @@ class SimDevice:
         self.seen: set[str] = set()
         self.results: list[tuple[str, str]] = []  # (deployment_id, result)
         self.seq = 0
+        self.requests = 0  # cumulative since start, like the real agent
+        self.errors = 0
         self.telemetry_s = telemetry_s
         self.last_deployment: str | None = None
         self.last_result: str | None = None
@@ -237,15 +241,17 @@ class SimDevice:
                 seq = self.seq
             version = self.current[1]
             tps = self.behaviour.decode_tok_s.get(version, 100.0)
+            self.requests += 10
+            self.errors += round(10 * self.behaviour.error_rate.get(version, 0.0))
             t = c.Telemetry(
                 device_id=self.id,
                 seq=seq,
                 ts=now(),
                 decode_tok_s=tps,
-                ttft_p95_ms=80.0,
+                ttft_p95_ms=self.behaviour.ttft_p95_ms.get(version, 80.0),
                 ttft_p50_ms=60.0,
-                requests=10,
-                errors=0,
+                requests=self.requests,
+                errors=self.errors,
                 model=c.ModelRef(name=self.current[0], version=version, slot="a"),
                 agent_version="sim",
             )

@@ -263,3 +263,36 @@ def test_broker_restart_mid_rollout_converges(make_fleet, bundles, mosquitto) ->
         wait_for(lambda: status_of(admin, "v2") == "completed", 40, what="completed after broker restart")
         assert all(d.current == (BUNDLE, 2) for d in devs)
         assert admin.status()["mqtt_connected"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "behaviour", "expect"),
+    [
+        ({"max_error_rate": 0.2}, {"error_rate": {2: 0.5}}, "error rate 50.00% on the new model"),
+        (
+            {"ttft_p95_budget_ms": 500},
+            {"ttft_p95_ms": {2: 1500.0}},
+            "TTFT p95 1500 ms over the 500 ms budget",
+        ),
+    ],
+)
+def test_abort_on_error_rate_or_ttft_budget(make_fleet, bundles, rule, behaviour, expect) -> None:
+    fleet = make_fleet()  # the embedded broker this time
+    devs = fleet.enroll(2, telemetry_s=0.2)
+    for d in devs:
+        d.behaviour.error_rate = behaviour.get("error_rate", {})
+        d.behaviour.ttft_p95_ms = behaviour.get("ttft_p95_ms", {})
+    with fleet.admin() as admin:
+        baseline_v1(fleet, admin, bundles)
+        admin.apply(
+            manifest(
+                "v2",
+                2,
+                {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 30},
+                abort={**rule, "on_abort": "rollback"},
+            )
+        )
+        wait_for(lambda: status_of(admin, "v2") == "rolled_back", 30, what="abort and rollback")
+        assert expect in admin.deployment("v2")["abort_reason"]
+        assert all(d.current == (BUNDLE, 1) for d in devs)
+        assert devs[1].results[-1][0] != admin.deployment("v2")["id"]  # never started
