@@ -458,14 +458,14 @@ class Demo:
         from rich.table import Table
 
         time.sleep(2.5)  # one telemetry interval, so the table shows the requests just made
-        t = Table(title="devices")
-        for col in ("device", "model", "answer", "decode tok/s", "TTFT p95", "requests", "RSS"):
-            t.add_column(col)
+        t = Table(title=f"devices ({admin.devices()[0].get('model', '?').rsplit('@', 1)[0]})")
+        for col in ("device", "ver", "answer", "decode tok/s", "TTFT p95", "req", "RSS"):
+            t.add_column(col, min_width=34 if col == "answer" else None)
         for d in admin.devices():
             tel = d.get("telemetry") or {}
             t.add_row(
                 d["id"],
-                d.get("model") or "-",
+                f"v{_version(d.get('model'))}",
                 answers.get(d["id"], "-"),
                 f"{tel['decode_tok_s']:.1f}" if tel.get("decode_tok_s") else "-",
                 f"{tel['ttft_p95_ms']:.0f} ms" if tel.get("ttft_p95_ms") else "-",
