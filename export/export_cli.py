@@ -45,10 +45,17 @@ def export(
         None, "--eval-text", help="Text for the perplexity gate (default: shipped)."
     ),
     max_ppl_increase: float = typer.Option(
-        2.0, "--max-ppl-increase", help="Gate: the largest allowed perplexity increase over fp32, in percent."
+        None,
+        "--max-ppl-increase",
+        help="Gate: the largest allowed perplexity increase over fp32, in percent "
+        "(default 2 for int8, 25 for int4).",
     ),
     min_agreement: float = typer.Option(
-        0.6, "--min-agreement", min=0.0, max=1.0, help="Gate: the smallest allowed greedy-token agreement."
+        None,
+        "--min-agreement",
+        min=0.0,
+        max=1.0,
+        help="Gate: the smallest allowed greedy-token agreement (default 0.5 for int8, 0.1 for int4).",
     ),
     expires_days: int = typer.Option(365, "--expires-days", min=0, help="Bundle lifetime in days; 0: never."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
@@ -78,7 +85,7 @@ def export(
     A failed gate exits 3, writes <out>.quality_report.json and publishes nothing.
     """
     from export import errors
-    from export.gate import GateThresholds
+    from export.gate import PRECISION_DEFAULTS, GateThresholds
     from export.keys import load_signing_key
     from export.pipeline import ExportRequest, run_export
     from export.progress import Reporter
@@ -91,6 +98,7 @@ def export(
             as_json=as_json,
             reason="bad_argument",
         )
+    default_ppl, default_agreement = PRECISION_DEFAULTS[precision]
     # Ctrl-C and SIGTERM both unwind through the pipeline's cleanup.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -112,7 +120,8 @@ def export(
             out=out_dir,
             eval_text=eval_text,
             thresholds=GateThresholds(
-                max_ppl_increase_pct=max_ppl_increase, min_greedy_agreement=min_agreement
+                max_ppl_increase_pct=default_ppl if max_ppl_increase is None else max_ppl_increase,
+                min_greedy_agreement=default_agreement if min_agreement is None else min_agreement,
             ),
             expires_days=expires_days or None,
             force=force,

@@ -307,7 +307,9 @@ def _quantize_embeddings(model: Any, tied: dict[str, str], block_size: int) -> l
         if node.op_type == "MatMulNBits":
             source = tied.get(node.name.removesuffix("_Q8").removesuffix("_Q4"))
             bits = next((a.i for a in node.attribute if a.name == "bits"), None)
-            if source and bits == 8:
+            # GatherBlockQuantized reads the bytes with the implicit zero point 128: symmetric 8-bit only.
+            has_zero_points = len(node.input) > 3 and bool(node.input[3])
+            if source and bits == 8 and not has_zero_points:
                 nbits_by_source[source] = node
     notes: list[str] = []
     new_nodes: list[tuple[int, list[Any]]] = []

@@ -94,3 +94,14 @@ def test_int4_keeps_head_8bit(tied_fp32: Path, tmp_path: Path) -> None:
     )
     assert bits == [4, 8]
     assert any(n.op_type == "GatherBlockQuantized" for n in g.node)
+
+
+def test_asymmetric_head_is_not_shared_with_the_embedding(tied_fp32: Path, tmp_path: Path) -> None:
+    """Zero points would be lost through GatherBlockQuantized's implicit 128: the table gets its own copy."""
+    from dataclasses import replace
+
+    out = quantize(tied_fp32, tmp_path / "q", replace(RECIPES["int8"], name="int8-asym", symmetric=False))
+    assert "embedding-8bit" in out.notes and "embedding-8bit-shared-with-lm-head" not in out.notes
+    ids = np.array([[5, 17, 42, 99, 123, 250, 7, 8]], dtype=np.int64)
+    ref, got = _logits(tied_fp32, ids), _logits(out.model_path, ids)
+    assert np.sqrt(np.mean((ref - got) ** 2) / np.mean(ref**2)) < 0.05
