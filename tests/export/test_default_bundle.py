@@ -10,7 +10,8 @@ import pytest
 from manifests import TrustStore, verify_bundle
 from tests.export.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+# Building the cached bundles takes minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def test_manifest_describes_the_default_model(default_bundle: tuple[Path, Path]) -> None:

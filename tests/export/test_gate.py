@@ -47,6 +47,7 @@ def test_thresholds_are_configurable() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_dynamic_int8_fails_the_gate_and_publishes_nothing(tmp_path: Path, session_key) -> None:
     priv, _ = session_key
     out = tmp_path / "dyn"

@@ -8,7 +8,8 @@ import pytest
 
 from manifests import TrustStore
 
-pytestmark = pytest.mark.slow
+# Building the cached bundles takes minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PROMPTS = [
     "The capital of France is",

@@ -13,7 +13,8 @@ import pytest
 from manifests import SigningKey, read_manifest_unverified, write_keypair, write_signed_manifest
 from tests.export.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+# Building the cached bundles takes minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture
