@@ -34,17 +34,28 @@ def status_of(admin: FleetClient, name: str) -> str:
     return admin.deployment(name)["status"]
 
 
-def test_all_at_once_embedded_broker(make_fleet, bundles) -> None:
-    fleet = make_fleet()
-    devs = fleet.enroll(3)
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_all_at_once_then_manual_rollback(request, make_fleet, bundles, db) -> None:
+    if db == "postgres":
+        url, schema = request.getfixturevalue("pg_schema")
+        fleet = make_fleet(database_url=url, schema=schema)
+    else:
+        fleet = make_fleet()
+    devs = fleet.enroll(3, telemetry_s=5)
     with fleet.admin() as admin:
-        upload(admin, bundles, 1)
+        upload(admin, bundles, 1, 2)
         r = admin.apply(manifest("first", 1, {"type": "all-at-once"}))
         assert r["result"] == "created"
         wait_for(lambda: status_of(admin, "first") == "completed", what="completed")
         assert all(d.current == (BUNDLE, 1) for d in devs)
         # Idempotent apply.
         assert admin.apply(manifest("first", 1, {"type": "all-at-once"}))["result"] == "unchanged"
+        assert {d["model"] for d in admin.devices()} == {f"{BUNDLE}@1"}
+        admin.apply(manifest("second", 2, {"type": "all-at-once"}))
+        wait_for(lambda: status_of(admin, "second") == "completed", what="v2 completed")
+        admin.control("second", "rollback")
+        wait_for(lambda: status_of(admin, "second") == "rolled_back", what="rolled back")
+        assert all(d.current == (BUNDLE, 1) and d.highest == 2 for d in devs)
         assert {d["model"] for d in admin.devices()} == {f"{BUNDLE}@1"}
 
 
