@@ -52,3 +52,12 @@ def test_examples() -> None:
     assert plan_waves(10, manifest({"type": "waves", "waves": {"sizes": [1, 5]}})) == [1, 5, 4]
     assert plan_waves(3, manifest({"type": "all-at-once"})) == [3]
     assert plan_waves(0, manifest({"type": "all-at-once"})) == []
+
+
+def test_example_fleet_config_loads() -> None:
+    from pathlib import Path
+
+    from fleet.config import FleetConfig
+
+    cfg = FleetConfig.load(Path(__file__).resolve().parents[2] / "manifests" / "examples" / "fleet.yaml")
+    assert cfg.broker.embedded and cfg.port == 8600 and cfg.trusted_keys
