@@ -90,6 +90,11 @@
     });
   }
 
+  // Coming back to a page from the history (back/forward cache) must not skip the next confirmation.
+  window.addEventListener("pageshow", function () {
+    document.querySelectorAll('form.confirm input[name="confirmed"]').forEach(function (f) { f.value = ""; });
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-live]").forEach(poll);
     bindConfirms(document);
