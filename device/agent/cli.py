@@ -28,6 +28,7 @@ def run(
     from .errors import AgentError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = load_config(config)
         from .agent import Agent
