@@ -14,11 +14,10 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from device.offline.config import OfflineConfig
 from manifests import TrustStore
 from manifests.bundle import format_validation_error
 from manifests.errors import KeyFormatError
-
-from device.offline.config import OfflineConfig
 
 from .errors import ConfigError
 

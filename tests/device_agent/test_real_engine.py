@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from manifests import GoldenCheck, SigningKey, TrustStore, read_manifest_unverified, write_signed_manifest
+from manifests import GoldenCheck, SigningKey, read_manifest_unverified, write_signed_manifest
 from manifests.mqtt import DesiredState
 
 from ..conftest import Mosquitto
@@ -50,7 +50,7 @@ def test_real_engine_update_and_golden_rollback(
 ) -> None:
     bundle, pub = default_bundle
     key = SigningKey.load(pub.parent / "nanofleet.key")
-    trust = TrustStore.from_paths([pub])
+
     base = read_manifest_unverified(bundle)
     assert base.golden is not None, "the default bundle must carry golden tokens for the health check"
     v1 = resign(bundle, tmp_path / "v1", key, base.version)  # a private copy to bootstrap from
