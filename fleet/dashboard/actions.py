@@ -5,7 +5,6 @@ and friends), exactly as the REST API does. Nothing here decides anything about 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
@@ -110,12 +109,10 @@ def compose_manifest(form: dict[str, str]) -> dict[str, Any]:
 
 
 def manifest_yaml(manifest: DeploymentManifest | dict[str, Any]) -> str:
-    data = (
-        manifest.model_dump(mode="json", exclude_defaults=True)
-        if isinstance(manifest, DeploymentManifest)
-        else manifest
-    )
-    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
+    """A manifest as the YAML someone would write: defaults left out, apiVersion and kind first."""
+    m = manifest if isinstance(manifest, DeploymentManifest) else DeploymentManifest.model_validate(manifest)
+    data = m.model_dump(mode="json", exclude_defaults=True)
+    return yaml.safe_dump({"apiVersion": m.apiVersion, "kind": m.kind, **data}, sort_keys=False)
 
 
 def apply(svc: FleetService, manifest: DeploymentManifest, actor: str = ACTOR) -> tuple[str, str]:

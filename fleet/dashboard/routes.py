@@ -92,7 +92,7 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
     env.globals["state_colours"] = charts.STATE_COLOURS
     env.globals["stacked_bar"] = charts.stacked_bar
     env.globals["line_chart"] = charts.line_chart
-    env.globals["urlencode"] = urlencode
+    env.globals["manifest_yaml"] = actions.manifest_yaml
     env.globals["in_sync"] = queries.in_sync
     env.globals["model_of"] = queries.model_of
     env.globals["update_state"] = queries.update_state
@@ -323,8 +323,13 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
         )
 
     @router.get("/deployments", response_class=HTMLResponse)
-    def deployments_page(request: Request, s: PageS, db: Db) -> Response:
-        return _deployments_page(db, request, s)
+    def deployments_page(request: Request, s: PageS, db: Db, edit: str = "") -> Response:
+        # ?edit=<name>: the paste form starts with that deployment's manifest, to change and re-apply.
+        text = ""
+        if edit:
+            view = queries.get_deployment_view(db, edit)
+            text = actions.manifest_yaml(view.dep.manifest) if view else ""
+        return _deployments_page(db, request, s, manifest_text=text)
 
     @router.get("/ui/fragments/deployments", response_class=HTMLResponse)
     def deployments_fragment(request: Request, s: FragS, db: Db) -> Response:

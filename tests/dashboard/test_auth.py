@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -175,3 +177,20 @@ def test_html_in_device_data_is_escaped(dash_fleet: DashFleet) -> None:
     finally:
         with dash_fleet.admin() as admin:
             admin._req("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab"}})
+
+
+def test_edit_prefills_the_manifest_of_a_deployment(dash_fleet: DashFleet) -> None:
+    with dash_fleet.admin() as admin:
+        admin.apply(
+            {
+                "metadata": {"name": "edit-probe"},
+                "spec": {"bundle": {"name": BUNDLE, "version": 1}, "selector": {"tags": {"site": "nowhere"}}},
+            }
+        )
+    with signed_in_client(dash_fleet) as client:
+        html = client.get("/deployments?edit=edit-probe").text
+        m = re.search(r'<textarea id="m-text"[^>]*>(.*?)</textarea>', html, re.S)
+        assert m is not None
+        text = m.group(1).replace("&#34;", '"').replace("&#39;", "'")
+        assert "name: edit-probe" in text and "site: nowhere" in text and f"name: {BUNDLE}" in text
+        assert client.get("/deployments?edit=no-such").status_code == 200

@@ -122,3 +122,13 @@ def test_before_after_and_wave_bars() -> None:
     assert 'data-total="4"' in bar and 'data-done="3"' in bar
     assert "Wave 1: 3 of 4 finished (2 succeeded, 1 failed, 1 pending)" in bar
     assert charts.fmt_num(3 * 2**30, "B") == "3.0 GiB" and charts.fmt_num(None) == "–"
+
+
+def test_manifest_yaml_round_trips_without_defaults() -> None:
+    m = actions.validate_manifest(
+        actions.compose_manifest({"name": "r1", "bundle": "m@3", "strategy": "canary", "canary_devices": "2"})
+    )
+    text = actions.manifest_yaml(m.model_dump(mode="json"))
+    assert text.startswith("apiVersion: nanofleet/v1\nkind: Deployment\nmetadata:\n  name: r1\n")
+    assert "max_in_flight" not in text and "on_abort" not in text  # defaults left out
+    assert actions.parse_manifest_text(text) == m
