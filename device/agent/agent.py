@@ -85,6 +85,7 @@ class Agent:
         )
         self._desired: queue.Queue[DesiredState] = queue.Queue()
         self._stop = threading.Event()
+        self._fatal: AgentError | None = None
         self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
 
     # ---- outputs -----------------------------------------------------------------------------------
@@ -187,10 +188,13 @@ class Agent:
             self.emit("error", exc.message, details={"reason": exc.reason})
             self._fatal = exc
             self._stop.set()
+        except Exception as exc:  # e.g. the state file cannot be written: exit, systemd restarts us
+            log.exception("update worker crashed")
+            self._fatal = AgentError(f"update worker crashed: {type(exc).__name__}: {exc}", reason="internal")
+            self._stop.set()
 
     # ---- main ---------------------------------------------------------------------------------------
     def run(self) -> int:
-        self._fatal: AgentError | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.runtime.start()

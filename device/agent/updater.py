@@ -195,8 +195,19 @@ class Updater:
 
     # ---- start-up ----------------------------------------------------------------------------------
     def startup(self) -> None:
-        """Serve the active slot (verified first). Call before ``resume``."""
-        self.ensure_serving()
+        """Serve the active slot (verified first). Call before ``resume``.
+
+        A committed model that no longer loads is reported, not fatal: the agent stays up (and reachable
+        by the fleet) so that a new deployment can fix the board."""
+        try:
+            self.ensure_serving()
+        except UpdateError as exc:
+            log.error("the committed model does not load: %s", exc.message)
+            self._emit(
+                "error",
+                f"the committed model does not load: {exc.message}",
+                details={"reason": exc.reason, "slot": self.record.active_slot},
+            )
 
     def bootstrap(self, bundle_dir: Path) -> str | None:
         """First start with an empty device: install a local bundle through the normal, verified path."""
@@ -277,7 +288,12 @@ class Updater:
                 max_file_size=self.max_file_bytes,
                 now=dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc),
             )
-        model = self.runtime.load(path, manifest)
+        try:
+            model = self.runtime.load(path, manifest)
+        except UpdateError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc
         sinfo = ServingInfo(manifest.name, manifest.version, slot, info.manifest_sha256 or "")
         self.runtime.serve(model, sinfo)
         return sinfo
@@ -590,7 +606,14 @@ class Updater:
                 self.hooks.on_enter(State.ROLLING_BACK)
                 rec = self.record
                 # The previous (active) slot serves; reload it if the failed update had swapped it out.
-                self.ensure_serving()
+                try:
+                    self.ensure_serving()
+                except UpdateError as exc:  # it did not load before this update either: nothing to restore
+                    self._emit(
+                        "error",
+                        f"the previous model does not load: {exc.message}",
+                        details={"reason": exc.reason, "slot": rec.active_slot},
+                    )
                 target = rec.target_slot
                 if target is not None and target != rec.active_slot:
                     self.slots.wipe(target)

@@ -291,3 +291,18 @@ def test_model_load_failure_rolls_back(h: Harness) -> None:
     assert h.deploy(h.publish(2)) == "failed"
     assert h.updater.record.error_reason == "model_load"
     assert h.serving() == ("tiny", 1)
+
+
+def test_committed_model_that_no_longer_loads(h: Harness) -> None:
+    """Start-up survives a committed model that fails to load; a new deployment then fixes the board."""
+    from .fake_runtime import FakeRuntime
+
+    committed(h, 1)
+    h.runtime = FakeRuntime()
+    h.runtime.fail_load = True
+    h.updater = h._make(None)
+    h.updater.startup()
+    assert h.serving() is None and "model_load" in h.reasons()
+    h.runtime.fail_load = False
+    assert h.deploy(h.publish(2)) == "committed"
+    h.assert_serving_verifies()
