@@ -408,6 +408,29 @@ class RolloutEngine:
         manifest: DeploymentManifest,
         now: dt.datetime,
     ) -> str:
+        # The newest deployment to reach a device owns it: older active deployments let go of it, so they
+        # neither wait for it nor later overwrite its desired state.
+        others = session.scalars(
+            select(DeploymentTarget)
+            .join(Deployment)
+            .where(
+                DeploymentTarget.device_id == t.device_id,
+                DeploymentTarget.deployment_id != dep.id,
+                DeploymentTarget.state.in_(("pending", "in_flight")),
+                Deployment.status.in_(ACTIVE),
+            )
+        ).all()
+        for o in others:
+            o.state, o.error, o.finished_at = "skipped", f"taken over by deployment {dep.name}", now
+            audit(
+                session,
+                "rollout",
+                "device_taken_over",
+                deployment=o.deployment.name,
+                device_id=o.device_id,
+                ts=now,
+                by=dep.name,
+            )
         # A retried device needs a fresh command id: agents deduplicate commands by it.
         t.command_id = dep.id if t.command_id is None else f"{dep.id}.retry-{uuid.uuid4().hex[:6]}"
         t.assigned_at = now

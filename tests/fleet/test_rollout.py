@@ -307,3 +307,21 @@ def test_abort_on_error_rate_or_ttft_budget(make_fleet, bundles, rule, behaviour
         assert expect in admin.deployment("v2")["abort_reason"]
         assert all(d.current == (BUNDLE, 1) for d in devs)
         assert devs[1].results[-1][0] != admin.deployment("v2")["id"]  # never started
+
+
+def test_a_newer_deployment_takes_devices_over(make_fleet, bundles) -> None:
+    fleet = make_fleet()
+    devs = fleet.enroll(3, telemetry_s=5)
+    with fleet.admin() as admin:
+        baseline_v1(fleet, admin, bundles)
+        # A slow canary of v2 (long soak) is overtaken by v3 to everyone.
+        admin.apply(manifest("slow-v2", 2, {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 600}))
+        wait_for(lambda: devs[0].current == (BUNDLE, 2), what="v2 canary")
+        admin.apply(manifest("v3", 3, {"type": "all-at-once"}))
+        wait_for(lambda: status_of(admin, "v3") == "completed", 30, what="v3 completed")
+        old = admin.deployment("slow-v2")
+        assert [t["state"] for t in old["targets"]] == ["succeeded", "skipped", "skipped"]
+        assert old["targets"][1]["error"] == "taken over by deployment v3"
+        # Aborting the old one changes nothing on the devices.
+        admin.control("slow-v2", "abort")
+        assert all(d.current == (BUNDLE, 3) for d in devs)
