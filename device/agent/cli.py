@@ -14,6 +14,7 @@ CONFIG_HELP = "Agent config YAML (see manifests/examples/agent.yaml)."
 def run(
     config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    as_json: bool = typer.Option(False, "--json", help="Start-up errors as a JSON object on stdout."),
 ) -> None:
     """Run the device agent: serve the committed model, take OTA updates, send telemetry over MQTT.
 
@@ -35,7 +36,7 @@ def run(
 
         code = Agent(cfg).run()
     except AgentError as exc:
-        fail(exc.message, reason=exc.reason)
+        fail(exc.message, as_json=as_json, reason=exc.reason)
     raise typer.Exit(code)
 
 

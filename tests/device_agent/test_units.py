@@ -143,3 +143,26 @@ def test_cpu_temp(tmp_path: Path) -> None:
     for i, milli in enumerate(["41000", "52500", "junk"]):
         (tmp_path / f"zone{i}").write_text(milli)
     assert cpu_temp_c(str(tmp_path / "zone*")) == 52.5
+
+
+def test_cli_status_and_errors(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanofleet.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["device", "status", "--config", str(tmp_path / "missing.yaml"), "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["reason"] == "config"
+    r = runner.invoke(
+        app, ["device", "run", "--config", str(_write(tmp_path, mqtt__url="ftp://x")), "--json"]
+    )
+    assert r.exit_code == 1 and "mqtt.url" in json.loads(r.stdout)["error"]
+    cfg = _write(tmp_path, data_dir=str(tmp_path / "data"))
+    r = runner.invoke(app, ["device", "status", "--config", str(cfg), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["state"] == "idle" and doc["slots"] == {"a": None, "b": None}
+    assert doc["agent_running"] is False and doc["broker"]["connected"] is False
+    r = runner.invoke(app, ["device", "status", "--config", str(cfg)])
+    assert r.exit_code == 0 and "update state: idle" in r.stdout and "agent not running" in r.stdout
