@@ -14,6 +14,8 @@ def notify(message: str) -> bool:
     if addr.startswith("@"):  # abstract namespace
         addr = "\0" + addr[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never block the agent's main loop on a listener that does not read (a full datagram queue).
+        sock.setblocking(False)
         try:
             sock.connect(addr)
             sock.sendall(message.encode())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -206,8 +207,15 @@ def test_broker_outage_store_and_forward(
     trust = TrustStore([key.public_key])
     agent = setup_agent(tmp_path, keys, v1_installed, mosquitto, artifacts, interval_s=0.2)
     observer = Observer(mosquitto.port, DEVICE)  # persistent session: the broker queues for it
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(10)
     try:
-        agent.start()
+        # as systemd runs it: Type=notify with WatchdogSec=2
+        agent.start(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="2000000")
+        assert notify.recv(64) == b"READY=1"
+        assert notify.recv(64) == b"WATCHDOG=1"
         assert_serves(agent, trust, 1)
         wait_for(lambda: len(observer.of("telemetry")) >= 3, 15, "telemetry")
         observer.close()
@@ -259,3 +267,4 @@ def test_broker_outage_store_and_forward(
     finally:
         agent.stop()
         observer.close()
+        notify.close()
