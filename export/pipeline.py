@@ -161,24 +161,13 @@ def run_export(req: ExportRequest, reporter: Reporter | None = None) -> ExportRe
         raise ExportInterruptedError(
             "export interrupted; temporary files removed, no bundle written"
         ) from exc
-    except ExportError as exc:
-        if is_enospc(exc):
-            raise OutOfSpaceError(
-                f"no space left on the device while exporting into {parent}: {exc}"
-            ) from exc
+    except OutOfSpaceError:
         raise
-    except OSError as exc:
+    except Exception as exc:  # ENOSPC can surface wrapped by any library (onnx, optimum, torch)
         if is_enospc(exc):
             raise OutOfSpaceError(
                 f"no space left on the device while exporting into {parent}; free space or pass "
-                f"--work-dir/--out "
-                f"on a larger disk ({exc})"
-            ) from exc
-        raise
-    except Exception as exc:
-        if is_enospc(exc):
-            raise OutOfSpaceError(
-                f"no space left on the device while exporting into {parent}: {exc}"
+                f"--work-dir/--out on a larger disk ({exc})"
             ) from exc
         raise
     finally:

@@ -223,3 +223,17 @@ def test_preflight_space_check(tmp_path: Path, micro_llama_dir: Path, monkeypatc
         run_export(ExportRequest(model=str(micro_llama_dir), key=SigningKey.generate(), out=out / "b"))
     assert "needs about" in err.value.message
     assert _leftovers(out) == []
+
+
+def test_without_key_the_default_key_is_created_and_announced(tmp_path: Path, micro_llama_dir: Path) -> None:
+    cfg = tmp_path / "config"
+    out = tmp_path / "b"
+    proc = run_cli(
+        ["export", "--model", str(micro_llama_dir), "--out", str(out), *LOOSE],
+        env={"XDG_CONFIG_HOME": str(cfg)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    priv, pub = cfg / "nanofleet" / "keys" / "nanofleet.key", cfg / "nanofleet" / "keys" / "nanofleet.pub"
+    assert "created a signing key" in proc.stderr and str(priv) in proc.stderr.replace("\n", "")
+    assert priv.stat().st_mode & 0o777 == 0o600
+    assert run_cli(["bundle", "verify", str(out), "--pubkey", str(pub)]).returncode == 0
