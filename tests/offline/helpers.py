@@ -52,10 +52,10 @@ def bootstrapped(
         assert updater.bootstrap(v1) == "committed"
         sampler = Sampler(device_id, agent_version(), cfg.data_dir)
         serving: ServingInfo | None = runtime.serving()
-        for _ in range(3):
+        for _ in range(3):  # (the build callback runs under the outbox's lock: no outbox calls inside)
             outbox.put(
                 telemetry_topic(device_id),
-                lambda seq: sampler.sample(seq, runtime.stats(), serving, outbox.dropped).to_bytes(),
+                lambda seq: sampler.sample(seq, runtime.stats(), serving, 0).to_bytes(),
             )
     finally:
         fetcher.close()
@@ -83,9 +83,17 @@ def clone(board: Board, root: Path, *, trusted: list[Path] | None = None) -> Boa
     return copy
 
 
-def export(fleet: FleetProc, deployment: str, out: Path, *args: str) -> Path:
-    res = fleet.fleet_json("export-update", "--deployment", deployment, "--out", str(out), *args)
-    pkg = Path(res["path"])
+def export(fleet: FleetProc, deployment: str, out: Path, *args: str, cli: bool = False) -> Path:
+    """An update package from the real fleet (through the CLI process, or the same code in-process)."""
+    if cli:
+        res = fleet.fleet_json("export-update", "--deployment", deployment, "--out", str(out), *args)
+        pkg = Path(res["path"])
+    else:
+        from fleet.offline.media import write_package
+
+        valid_days = float(args[args.index("--valid-days") + 1]) if "--valid-days" in args else 30.0
+        with fleet.admin() as client:
+            pkg = Path(write_package(client, deployment, out, valid_days=valid_days).path)
     assert (pkg / PACKAGE_DOC).is_file()
     return pkg
 

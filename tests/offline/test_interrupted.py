@@ -52,7 +52,7 @@ def test_fleet_export_killed_mid_copy_leaves_no_package(
     res = board.device_json("install", str(stick), expect_rc=1)
     assert res["reason"] == "no_package"
     # The next export cleans the remains up and writes a whole package.
-    pkg = export(fleet, "kill-export-v2", stick)
+    pkg = export(fleet, "kill-export-v2", stick, cli=True)
     assert [p.name for p in stick.iterdir()] == [pkg.name]
     assert board.device_json("install", str(stick))["outcome"] == "committed"
 

@@ -32,27 +32,42 @@ def base(
 def packages(tmp_path_factory: pytest.TempPathFactory, fleet: FleetProc, base: Board) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sticks")
     fleet.enroll("field-other")
-    fleet.deploy("refuse-v2", 2, ["field-r"])
-    fleet.deploy("other-v2", 2, ["field-other"])
-    fleet.deploy("expiring-v2", 2, ["field-r"])
-    return {
-        "good": export(fleet, "refuse-v2", root / "good"),
-        "other": export(fleet, "other-v2", root / "other"),
-        "expiring": export(fleet, "expiring-v2", root / "expiring", "--valid-days", "0.00002"),
-    }
+    # Deploy and export one after the other: the newest deployment to reach a device takes it over.
+    out = {}
+    for key, name, device, args in (
+        ("good", "refuse-v2", "field-r", ()),
+        ("other", "other-v2", "field-other", ()),
+        ("expiring", "expiring-v2", "field-r", ("--valid-days", "0.00002")),
+    ):
+        fleet.deploy(name, 2, [device])
+        out[key] = export(fleet, name, root / key, *args)
+    return out
 
 
-def refused(board: Board, pkg: Path, reason: str, words: str) -> None:
+def refused(board: Board, pkg: Path, reason: str, words: str, *, cli: bool = False) -> None:
+    """Refused with this reason, and nothing changed. ``cli``: through `nanofleet device install`
+    (exit code, JSON error); otherwise the same code in-process (the suite stays fast)."""
     before = snapshot(board)
-    res = board.device_json("install", str(pkg), expect_rc=1)
-    assert res["ok"] is False and res["reason"] == reason, res
-    assert words in res["error"], res["error"]
-    assert "nothing was changed" in res["error"]
+    if cli:
+        res = board.device_json("install", str(pkg), expect_rc=1)
+        assert res["ok"] is False and res["reason"] == reason, res
+        assert "nothing was changed" in res["error"]
+        message = res["error"]
+    else:
+        from device.agent.config import load_config
+        from device.offline.errors import PackageError
+        from device.offline.install import install
+
+        with pytest.raises(PackageError) as info:
+            install(load_config(board.config), pkg)
+        assert info.value.reason == reason, info.value.message
+        message = info.value.message
+    assert words in message, message
     assert snapshot(board) == before
 
 
 def test_package_for_other_devices_is_refused(tmp_path: Path, base: Board, packages: dict[str, Path]) -> None:
-    refused(clone(base, tmp_path / "b"), packages["other"], "not_for_this_device", "field-other")
+    refused(clone(base, tmp_path / "b"), packages["other"], "not_for_this_device", "field-other", cli=True)
 
 
 def test_expired_package_is_refused(tmp_path: Path, base: Board, packages: dict[str, Path]) -> None:
