@@ -15,8 +15,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from manifests import write_keypair
@@ -26,7 +28,9 @@ CACHE = REPO / ".cache" / "test-bundles"
 # What shapes a bundle: the build side (not export/target/, which only verifies) and the manifest contract.
 HASHED = ("export", "manifests/bundle.py", "manifests/signing.py", "manifests/_files.py")
 SKIP = ("export/target",)
-BUILD_TIMEOUT_S = 900
+BUILD_TIMEOUT_S = 1800
+# Caches of older sources are removed once nobody can still be using them.
+STALE_AFTER_S = 6 * 3600
 
 
 def sources_hash() -> str:
@@ -91,4 +95,13 @@ def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
                     f"{proc.stderr[-4000:]}"
                 )
             summary.write_text(proc.stdout)
+            _prune(kind, keep=root)
     return bundle, keys / "nanofleet.pub", json.loads(summary.read_text())
+
+
+def _prune(kind: str, keep: Path) -> None:
+    now = time.time()
+    for old in CACHE.glob(f"{kind}-*"):
+        if old.is_dir() and old != keep and now - old.stat().st_mtime > STALE_AFTER_S:
+            shutil.rmtree(old, ignore_errors=True)
+            Path(f"{old}.lock").unlink(missing_ok=True)
