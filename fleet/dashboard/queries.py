@@ -370,35 +370,64 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def counter_increments(device_ids: Any) -> Any:
+    """Telemetry samples of ``device_ids`` with the requests and errors served since the device's previous
+    sample. Agents send counters cumulative since they started; a counter that went down means the agent
+    restarted, so its new value is all since then. A device's first sample adds nothing (unknown start).
+    """
+    s = TelemetrySample
+    window = {"partition_by": s.device_id, "order_by": (s.ts, s.seq)}
+    prev_req = func.lag(s.requests).over(**window)
+    prev_err = func.lag(s.errors).over(**window)
+    return (
+        select(
+            s.device_id,
+            s.ts,
+            s.model_name,
+            s.model_version,
+            s.decode_tok_s,
+            case(
+                (prev_req.is_(None), 0), (s.requests < prev_req, s.requests), else_=s.requests - prev_req
+            ).label("d_requests"),
+            case((prev_err.is_(None), 0), (s.errors < prev_err, s.errors), else_=s.errors - prev_err).label(
+                "d_errors"
+            ),
+        )
+        .where(s.device_id.in_(device_ids))
+        .subquery()
+    )
+
+
 def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAfter:
     """For each device updated so far: decode tok/s and error rate on its previous model (samples before
     it was started) vs on this deployment's model (samples since). One aggregate query for the whole
     deployment, so it stays cheap with thousands of devices."""
-    is_new = (TelemetrySample.model_name == dep.bundle_name) & (
-        TelemetrySample.model_version == dep.bundle_version
-    )
+    t = DeploymentTarget
+    updated = select(t.device_id).where(t.deployment_id == dep.id, t.state.in_(UPDATED))
+    inc = counter_increments(updated)
+    is_new = (inc.c.model_name == dep.bundle_name) & (inc.c.model_version == dep.bundle_version)
     was_previous = (
-        (TelemetrySample.model_name == DeploymentTarget.previous_name)
-        & (TelemetrySample.model_version == DeploymentTarget.previous_version)
-        & (TelemetrySample.ts <= DeploymentTarget.assigned_at)
+        (inc.c.model_name == t.previous_name)
+        & (inc.c.model_version == t.previous_version)
+        & (inc.c.ts <= t.assigned_at)
     )
     after = case((is_new, 1), else_=0).label("after")
     rows = session.execute(
         select(
-            DeploymentTarget.device_id,
+            t.device_id,
             after,
-            func.avg(TelemetrySample.decode_tok_s),
-            func.sum(TelemetrySample.requests),
-            func.sum(TelemetrySample.errors),
+            func.avg(inc.c.decode_tok_s),
+            func.sum(inc.c.d_requests),
+            func.sum(inc.c.d_errors),
         )
-        .join(TelemetrySample, TelemetrySample.device_id == DeploymentTarget.device_id)
+        .join(inc, inc.c.device_id == t.device_id)
         .where(
-            DeploymentTarget.deployment_id == dep.id,
-            DeploymentTarget.state.in_(UPDATED),
-            DeploymentTarget.assigned_at.is_not(None),
-            or_(is_new & (TelemetrySample.ts >= DeploymentTarget.assigned_at), was_previous),
+            t.deployment_id == dep.id,
+            t.state.in_(UPDATED),
+            t.assigned_at.is_not(None),
+            or_(is_new & (inc.c.ts >= t.assigned_at), was_previous),
         )
-        .group_by(DeploymentTarget.device_id, after)
+        .group_by(t.device_id, after)
     ).all()
     stats: dict[str, dict[int, tuple[float | None, int, int]]] = {}
     for device_id, is_after, tok, req, errs in rows:

@@ -131,10 +131,12 @@ def make_quality_bundle(root: Path, key: SigningKey, version: int) -> Path:
 
 class TelemetryDevice(SimDevice):
     """The fleet tests' simulated device, publishing the whole telemetry payload (RSS, temperature, free
-    disk and errors too), so every chart on the device page has real samples that came over MQTT."""
+    disk, request/error counters cumulative like the real agent's), so every chart on the device page
+    has real samples that came over MQTT."""
 
     def _telemetry_loop(self) -> None:
         n = 0
+        requests = errors = 0  # cumulative since the agent started, as the real agent sends them
         while not self._stop.wait(self.telemetry_s):
             if not self.connected.is_set() or self.current is None:
                 continue
@@ -143,6 +145,8 @@ class TelemetryDevice(SimDevice):
                 seq = self.seq
             n += 1
             version = self.current[1]
+            requests += 10
+            errors += ERRORS.get(version, 0)
             t = c.Telemetry(
                 device_id=self.id,
                 seq=seq,
@@ -150,8 +154,8 @@ class TelemetryDevice(SimDevice):
                 decode_tok_s=TOK_S.get(version, 100.0) + (n % 5),
                 ttft_p95_ms=80.0 + 10 * version + (n % 3),
                 ttft_p50_ms=60.0,
-                requests=10,
-                errors=ERRORS.get(version, 0),
+                requests=requests,
+                errors=errors,
                 rss_bytes=(300 + 20 * version) * 2**20 + n * 4096,
                 cpu_temp_c=48.0 + (n % 7),
                 disk_free_bytes=(8 * 2**30) - version * 150 * 2**20,

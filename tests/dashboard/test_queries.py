@@ -80,16 +80,24 @@ def test_before_after_numbers_windows_and_order(session: Session) -> None:
         )
     session.add(dep)
     seq = 0
-    for dev, after_tok in (("d-0000", 120.0), ("d-0001", 50.0), ("d-0002", 100.0)):
-        for k in range(4):
+    for dev, after_tok, after_err in (("d-0000", 120.0, 0), ("d-0001", 50.0, 0), ("d-0002", 100.0, 2)):
+        # (minutes from the start, model version, tok/s, requests and errors since the last sample)
+        script = [
+            (-30, 1, 100.0, 10, 10),  # the first sample ever: its counters predate what we know, not counted
+            (-25, 2, 999.0, 10, 10),  # the new model before the start (an earlier attempt): ignored
+            *[(-10 + k, 1, 100.0, 10, 1) for k in range(4)],  # previous model before the start: 10% errors
+            *[(1 + k, 2, after_tok, 20, after_err) for k in range(4)],  # the new model after the start
+            (6, 2, after_tok, None, None),  # the agent restarted: counters start again from zero
+            (30, 1, 1.0, 10, 10),  # the old model after the start (rolled back): not "before"
+        ]
+        req = err = 0
+        for minutes, version, tok, d_req, d_err in script:
             seq += 1
-            session.add(sample(dev, seq, -10 + k, 1, 100.0, 10, 1))  # previous model, before: counts
-            seq += 1
-            session.add(sample(dev, seq, 1 + k, 2, after_tok, 20, 0 if dev != "d-0002" else 2))  # after
-        seq += 1
-        session.add(sample(dev, seq, -20, 2, 999.0, 10, 10))  # new model before the start: ignored
-        seq += 1
-        session.add(sample(dev, seq, 30, 1, 1.0, 10, 10))  # old model after the start: ignored
+            if d_req is None:
+                req, err = 20, after_err
+            else:
+                req, err = req + d_req, err + (d_err or 0)
+            session.add(sample(dev, seq, minutes, version, tok, req, err))
     session.commit()
 
     ba = queries.before_after(session, dep, limit=2)
@@ -98,7 +106,7 @@ def test_before_after_numbers_windows_and_order(session: Session) -> None:
     assert ba.tok_s == [("d-0001", 100.0, 50.0), ("d-0002", 100.0, 100.0)]
     assert ba.error_rate == [("d-0001", 10.0, 0.0), ("d-0002", 10.0, 10.0)]
     assert ba.tok_s_mean == (100.0, pytest.approx((120 + 50 + 100) / 3))
-    assert ba.error_rate_overall == (10.0, pytest.approx(100 * 8 / 240))
+    assert ba.error_rate_overall == (10.0, pytest.approx(100 * 10 / 300))
 
     view = queries.deployment_view(dep)
     assert [w.total for w in view.waves] == [100, 500]
