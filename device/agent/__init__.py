@@ -1,1 +1,55 @@
-"""The update agent: A/B slots, the OTA state machine, MQTT and telemetry."""
+"""The update agent: A/B slots, the OTA state machine, MQTT and telemetry (docs/ota.md).
+
+Public surface (imported lazily so `nanofleet --help` stays fast on a board)::
+
+    from device.agent import Agent, AgentConfig, load_config, Updater, State, Event, TRANSITIONS, RESUME_MAP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .config import AgentConfig, load_config
+    from .errors import AgentError, ConfigError, RefusedError, UpdateError
+    from .states import RESUME_MAP, TRANSITIONS, Event, State
+    from .updater import Updater
+
+_EXPORTS = {
+    "Agent": ".agent",
+    "AgentConfig": ".config",
+    "load_config": ".config",
+    "AgentError": ".errors",
+    "ConfigError": ".errors",
+    "RefusedError": ".errors",
+    "UpdateError": ".errors",
+    "RESUME_MAP": ".states",
+    "TRANSITIONS": ".states",
+    "Event": ".states",
+    "State": ".states",
+    "Updater": ".updater",
+}
+
+__all__ = [
+    "RESUME_MAP",
+    "TRANSITIONS",
+    "Agent",
+    "AgentConfig",
+    "AgentError",
+    "ConfigError",
+    "Event",
+    "RefusedError",
+    "State",
+    "UpdateError",
+    "Updater",
+    "load_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(name)
