@@ -211,11 +211,11 @@ def test_convergence_timeout_aborts_and_manual_pause_resume(make_fleet, bundles,
                 "hang-v2",
                 2,
                 {"type": "waves", "waves": {"sizes": [1, 1]}},
-                abort={"convergence_timeout_s": 1.5, "on_abort": "pause"},
+                abort={"convergence_timeout_s": 4, "on_abort": "pause"},
             )
         )
         wait_for(lambda: status_of(admin, "hang-v2") == "paused", 20, what="timeout abort")
-        assert "did not converge within 1.5s" in admin.deployment("hang-v2")["abort_reason"]
+        assert "did not converge within 4s" in admin.deployment("hang-v2")["abort_reason"]
         # Resume retries the device with a fresh command id; this time it works.
         devs[0].behaviour.hang_versions = set()
         admin.control("hang-v2", "resume")
