@@ -65,7 +65,7 @@ def verify_target_cmd(
         help="Largest allowed perplexity difference target vs build, in percent.",
     ),
     min_agreement: float = typer.Option(
-        0.75,
+        0.6,
         "--min-agreement",
         min=0.0,
         max=1.0,

@@ -110,7 +110,7 @@ def test_default_bundle_verifies_on_cortex_a76(default_bundle: tuple[Path, Path]
     assert 20 <= data["eval_tokens"] <= 80
     assert 1.0 < data["perplexity"] < 1000.0
     assert abs(data["ppl_drift_pct"]) < 3.0
-    assert data["greedy_agreement"] >= 0.75 and len(data["prompts"]) == 2
+    assert data["greedy_agreement"] >= 0.6 and len(data["prompts"]) == 2
     assert data["golden_match"] is True  # the agent's activation check would pass on a Pi 5
     assert not data["signed_report_compared"]  # a short text, not the gate's: compared with the build only
     v = data["verification"]
