@@ -75,6 +75,9 @@ fi
 echo "NANOFLEET_TEST_PG_URL=$PG_URL" >> "$ENV_FILE.tmp"
 
 # --- aarch64 emulation (target verification) -----------------------------------------------------
+# debootstrap builds the Debian arm64 userland; the tests build the rest of ~/.cache/nanofleet/target on
+# first use (aarch64 wheels from PyPI; Debian trixie's static qemu-user 10, fetched with apt-get, since
+# this qemu-user-static 7.2 crashes onnxruntime 1.28+ and is only the fallback). docs/target-verification.md
 command -v qemu-aarch64-static >/dev/null || apt_install qemu-user-static
 command -v debootstrap >/dev/null || apt_install debootstrap
 
