@@ -24,8 +24,12 @@ from manifests import mqtt as contract
 
 from ..conftest import REPO, free_port
 
+# Waits end as soon as the condition holds; the scale only matters on a loaded machine.
+TIMEOUT_SCALE = float(os.environ.get("NANOFLEET_TEST_TIMEOUT_SCALE", "3"))
+
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
