@@ -17,6 +17,7 @@ buffers as the past inputs, so each step writes only its new rows in place (noth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +37,7 @@ class RunState:
     # optimum-kv: 2*L tensors [1, kv_heads, n_past, head_dim]; gqa: [1, kv_heads, capacity, head_dim]
     past: list[ort.OrtValue] = field(default_factory=list)
     capacity: int = 0  # gqa: rows allocated per buffer
+    binding: Any = None  # gqa: the IOBinding with the KV buffers bound once, reused every step
 
 
 class OptimumKVDriver:
@@ -132,7 +134,18 @@ class GQADriver:
 
     def new_state(self, capacity: int | None = None) -> RunState:
         cap = self._round(capacity or self.context_length)
-        return RunState(n_past=0, past=self._alloc(cap), capacity=cap)
+        state = RunState(n_past=0, past=self._alloc(cap), capacity=cap)
+        self._bind_cache(state)
+        return state
+
+    def _bind_cache(self, state: RunState) -> None:
+        # The buffers never move, so they are bound once; a step rebinds only its small inputs and logits.
+        b = self.session.io_binding()
+        for past_name, present_name, buf in zip(self.past_names, self.present_names, state.past, strict=True):
+            b.bind_ortvalue_input(past_name, buf)
+            b.bind_ortvalue_output(present_name, buf)  # in place: GQA appends the new rows
+        b.bind_output("logits", "cpu")  # bound last: get_outputs()[-1]; rebinding keeps its place
+        state.binding = b
 
     def _grow(self, state: RunState, need: int) -> None:
         """Rare: a caller fed more than it reserved. Copy into bigger buffers once (doubling)."""
@@ -141,27 +154,28 @@ class GQADriver:
         for old_v, new_v in zip(state.past, new, strict=True):
             new_v.numpy()[:, :, : state.n_past] = old_v.numpy()[:, :, : state.n_past]
         state.past, state.capacity = new, cap
+        self._bind_cache(state)
 
     def forward(self, state: RunState, token_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         n = int(token_ids.shape[0])
         total = state.n_past + n
         if total > state.capacity:
             self._grow(state, total)
-        b = self.session.io_binding()
-        b.bind_cpu_input("input_ids", token_ids.astype(np.int64).reshape(1, n))  # [1, n]
-        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))  # [1]
-        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))  # []
+        b = state.binding
+        # numpy inputs are bound without a copy: they stay alive in `feeds` until the run is done
+        feeds = [
+            ("input_ids", token_ids.astype(np.int64).reshape(1, n)),  # [1, n]
+            ("seqlens_k", np.array([total - 1], dtype=np.int32)),  # [1]
+            ("total_sequence_length", np.array(total, dtype=np.int32)),  # []
+        ]
         if self.has_logits_index:
             rows = np.array([n - 1], dtype=np.int64) if last_only else np.arange(n, dtype=np.int64)  # [k]
-            b.bind_cpu_input("logits_index", rows)
-        b.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
-        for past_name, present_name, buf in zip(self.past_names, self.present_names, state.past, strict=True):
-            b.bind_ortvalue_input(past_name, buf)
-            b.bind_ortvalue_output(present_name, buf)  # in place: GQA appends the new rows
+            feeds.append(("logits_index", rows))
+        for name, arr in feeds:
+            b.bind_cpu_input(name, arr)
+        b.bind_output("logits", "cpu")  # a fresh tensor each step: its shape changes
         self.session.run_with_iobinding(b)
-        logits = b.get_outputs()[0].numpy()[
-            0
-        ]  # [k, vocab]: k = 1 with last_only (when the graph can), else n
+        logits = b.get_outputs()[-1].numpy()[0]  # [k, vocab]: k = 1 with last_only, else n
         state.n_past = total
         return logits
 
