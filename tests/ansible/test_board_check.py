@@ -14,6 +14,8 @@ import pytest
 
 from ._harness import Run, device_host_vars, run_playbook, write_inventory
 
+pytestmark = [pytest.mark.slow]
+
 CASES = {
     "bad-arch": ({"nanofleet_device_allowed_architectures": ["aarch64"]}, "the CPU architecture is x86_64"),
     "bad-ram": ({"nanofleet_device_min_ram_mb": 10_000_000}, "MB needed (nanofleet_device_min_ram_mb)"),

@@ -27,7 +27,7 @@ from tests.conftest import free_port, mosquitto_bin, wait_port
 
 from ._harness import ANSIBLE_DIR, VENV_BIN, ansible_env, broker_host_vars
 
-pytestmark = [pytest.mark.mosquitto]
+pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
 
 
 def _cert(
