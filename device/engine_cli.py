@@ -20,7 +20,7 @@ def _trust(pubkeys: list[Path] | None):  # noqa: ANN202 - manifests.TrustStore |
 
 
 def _fail(message: str, code: int = 1) -> None:
-    _err.print(f"[red]error:[/] {message}")
+    _err.print(f"[red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 

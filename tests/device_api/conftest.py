@@ -1,4 +1,4 @@
-"""A real uvicorn server over the real fp32 engine, on a free port."""
+"""A real uvicorn server over the real default bundle (INT8, verified with its test key), on a free port."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from device.api import ApiServer, ApiSettings, ModelHolder, create_app
-from device.engine import Engine
+from device.engine import Engine, EngineOptions
+from manifests import TrustStore
 from tests.conftest import free_port
-from tests.device_engine.conftest import shared_fp32_engine
 
 
 @pytest.fixture(scope="session")
-def engine() -> Engine:
-    return shared_fp32_engine()
+def engine(default_bundle) -> Iterator[Engine]:  # noqa: ANN001
+    bundle, pub = default_bundle
+    engine = Engine.from_bundle(
+        bundle, TrustStore.from_paths([pub]), EngineOptions(threads=2, spin_wait=False)
+    )
+    yield engine
+    engine.close()
 
 
 @pytest.fixture

@@ -174,13 +174,11 @@ def test_health_readiness_and_metrics(serve, engine: Engine) -> None:  # noqa: A
         "nanofleet_in_flight",
     ):
         assert name in text, name
-    assert f'nanofleet_model_info{{name="{engine.name}",version=""}} 1.0' in text
+    assert f'nanofleet_model_info{{name="{engine.name}",version="{engine.version}"}} 1.0' in text
 
 
 def test_swap_drains_in_flight_stream_then_closes_old(serve, engine: Engine) -> None:  # noqa: ANN001
-    fresh = Engine.from_parts(
-        engine.model_path.parent, engine.arch, engine.graph, EngineOptions(threads=2, spin_wait=False)
-    )
+    fresh = Engine.from_bundle(engine.model_path.parent, None, EngineOptions(threads=2, spin_wait=False))
     holder = ModelHolder(fresh)
     srv, _ = serve(holder=holder, max_concurrency=2)
     body = {"messages": MSG, "max_tokens": 40, "ignore_eos": True, "stream": True}

@@ -1,4 +1,5 @@
-"""Fixtures over the fp32 optimum export of the default model (.cache/onnx-fp32-smollm2)."""
+"""Fixtures over the fp32 optimum export of the default model (.cache/onnx-fp32-smollm2, built on first use
+by tests/device_engine/artifacts.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import pytest
 
 from device.engine import Engine, EngineOptions, arch_from_hf_config, optimum_kv_graph
 
-REPO = Path(__file__).resolve().parents[2]
-FP32_DIR = REPO / ".cache" / "onnx-fp32-smollm2"
-HF_DIR = REPO / ".cache" / "hf" / "smollm2-135m"
+from . import artifacts
+
+REPO = artifacts.REPO
+FP32_DIR = artifacts.FP32_DIR
+HF_DIR = artifacts.HF_DIR
 
 
 def require(path: Path) -> Path:
+    """``path`` inside one of the cached artefacts, building that artefact first if needed."""
     if not path.exists():
-        pytest.fail(f"{path} is missing: the lead builds it (optimum-cli export of the default model)")
+        if path.is_relative_to(FP32_DIR):
+            artifacts.fp32_dir()
+        elif path.is_relative_to(HF_DIR):
+            artifacts.hf_dir()
+    if not path.exists():
+        pytest.fail(f"{path} is missing after building the test artefacts")
     return path
 
 

@@ -113,7 +113,7 @@ def test_incremental_decoder_reassembles_multibyte_text(tokenizer: Tokenizer) ->
 
 
 def test_chat_template_renders_and_is_sandboxed() -> None:
-    source = (FP32_DIR / "chat_template.jinja").read_text()
+    source = require(FP32_DIR / "chat_template.jinja").read_text()
     out = ChatTemplate(source).render([{"role": "user", "content": "Hi"}])
     assert out.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>system" in out

@@ -1,0 +1,124 @@
+"""The commands as real processes: `nanofleet device serve`, `nanofleet device chat`, `nanofleet bench`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import free_port, wait_port
+
+pytestmark = pytest.mark.slow
+NANOFLEET = [sys.executable, "-m", "nanofleet.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_serve_answers_the_openai_client_then_stops_on_sigterm(default_bundle) -> None:  # noqa: ANN001
+    bundle, pub = default_bundle
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *NANOFLEET,
+            "device",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--pubkey",
+            str(pub),
+            "--port",
+            str(port),
+            "--threads",
+            "2",
+            "--api-key",
+            "k",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, timeout=120)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=60).status_code == 200
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        model = c.models.list().data[0].id
+        r = c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0
+        )
+        assert r.choices[0].message.content and r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+
+
+def test_serve_refuses_a_bundle_signed_by_an_unknown_key(default_bundle, keypair) -> None:  # noqa: ANN001
+    bundle, _ = default_bundle
+    _key, _priv, other_pub = keypair
+    p = subprocess.run(
+        [*NANOFLEET, "device", "serve", "--bundle", str(bundle), "--pubkey", str(other_pub)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1 and "unknown key" in " ".join(p.stderr.split())
+
+
+def test_chat_streams_an_answer(default_bundle) -> None:  # noqa: ANN001
+    bundle, _ = default_bundle
+    p = subprocess.run(
+        [*NANOFLEET, "device", "chat", "--bundle", str(bundle), "--temperature", "0", "--max-tokens", "12"],
+        input="What is the capital of France?\n\n",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr
+    answer = p.stdout.split(">", 1)[-1].strip()
+    assert len(answer) > 3, p.stdout
+
+
+def test_bench_json_has_top_level_decode_tok_s(default_bundle) -> None:  # noqa: ANN001
+    bundle, pub = default_bundle
+    p = subprocess.run(
+        [
+            *NANOFLEET,
+            "bench",
+            str(bundle),
+            "--pubkey",
+            str(pub),
+            "--prompt-tokens",
+            "32",
+            "--new-tokens",
+            "8",
+            "--runs",
+            "1",
+            "--threads",
+            "2",
+            "--json",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["decode_tok_s"] > 0 and res["ttft_ms"] > 0 and res["prefill_tok_s"] > 0
+    assert res["prompt_tokens"] == 32 and res["new_tokens"] == 8
+    assert res["peak_rss_mb"] > res["model_mb"] > 10
+
+
+def test_bench_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [*NANOFLEET, "bench", str(tmp_path), "--json"], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 1 and "neither a bundle" in " ".join(p.stderr.split())
