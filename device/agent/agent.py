@@ -202,11 +202,11 @@ class Agent:
         self._publish_reported(self.updater.snapshot())
         self.link.start()
         self._worker.start()
-        from device.offline.watcher import OfflineWatcher
+        sdnotify.notify("READY=1")
+        from device.offline.watcher import OfflineWatcher  # removable media (docs/offline.md)
 
         offline = OfflineWatcher(self, self.updater.snapshot)
         offline.start()
-        sdnotify.notify("READY=1")
         interval = self.config.telemetry.interval_s
         watchdog = sdnotify.watchdog_interval_s()
         tick = min(interval, watchdog) if watchdog else interval

@@ -132,8 +132,13 @@ def _result(pkg: VerifiedPackage, rec: UpdateRecord, via: str, outcome: str | No
     mine = rec.deployment_id == command
     if outcome is None:
         outcome = (rec.last_result or rec.state.value) if mine else "unknown"
+    serves_it = committed is not None and (committed.name, committed.version) == (
+        pkg.update.bundle.name,
+        pkg.update.bundle.version,
+    )
+    # Done before counts as success when that install committed, or the board runs the bundle anyway.
     ok = outcome in ("committed", "in_service") or (
-        outcome == "duplicate" and mine and rec.last_result == "committed"
+        outcome == "duplicate" and ((mine and rec.last_result == "committed") or serves_it)
     )
     return InstallResult(
         outcome=outcome,
