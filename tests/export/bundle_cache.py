@@ -36,13 +36,13 @@ STALE_AFTER_S = 6 * 3600
 def sources_hash() -> str:
     h = hashlib.sha256()
     for top in HASHED:
-        for p in sorted((REPO / top).rglob("*")):
-            if (
-                p.is_file()
-                and p.suffix in (".py", ".txt", ".json", ".jinja")
-                and "__pycache__" not in p.parts
-            ):
-                h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+        root = REPO / top
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            rel = p.relative_to(REPO).as_posix()
+            if rel.startswith(SKIP) or "__pycache__" in p.parts or not p.is_file():
+                continue
+            if p.suffix in (".py", ".txt", ".json", ".jinja"):
+                h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -66,35 +66,11 @@ def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
         if not (keys / "nanofleet.key").exists():
             write_keypair(keys)
         if not (bundle / "manifest.sig").exists() or not summary.exists():
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "nanofleet.cli",
-                    "export",
-                    "--key",
-                    str(keys / "nanofleet.key"),
-                    "--out",
-                    str(bundle),
-                    "--version",
-                    "1",
-                    "--json",
-                    "--force",
-                    *extra_args,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-                env=env,
-                cwd=REPO,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"building the {kind} test bundle failed (exit {proc.returncode}):\n{proc.stdout}\n"
-                    f"{proc.stderr[-4000:]}"
-                )
-            summary.write_text(proc.stdout)
+            # Work folders of builds that were SIGKILLed (we hold the lock: nobody else builds here).
+            for stale in root.glob(".nanofleet-export-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            stdout = _build(bundle, keys, extra_args)
+            summary.write_text(stdout)
             _prune(kind, keep=root)
     return bundle, keys / "nanofleet.pub", json.loads(summary.read_text())
 
@@ -105,3 +81,39 @@ def _prune(kind: str, keep: Path) -> None:
         if old.is_dir() and old != keep and now - old.stat().st_mtime > STALE_AFTER_S:
             shutil.rmtree(old, ignore_errors=True)
             Path(f"{old}.lock").unlink(missing_ok=True)
+
+
+def _build(bundle: Path, keys: Path, extra_args: list[str]) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanofleet.cli",
+        "export",
+        "--key",
+        str(keys / "nanofleet.key"),
+        "--out",
+        str(bundle),
+        "--version",
+        "1",
+        "--json",
+        "--force",
+        *extra_args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        stdout, stderr = proc.communicate(timeout=BUILD_TIMEOUT_S)
+    except BaseException:
+        # A test timeout or Ctrl-C: SIGTERM lets the export remove its temporary files before it exits.
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"building the test bundle {bundle} failed (exit {proc.returncode}):\n{stdout}\n{stderr[-4000:]}"
+        )
+    return stdout
