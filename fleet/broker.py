@@ -80,6 +80,42 @@ class FleetTopicPlugin(BaseTopicPlugin):
         return device_topic_allowed(session.username, topic, str(action.value if action else ""))
 
 
+class _FleetBroker(Broker):
+    """amqtt's Broker with its retained-message delivery fixed.
+
+    amqtt 0.12.1, on every connect, sends the new client the retained messages matching *every
+    client's* subscriptions (``for topic in self._subscriptions``), and never asks the topic ACL. With
+    retained desired states that hands each device every other device's commands. Here a retained
+    message goes only to a session that holds the matching subscription and may receive the topic.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(s.client_id == session.client_id for s, _ in holders):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+
 def pick_port(host: str, wanted: int) -> int:
     """``wanted`` if given; else 1883 when free, else any free port."""
     candidates = [wanted] if wanted else [1883, 0]
@@ -143,7 +179,7 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
 
         async def _start() -> None:
-            self._broker = Broker(self._config(), loop=loop)
+            self._broker = _FleetBroker(self._config(), loop=loop)
             await self._broker.start()
 
         try:

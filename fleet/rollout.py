@@ -70,10 +70,15 @@ def audit(
 # --- planning ---------------------------------------------------------------------------------------
 
 
-def select_devices(session: Session, manifest: DeploymentManifest) -> list[Device]:
+def select_devices(
+    session: Session, manifest: DeploymentManifest, enrolled_after: dt.datetime | None = None
+) -> list[Device]:
     sel = manifest.spec.selector
     out = []
-    for d in session.scalars(select(Device).order_by(Device.enrolled_at, Device.id)).all():
+    q = select(Device).order_by(Device.enrolled_at, Device.id)
+    if enrolled_after is not None:
+        q = q.where(Device.enrolled_at > enrolled_after)
+    for d in session.scalars(q).all():
         if sel.device_ids and d.id not in sel.device_ids:
             continue
         if any((d.tags or {}).get(k) != v for k, v in sel.tags.items()):
@@ -363,7 +368,10 @@ class RolloutEngine:
                 )
                 return changed | self._abort(session, dep, f"device {t.device_id}: {problem}", now)
 
-        # 4. Start devices of the current wave, at most max_in_flight at once.
+        # 4. Devices enrolled since the apply that match the selector join the last wave.
+        self._adopt_new_devices(session, dep, manifest, now)
+
+        # 5. Start devices of the current wave, at most max_in_flight at once.
         wave_targets = [t for t in dep.targets if t.wave == dep.wave]
         in_flight = sum(1 for t in dep.targets if t.state == "in_flight")
         cap = strategy.max_in_flight or len(dep.targets)
@@ -373,7 +381,7 @@ class RolloutEngine:
             changed.add(self._start_target(session, dep, t, devices.get(t.device_id), manifest, now))
             in_flight += 1
 
-        # 5. Wave converged? Soak, then the next wave (or done).
+        # 6. Wave converged? Soak, then the next wave (or done).
         if all(t.state in TERMINAL_TARGET for t in wave_targets):
             if dep.wave_converged_at is None:
                 dep.wave_converged_at = now
@@ -398,6 +406,31 @@ class RolloutEngine:
                     changed |= self._advance(session, dep, now)
         dep.updated_at = now
         return changed
+
+    def _adopt_new_devices(
+        self, session: Session, dep: Deployment, manifest: DeploymentManifest, now: dt.datetime
+    ) -> None:
+        known = {t.device_id for t in dep.targets}
+        fresh = [d for d in select_devices(session, manifest, aware(dep.created_at)) if d.id not in known]
+        if not fresh:
+            return
+        last_wave = max(dep.waves - 1, dep.wave)
+        pos = max((t.position for t in dep.targets), default=-1) + 1
+        for i, d in enumerate(fresh):
+            dep.targets.append(
+                DeploymentTarget(device_id=d.id, position=pos + i, wave=last_wave, state="pending")
+            )
+            audit(
+                session,
+                "rollout",
+                "device_joined",
+                deployment=dep.name,
+                device_id=d.id,
+                ts=now,
+                wave=last_wave,
+            )
+        if dep.wave == last_wave:
+            dep.wave_converged_at = None  # the wave has work again
 
     def _start_target(
         self,

@@ -60,6 +60,7 @@ class SimDevice:
         self.current = current
         self.highest = current[1] if current else 0
         self.seen: set[str] = set()
+        self.topics_seen: list[str] = []
         self.results: list[tuple[str, str]] = []  # (deployment_id, result)
         self.seq = 0
         self.requests = 0  # cumulative since start, like the real agent
@@ -123,6 +124,7 @@ class SimDevice:
         self._report()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.topics_seen.append(msg.topic)
         try:
             self._work.put(c.DesiredState.from_bytes(msg.payload))
         except Exception:  # noqa: BLE001 - a bad payload is ignored, like a real agent would

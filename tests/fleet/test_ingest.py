@@ -18,12 +18,14 @@ from manifests import mqtt as c
 from .conftest import wait_for
 
 
-def connect(url: str, user: str, password: str, client_id: str) -> tuple[mqtt.Client, list]:
+def connect(url: str, user: str, password: str, client_id: str, on_message=None) -> tuple[mqtt.Client, list]:
     host, port = url.removeprefix("mqtt://").split(":")
     rc: list = []
     cl = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     cl.username_pw_set(user, password)
     cl.on_connect = lambda _c, _u, _f, reason, _p: rc.append(reason)
+    if on_message is not None:
+        cl.on_message = on_message
     cl.connect(host, int(port))
     cl.loop_start()
     wait_for(lambda: rc, 10, what="CONNACK")
@@ -145,3 +147,31 @@ def test_telemetry_retention_downsamples(make_fleet) -> None:
         )
         s.commit()
         assert s.scalar(select(func.count()).select_from(TelemetryRollup)) == 0  # past rollup retention
+
+
+def test_a_device_gets_only_its_own_retained_desired_state(make_fleet, bundles) -> None:
+    """amqtt 0.12.1 hands a connecting client the retained messages of everyone's subscriptions; the
+    fleet's broker must not (a device would otherwise see, and might act on, other devices' commands)."""
+    fleet = make_fleet()
+    a, b = fleet.enroll(2, telemetry_s=60)
+    with fleet.admin() as admin:
+        admin.upload_bundle(bundles[1])
+        admin.apply({"metadata": {"name": "d"}, "spec": {"bundle": {"name": "tiny-model", "version": 1}}})
+        wait_for(lambda: a.current and b.current, what="both devices updated")
+        token = admin.enrollment_token(uses=1)["token"]
+    from fleet.client import FleetClient
+
+    with FleetClient(fleet.url) as anon:
+        creds = anon.enroll(token, device_id="late")
+    got: list[str] = []
+    cl, rc = connect(
+        fleet.svc.mqtt_url, "late", creds["device_token"], "late-conn", lambda _c, _u, m: got.append(m.topic)
+    )
+    cl.subscribe(c.desired_topic("late"), qos=1)
+    # Trying to subscribe to another device's topic is refused by the ACL.
+    cl.subscribe(c.desired_topic(a.id), qos=1)
+    time.sleep(1.5)
+    cl.disconnect()
+    cl.loop_stop()
+    assert got == []
+    assert all(t == c.desired_topic(a.id) for t in a.topics_seen)

@@ -325,3 +325,31 @@ def test_a_newer_deployment_takes_devices_over(make_fleet, bundles) -> None:
         # Aborting the old one changes nothing on the devices.
         admin.control("slow-v2", "abort")
         assert all(d.current == (BUNDLE, 3) for d in devs)
+
+
+def test_a_device_enrolled_mid_rollout_joins_the_last_wave(make_fleet, bundles) -> None:
+    fleet = make_fleet()
+    devs = fleet.enroll(2, tags={"site": "lab"}, telemetry_s=5)
+    with fleet.admin() as admin:
+        upload(admin, bundles, 1)
+        admin.apply(
+            manifest(
+                "lab",
+                1,
+                {"type": "waves", "waves": {"sizes": [1, 1]}, "wait_seconds": 2},
+                selector={"tags": {"site": "lab"}},
+            )
+        )
+        wait_for(lambda: devs[0].current == (BUNDLE, 1), what="first wave")
+        late = fleet.enroll(1, tags={"site": "lab"}, telemetry_s=5, prefix="late")
+        fleet.enroll(1, tags={"site": "elsewhere"}, telemetry_s=5, prefix="other")
+        wait_for(lambda: status_of(admin, "lab") == "completed", 30, what="completed")
+        dep = admin.deployment("lab")
+        assert [(t["device_id"], t["wave"], t["state"]) for t in dep["targets"]] == [
+            ("sim-00", 0, "succeeded"),
+            ("sim-01", 1, "succeeded"),
+            ("late-02", 1, "succeeded"),
+        ]
+        assert late[0].current == (BUNDLE, 1)
+        other = fleet.devices[-1]
+        assert other.current is None, (other.id, other.topics_seen, admin.device(other.id)["desired"])
