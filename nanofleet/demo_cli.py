@@ -459,8 +459,8 @@ class Demo:
 
         time.sleep(2.5)  # one telemetry interval, so the table shows the requests just made
         t = Table(title=f"devices ({admin.devices()[0].get('model', '?').rsplit('@', 1)[0]})")
-        for col in ("device", "ver", "answer", "decode tok/s", "TTFT p95", "req", "RSS"):
-            t.add_column(col, min_width=34 if col == "answer" else None)
+        for col in ("device", "ver", "answer", "tok/s", "TTFT p95", "req", "RSS"):
+            t.add_column(col, min_width=30 if col == "answer" else None)
         for d in admin.devices():
             tel = d.get("telemetry") or {}
             t.add_row(
