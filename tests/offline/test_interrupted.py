@@ -16,6 +16,8 @@ from manifests import SigningKey
 from .conftest import Board, FleetProc, kill, popen_cli, wait_for
 from .helpers import bootstrapped, clone, export
 
+pytestmark = pytest.mark.slow  # several real processes
+
 
 @pytest.fixture(scope="module")
 def base(

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from device.offline.format import PACKAGE_DOC, TELEMETRY_SUFFIX
 from manifests import SigningKey
 
 from .conftest import Board, FleetProc, wait_for
+
+pytestmark = pytest.mark.slow  # several real processes
 
 
 def test_round_trip_through_a_stick(

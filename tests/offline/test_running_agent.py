@@ -8,12 +8,15 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from manifests import SigningKey
 
 from .conftest import FleetProc, wait_for
 from .helpers import bootstrapped, export
+
+pytestmark = pytest.mark.slow  # several real processes
 
 
 def _serving(port: int) -> dict[str, object] | None:
