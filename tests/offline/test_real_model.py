@@ -19,6 +19,7 @@ def test_real_bundle_through_a_stick(tmp_path: Path, default_bundle: tuple[Path,
     (tmp_path / "fleet").mkdir()
     fleet = FleetProc(tmp_path / "fleet", pub).start()
     try:
+        token = fleet.enroll("real-1")
         with fleet.admin() as c:
             c.upload_bundle(bundle)
             c.apply(
@@ -32,7 +33,7 @@ def test_real_bundle_through_a_stick(tmp_path: Path, default_bundle: tuple[Path,
                     },
                 }
             )
-        board = Board(tmp_path / "board", "real-1", fleet.enroll("real-1"), [pub, fleet.fleet_pub])
+        board = Board(tmp_path / "board", "real-1", token, [pub, fleet.fleet_pub])
         doc = yaml.safe_load(board.config.read_text())
         doc["runtime"] = "engine"  # onnxruntime engine: load + golden tokens + latency budget
         doc["limits"]["threads"] = 2
