@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -90,12 +91,24 @@ class RemoteResult:
     stderr_tail: str
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the parent dies, so that a killed `verify-target` (Ctrl-C, a test
+    timeout) never leaves an orphaned emulator burning CPU for half an hour."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run(argv: list[str], env: dict[str, str], timeout: float, where: str) -> RemoteResult:
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
-        )
+            argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         raise RemoteRunError(f"the {where} run took longer than {timeout:.0f} s and was stopped") from exc
     seconds = time.monotonic() - t0

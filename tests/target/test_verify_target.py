@@ -26,6 +26,10 @@ from manifests import (
 
 from .conftest import OLD_ORT, run_cli, tiny_bundle
 
+# Emulation is slow (minutes per test on a shared 2-core machine): `make test-fast` leaves these out, and the
+# time limit covers building the emulated board and the default bundle on a fresh machine.
+EMULATION_TIMEOUT_S = 2400
+
 # A few dozen tokens: emulation runs the 135M model at roughly 5 tokens/s.
 SHORT_TEXT = (
     "The keeper climbed the stairs of the lighthouse every evening at dusk. She lit the lamp, wound the "
@@ -33,6 +37,8 @@ SHORT_TEXT = (
 )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(EMULATION_TIMEOUT_S)
 def test_plain_onnxruntime_runs_on_the_emulated_board(target_env: TargetEnv, tmp_path: Path) -> None:
     """The userland itself: aarch64 Python + the aarch64 onnxruntime wheel compute a tiny graph right."""
     import onnx
@@ -78,6 +84,8 @@ def test_bad_cpu_exits_2_with_the_choices(tmp_path: Path) -> None:
     assert code == 2 and data["reason"] == "unsupported_cpu" and "cortex-a72" in data["error"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(EMULATION_TIMEOUT_S)
 def test_bundle_using_an_operator_the_target_lacks_is_refused(
     signing: tuple[SigningKey, Path], tmp_path: Path
 ) -> None:
@@ -95,6 +103,8 @@ def test_bundle_using_an_operator_the_target_lacks_is_refused(
     assert any("no CPU kernel" in p for p in data["problems"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(EMULATION_TIMEOUT_S)
 def test_default_bundle_verifies_on_cortex_a76(default_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     bundle, pub = default_bundle
     text = tmp_path / "short.txt"
@@ -117,6 +127,8 @@ def test_default_bundle_verifies_on_cortex_a76(default_bundle: tuple[Path, Path]
     assert v["cpu"] == "cortex-a76" and v["passed"] and v["perplexity"] == data["perplexity"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(EMULATION_TIMEOUT_S)
 def test_a_regression_is_named_and_exits_1(default_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     """A bundle whose signed golden tokens the board would not reproduce: exit 1, regression 'golden'."""
     src, _pub = default_bundle
@@ -145,6 +157,8 @@ def test_a_regression_is_named_and_exits_1(default_bundle: tuple[Path, Path], tm
     assert out["verification"]["passed"] is False and "golden" in out["verification"]["message"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(EMULATION_TIMEOUT_S)
 def test_export_gate_signs_the_target_result_into_the_quality_report(
     default_bundle: tuple[Path, Path], tmp_path: Path
 ) -> None:
