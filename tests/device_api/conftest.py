@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +15,18 @@ from tests.conftest import free_port
 
 
 @pytest.fixture(scope="session")
-def engine(default_bundle) -> Iterator[Engine]:  # noqa: ANN001
-    bundle, pub = default_bundle
+def api_bundle(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """(bundle, public key): the default bundle, or NANOFLEET_TEST_API_BUNDLE="DIR:PUBKEY"."""
+    env = os.environ.get("NANOFLEET_TEST_API_BUNDLE")
+    if env:
+        bundle, pub = env.split(":", 1)
+        return Path(bundle), Path(pub)
+    return request.getfixturevalue("default_bundle")
+
+
+@pytest.fixture(scope="session")
+def engine(api_bundle: tuple[Path, Path]) -> Iterator[Engine]:
+    bundle, pub = api_bundle
     engine = Engine.from_bundle(
         bundle, TrustStore.from_paths([pub]), EngineOptions(threads=2, spin_wait=False)
     )

@@ -20,8 +20,8 @@ NANOFLEET = [sys.executable, "-m", "nanofleet.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def test_serve_answers_the_openai_client_then_stops_on_sigterm(default_bundle) -> None:  # noqa: ANN001
-    bundle, pub = default_bundle
+def test_serve_answers_the_openai_client_then_stops_on_sigterm(api_bundle) -> None:  # noqa: ANN001
+    bundle, pub = api_bundle
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -55,11 +55,13 @@ def test_serve_answers_the_openai_client_then_stops_on_sigterm(default_bundle) -
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode == 0, out
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Traceback" not in out, out
 
 
-def test_serve_refuses_a_bundle_signed_by_an_unknown_key(default_bundle, keypair) -> None:  # noqa: ANN001
-    bundle, _ = default_bundle
+def test_serve_refuses_a_bundle_signed_by_an_unknown_key(api_bundle, keypair) -> None:  # noqa: ANN001
+    bundle, _ = api_bundle
     _key, _priv, other_pub = keypair
     p = subprocess.run(
         [*NANOFLEET, "device", "serve", "--bundle", str(bundle), "--pubkey", str(other_pub)],
@@ -71,8 +73,8 @@ def test_serve_refuses_a_bundle_signed_by_an_unknown_key(default_bundle, keypair
     assert p.returncode == 1 and "unknown key" in " ".join(p.stderr.split())
 
 
-def test_chat_streams_an_answer(default_bundle) -> None:  # noqa: ANN001
-    bundle, _ = default_bundle
+def test_chat_streams_an_answer(api_bundle) -> None:  # noqa: ANN001
+    bundle, _ = api_bundle
     p = subprocess.run(
         [*NANOFLEET, "device", "chat", "--bundle", str(bundle), "--temperature", "0", "--max-tokens", "12"],
         input="What is the capital of France?\n\n",
@@ -86,8 +88,8 @@ def test_chat_streams_an_answer(default_bundle) -> None:  # noqa: ANN001
     assert len(answer) > 3, p.stdout
 
 
-def test_bench_json_has_top_level_decode_tok_s(default_bundle) -> None:  # noqa: ANN001
-    bundle, pub = default_bundle
+def test_bench_json_has_top_level_decode_tok_s(api_bundle) -> None:  # noqa: ANN001
+    bundle, pub = api_bundle
     p = subprocess.run(
         [
             *NANOFLEET,
