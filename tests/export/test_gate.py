@@ -52,7 +52,7 @@ def test_dynamic_int8_fails_the_gate_and_publishes_nothing(tmp_path: Path, sessi
     priv, _ = session_key
     out = tmp_path / "dyn"
     proc = run_cli(
-        ["export", "--recipe", "dynamic-int8", "--key", str(priv), "--out", str(out), "--json"], timeout=900
+        ["export", "--recipe", "dynamic-int8", "--key", str(priv), "--out", str(out), "--json"], timeout=2300
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
