@@ -31,6 +31,7 @@ from manifests import (
 from manifests.bundle import check_not_expired
 from manifests.errors import ManifestError, SchemaError, VerificationError
 from manifests.mqtt import BundleRef, DesiredState, RollbackAuthorization, SlotInfo
+from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
 from .disk import Disk, RealDisk, is_disk_full
 from .errors import (
@@ -488,6 +489,12 @@ class Updater:
                 f"{manifest.ref} is below the highest committed version {highest}; "
                 "a signed rollback authorization is required"
             )
+        # Refuse before a byte of the model is fetched when this board's onnxruntime cannot run the graph
+        # (too old, or missing a kernel the bundle uses): installing it would only fail at activation.
+        try:
+            check_local_runtime(manifest)
+        except RuntimeIncompatibleError as exc:
+            raise RefusedError(exc.message, reason="runtime_incompatible") from exc
         if not mpath.is_file():
             atomic_write_bytes(mpath, body)
             atomic_write_bytes(spath, sig)

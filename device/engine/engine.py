@@ -24,6 +24,7 @@ from manifests import (
     read_manifest_unverified,
     verify_bundle,
 )
+from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
 from .errors import (
     BundleLoadError,
@@ -160,6 +161,10 @@ class Engine:
             manifest = verify_bundle(root, trust) if trust is not None else read_manifest_unverified(root)
         except ManifestError as exc:
             raise BundleLoadError(f"bundle {root} rejected: {exc}") from exc
+        try:
+            check_local_runtime(manifest)
+        except RuntimeIncompatibleError as exc:
+            raise BundleLoadError(f"bundle {root} rejected: {exc.message}") from exc
         tok_entry = manifest.file("tokenizer")
         tok_path = root / (tok_entry.path if tok_entry else TOKENIZER_FILE)
         tokenizer = _load_tokenizer(tok_path) if tok_path.is_file() else None

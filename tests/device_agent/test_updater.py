@@ -306,3 +306,20 @@ def test_committed_model_that_no_longer_loads(h: Harness) -> None:
     h.runtime.fail_load = False
     assert h.deploy(h.publish(2)) == "committed"
     h.assert_serving_verifies()
+
+
+def test_runtime_incompatible_bundle_refused_before_download(h: Harness, release_key: SigningKey) -> None:
+    """A bundle needing an operator this board's onnxruntime lacks is refused before any file is fetched."""
+    committed(h, 1)
+    ref = h.publish(2)
+    root = h.artifacts.root / ref.base_url
+    m = read_manifest_unverified(root)
+    runtime = m.runtime.model_dump()
+    runtime["operators"] = [*runtime["operators"], "com.microsoft:NoSuchKernelAnywhere"]
+    sign_raw_manifest(root, release_key, m, runtime=runtime)
+    assert h.deploy(ref.model_copy(update={"manifest_sha256": None})) == "failed"
+    rec = h.updater.record
+    assert rec.last_result == "refused" and rec.error_reason == "runtime_incompatible", rec.error
+    assert "NoSuchKernelAnywhere" in (rec.error or "")
+    assert not (h.data / "slots" / "b" / "weights.bin").exists()
+    assert h.serving() == ("tiny", 1)
