@@ -26,11 +26,11 @@ from manifests import (
     UnsafePathError,
     UnsupportedFormatError,
     describe_file,
+    mqtt,
     verify_bundle,
     write_keypair,
     write_signed_manifest,
 )
-from manifests import mqtt
 
 
 def make_bundle(root: Path, key: SigningKey, *, expires_in: dt.timedelta | None = dt.timedelta(days=30)) -> Path:
