@@ -49,6 +49,8 @@ from .stats import RequestRecord
 
 _DONE = object()
 
+DISCONNECT_POLL_S = 0.25
+
 
 class _Admission:
     """At most ``max_concurrency`` generations; at most ``max_queue`` waiting; the rest are refused."""
@@ -258,12 +260,19 @@ class _Service:
 
     async def events(self, job: _Job, request: Request | None = None) -> AsyncIterator[TextEvent]:
         """Events of a job; when ``request`` is given, a client that disconnects cancels it."""
+        # Look for a disconnect every DISCONNECT_POLL_S of wall time, whether or not tokens are flowing:
+        # a fast model never leaves the queue idle long enough for a timeout-only check to run.
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         while True:
             try:
-                item = await asyncio.wait_for(job.queue.get(), 0.5)
+                item = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                item = None
+            if request is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
                     job.cancel.set()
+            if item is None:
                 continue
             if item is _DONE:
                 return
