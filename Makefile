@@ -37,11 +37,12 @@ demo: setup
 services:
 	@bash scripts/ensure_services.sh
 
+# One pytest process per tests/<part>/ (scripts/run_tests.py says why), then one overall summary line.
 test: setup services
-	@set -a; . ./.cache/services.env; set +a; $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	@set -a; . ./.cache/services.env; set +a; $(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
 
 test-fast: setup services
-	@set -a; . ./.cache/services.env; set +a; $(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	@set -a; . ./.cache/services.env; set +a; $(BIN)/python scripts/run_tests.py -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
