@@ -341,6 +341,8 @@ def _live(ctx: typer.Context, render: Any, watch: bool, done: Any = None) -> Non
                 renderable = _call(ctx, render, False)
                 live.update(renderable)
                 if done is not None and _call(ctx, done, False):
+                    # It may have finished after the frame above was fetched: show the final state.
+                    live.update(_call(ctx, render, False))
                     break
     except KeyboardInterrupt:
         pass
