@@ -27,6 +27,47 @@ sys.path.insert(0, str(ROOT))
 PEERS = ROOT / ".cache" / "peers"
 HERE = Path(__file__).resolve().parent / "peers"
 HF_DIR = ROOT / ".cache" / "hf" / "smollm2-135m"
+BENCH = ROOT / ".cache" / "engine-bench"
+GQA_BUNDLE = BENCH / "smollm2-gqa-int8"
+OPTKV_BUNDLE = BENCH / "smollm2-optimum-int8"
+# The optimum-graph INT8 model laid out as an optimum folder (config.json beside model.onnx) for
+# ORTModelForCausalLM: the same weights the nanofleet "optimum graph" row runs.
+OPTIMUM_DIR = BENCH / "smollm2-optimum-int8-hf"
+
+
+def prepare_models() -> None:
+    """Build (once, cached under .cache/engine-bench) everything the runs read: the fp32 HF folder of the
+    default model (for onnxruntime-genai's builder and the tokenizer), a gqa-graph and an optimum-graph INT8
+    bundle from `nanofleet export`, and the optimum folder of the latter."""
+    import shutil
+
+    from tests.device_engine.artifacts import hf_dir
+
+    hf_dir()
+    BENCH.mkdir(parents=True, exist_ok=True)
+    key = BENCH / "keys" / "nanofleet.key"
+    if not key.is_file():
+        from manifests import write_keypair
+
+        write_keypair(key.parent)
+    for out, extra in ((GQA_BUNDLE, ["--graph", "gqa"]), (OPTKV_BUNDLE, [])):
+        if (out / "manifest.yaml").is_file():
+            continue
+        print(f"exporting {out.name} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "nanofleet.cli", "export", "--key", str(key), "--out", str(out), "--force"]
+        subprocess.run([*cmd, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if not (OPTIMUM_DIR / "model.onnx").is_file():
+        tmp = OPTIMUM_DIR.with_name(OPTIMUM_DIR.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in OPTKV_BUNDLE.iterdir():
+            if f.suffix in (".onnx", ".data"):
+                shutil.copy(f, tmp / f.name)
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (HF_DIR / name).is_file():
+                shutil.copy(HF_DIR / name, tmp / name)
+        shutil.rmtree(OPTIMUM_DIR, ignore_errors=True)
+        tmp.rename(OPTIMUM_DIR)
 
 
 def gguf_path() -> Path:
@@ -81,7 +122,7 @@ def main() -> None:
         default=[],
         help="LABEL=DIR of nanofleet bundles/folders to measure (default: the cached bench bundles)",
     )
-    ap.add_argument("--optimum-dir", default=str(ROOT / ".cache" / "optkv-int8-smollm2"))
+    ap.add_argument("--optimum-dir", default=str(OPTIMUM_DIR))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_peers.json"))
     ap.add_argument("--setup", action="store_true", help="run benchmarks/peers/setup.sh first")
     ap.add_argument("--timeout", type=float, default=900)
@@ -89,13 +130,11 @@ def main() -> None:
     peers = a.peers.split(",")
     if a.setup:
         subprocess.run([str(HERE / "setup.sh"), *[p for p in peers if p != "nanofleet"]], check=False)
+    if not a.nanofleet:
+        prepare_models()
     nf = dict(x.split("=", 1) for x in a.nanofleet) or {
-        k: str(v)
-        for k, v in {
-            "MatMulNBits int8, gqa graph": ROOT / ".cache" / "engine-bench" / "smollm2-gqa-int8",
-            "MatMulNBits int8, optimum graph": ROOT / ".cache" / "optkv-int8-smollm2",
-        }.items()
-        if Path(v).exists()
+        "MatMulNBits int8, gqa graph": str(GQA_BUNDLE),
+        "MatMulNBits int8, optimum graph": str(OPTKV_BUNDLE),
     }
     gguf = gguf_path()
     q8 = PEERS / "smollm2-135m.Q8_0.gguf"

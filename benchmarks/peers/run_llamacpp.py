@@ -7,11 +7,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _rss import peak_rss_mb
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
                 "load_s": round(load_s, 3),
                 "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
                 "decode_tok_s": round(statistics.median(rates), 2),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": peak_rss_mb(),
                 "model_mb": round(os.path.getsize(path) / 2**20, 1),
             }
         )

@@ -5,13 +5,13 @@ argv: JOB_JSON with model_dir, prompt_ids, new_tokens, threads, runs, label"""
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _rss import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +54,7 @@ def main() -> None:
                 "load_s": round(load_s, 3),
                 "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
                 "decode_tok_s": round(statistics.median(rates), 2),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": peak_rss_mb(),
                 "model_mb": round(
                     sum(
                         f.stat().st_size

@@ -27,7 +27,7 @@ venv() {  # venv NAME CHECK_IMPORT PIP_ARGS...
 for p in "${want[@]}"; do
   case "$p" in
     llamacpp) CMAKE_BUILD_PARALLEL_LEVEL="${JOBS:-2}" venv llamacpp llama_cpp llama-cpp-python==0.3.36 numpy psutil ;;
-    ortgenai) venv ortgenai "onnxruntime_genai, transformers" onnxruntime-genai==0.18.0 "transformers>=5,<6" \
+    ortgenai) venv ortgenai "onnxruntime_genai, transformers" onnxruntime-genai==0.18.0 onnx_ir "transformers>=5,<6" \
                 torch==2.13.0 onnx psutil numpy safetensors sentencepiece protobuf ;;
     optimum) venv optimum "optimum.onnxruntime" "optimum-onnx[onnxruntime]==0.1.0" torch==2.13.0 psutil ;;
     *) echo "unknown peer $p" >&2; exit 2 ;;

@@ -77,6 +77,15 @@ def bench_prompt(engine: Engine, n: int) -> list[int]:
 
 
 def _peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a bench started by a big parent
+    # (a test runner, a benchmark driver holding torch) would report the parent's peak as its own.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
