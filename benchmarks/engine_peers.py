@@ -50,7 +50,7 @@ def prepare_models() -> None:
         from manifests import write_keypair
 
         write_keypair(key.parent)
-    for out, extra in ((GQA_BUNDLE, ["--graph", "gqa"]), (OPTKV_BUNDLE, [])):
+    for out, extra in ((GQA_BUNDLE, ["--graph", "gqa"]), (OPTKV_BUNDLE, ["--graph", "optimum-kv"])):
         if (out / "manifest.yaml").is_file():
             continue
         print(f"exporting {out.name} ...", file=sys.stderr, flush=True)
@@ -133,8 +133,8 @@ def main() -> None:
     if not a.nanofleet:
         prepare_models()
     nf = dict(x.split("=", 1) for x in a.nanofleet) or {
-        "MatMulNBits int8, gqa graph": str(GQA_BUNDLE),
-        "MatMulNBits int8, optimum graph": str(OPTKV_BUNDLE),
+        "default bundle (gqa graph, int8)": str(GQA_BUNDLE),
+        "optimum graph, same int8 recipe": str(OPTKV_BUNDLE),
     }
     gguf = gguf_path()
     q8 = PEERS / "smollm2-135m.Q8_0.gguf"
@@ -186,7 +186,7 @@ def main() -> None:
                         "optimum",
                         PEERS / "optimum/bin/python",
                         "run_optimum.py",
-                        {**base, "model_dir": a.optimum_dir, "label": "MatMulNBits int8, optimum graph"},
+                        {**base, "model_dir": a.optimum_dir, "label": "optimum graph, same int8 recipe"},
                     )
                 )
             for peer, python, script, job in jobs:
@@ -211,33 +211,42 @@ def main() -> None:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    rows = [
-        "| runtime | weights | threads | prompt | TTFT ms | decode tok/s | vs llama.cpp Q8_0 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        ref = next(
+    """One row per run; ratios against llama.cpp Q8_0 and onnxruntime-genai int8 at the same threads and prompt
+    length (decode: higher is better; TTFT: lower is better), and the RSS budget of the issue for nanofleet:
+    1.5 x the model files + 150 MB."""
+
+    def ref(r: dict[str, Any], runtime: str, weights: str | None) -> dict[str, Any] | None:
+        return next(
             (
                 x
                 for x in results
-                if x.get("runtime") == "llama.cpp"
-                and x.get("weights") == "Q8_0"
+                if x.get("runtime") == runtime
+                and (weights is None or x.get("weights") == weights)
                 and x["threads"] == r["threads"]
                 and x["prompt_tokens"] == r["prompt_tokens"]
                 and "error" not in x
             ),
             None,
         )
+
+    rows = [
+        "| runtime | weights | threads | prompt | TTFT ms | TTFT vs llama.cpp | decode tok/s | vs llama.cpp Q8_0 "
+        "| vs ORT-genai int8 | peak RSS MB | RSS budget MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        head = f"| {r['runtime']} | {r.get('weights', '')} | {r['threads']} | {r['prompt_tokens']} |"
         if "error" in r:
-            rows.append(
-                f"| {r['runtime']} | {r.get('weights', '')} | {r['threads']} | {r['prompt_tokens']} | "
-                f"error: {r['error'][:60]} | | | |"
-            )
+            rows.append(f"{head} error: {r['error'][:60]} | | | | | | |")
             continue
-        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "n/a"
+        lc, og = ref(r, "llama.cpp", "Q8_0"), ref(r, "onnxruntime-genai", None)
+        ttft_ratio = f"{r['ttft_ms'] / lc['ttft_ms']:.2f}x" if lc else "n/a"
+        vs_lc = f"{r['decode_tok_s'] / lc['decode_tok_s']:.2f}x" if lc else "n/a"
+        vs_og = f"{r['decode_tok_s'] / og['decode_tok_s']:.2f}x" if og else "n/a"
+        budget = f"{1.5 * r['model_mb'] + 150:.0f}" if r["runtime"] == "nanofleet" and r.get("model_mb") else ""
         rows.append(
-            f"| {r['runtime']} | {r['weights']} | {r['threads']} | {r['prompt_tokens']} | "
-            f"{r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} |"
+            f"{head} {r['ttft_ms']:.0f} | {ttft_ratio} | {r['decode_tok_s']:.1f} | {vs_lc} | {vs_og} | "
+            f"{r['peak_rss_mb']:.0f} | {budget} |"
         )
     return "\n".join(rows)
 

@@ -80,6 +80,25 @@ def weights_from_torch(model: Any) -> dict[str, np.ndarray]:
     return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def unsupported_reason(config: Mapping[str, Any]) -> str | None:
+    """Why build_gqa_model would refuse this checkpoint config; None when it can build it. The export's
+    default graph ("auto") asks this first and keeps optimum's graph for anything the builder does not know."""
+    arch = str(config.get("model_type", ""))
+    if arch not in SUPPORTED_ARCHS:
+        return f"model_type {arch!r} is not supported by the GQA builder ({', '.join(SUPPORTED_ARCHS)})"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"hidden_act {config.get('hidden_act')!r} is not supported by the GQA builder (silu only)"
+    scaling = config.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in ROPE_SCALINGS:
+            return f"rope_scaling {kind!r} is not supported by the GQA builder ({', '.join(ROPE_SCALINGS)})"
+    return None
+
+
 def _rope_caches(config: Mapping[str, Any], head_dim: int, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
     theta = float(config.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # [hd/2]
@@ -110,13 +129,10 @@ def build_gqa_model(
     """The fused graph as an onnx.ModelProto (fp32 weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    reason = unsupported_reason(config)
+    if reason:
+        raise FuseGqaError(reason)
     arch = str(config.get("model_type", ""))
-    if arch not in SUPPORTED_ARCHS:
-        raise FuseGqaError(
-            f"model_type {arch!r} is not supported by the GQA builder ({', '.join(SUPPORTED_ARCHS)})"
-        )
-    if config.get("hidden_act", "silu") != "silu":
-        raise FuseGqaError(f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)")
     L = int(config["num_hidden_layers"])
     H = int(config["hidden_size"])
     nq = int(config["num_attention_heads"])

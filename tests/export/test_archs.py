@@ -101,6 +101,8 @@ def test_reduced_tinyllama_exports_with_the_right_shapes(
     g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     kv = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input}
     assert kv["past_key_values.1.key"][1] == 1 and kv["past_key_values.1.key"][3] == 64
-    assert sum(1 for n in g.node if n.op_type == "MatMulNBits") == 2 * 7 + 1  # q,k,v,o,gate,up,down + lm_head
+    # the default graph for llama is the fused one: packed qkv, o, packed gate|up, down per layer + lm_head
+    assert m.graph.kind == "gqa" and sum(1 for n in g.node if n.op_type == "GroupQueryAttention") == 2
+    assert sum(1 for n in g.node if n.op_type == "MatMulNBits") == 2 * 4 + 1
     assert any(n.op_type == "GatherBlockQuantized" for n in g.node)  # untied table quantized on its own
     assert json.loads(proc.stdout)["recipe"] == "int8"

@@ -21,7 +21,10 @@ def test_manifest_describes_the_default_model(default_bundle: tuple[Path, Path])
     assert (a.architecture, a.num_layers, a.hidden_size) == ("llama", 30, 576)
     assert (a.num_attention_heads, a.num_kv_heads, a.head_dim, a.vocab_size) == (9, 3, 64, 49152)
     assert a.tie_word_embeddings and a.eos_token_ids and a.context_length >= 2048
-    assert m.graph.kind == "optimum-kv" and "past_key_values.29.value" in m.graph.input_names
+    # the default graph is the fused one (export --graph auto picks gqa for llama)
+    assert m.graph.kind == "gqa" and m.graph.shared_kv_buffer
+    assert "past_key_values.29.value" in m.graph.input_names and "seqlens_k" in m.graph.input_names
+    assert "com.microsoft:GroupQueryAttention" in m.runtime.operators
     assert m.runtime.target == "arm64"
     assert m.runtime.operators == sorted(m.runtime.operators)
     assert "com.microsoft:MatMulNBits" in m.runtime.operators
@@ -31,7 +34,7 @@ def test_manifest_describes_the_default_model(default_bundle: tuple[Path, Path])
         "int8",
         "matmulnbits",
         8,
-        32,
+        64,
         True,
         4,
     )
