@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Export"
+LOAD_AT_START = os.getloadavg()[0]
 
 
 def run_export(args: list[str]) -> dict:
@@ -107,9 +108,9 @@ def render(rows: list[dict]) -> str:
     lines = [
         SECTION,
         "",
-        f"`benchmarks/export_bench.py`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), "
-        "shared and noisy machine (other work running): read times as ±30%. "
-        "One process per export, imports included.",
+        f"`benchmarks/export_bench.py`, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores ({cpu}), "
+        f"load average {LOAD_AT_START:.1f} when it started (read times as ±10% on an idle machine, far worse on a "
+        "busy one). One process per export, imports included.",
         "",
         "| case | wall s | peak RSS MB | fp32 MB | int8 MB | int8/fp32 | ppl fp32 | ppl int8 | Δppl "
         "| greedy agreement |",
@@ -122,7 +123,7 @@ def render(rows: list[dict]) -> str:
             f"{r['ppl_increase_pct']:+.2f}% | "
             f"{r['greedy_agreement']:.1%} |"
         )
-    lines += ["", "Step times (s):", ""]
+    lines += ["", "Step times (s):", ""]  # fuse: building the gqa graph and proving it equal to optimum's
     for r in rows:
         lines.append(f"- {r['case']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))
     lines += [
