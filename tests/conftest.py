@@ -11,8 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from manifests import SigningKey, write_keypair
+
+# Property tests (hypothesis, schemathesis) report a failure with its seed at once: no example database (a
+# stale file cannot replay into a clean CI run) and no shrinking (which can take minutes of the CI budget).
+settings.register_profile(
+    "nanofleet",
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.explain],
+)
+settings.load_profile("nanofleet")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ def test_manifest_describes_the_default_model(default_bundle: tuple[Path, Path])
         "int8",
         "matmulnbits",
         8,
-        64,
+        32,
         True,
         4,
     )
