@@ -3,6 +3,7 @@
     Idle/Committed/Failed --START--> Downloading --DOWNLOADED--> Verifying --VERIFIED--> Installing
       --INSTALLED--> Activating --HEALTHY--> Committed
     any in-flight state --ERROR--> RollingBack --ROLLED_BACK--> Failed
+    Idle/Committed/Failed --IN_SERVICE--> Committed  (the desired bundle is the committed one, serving)
 
 The RESUME_MAP says where the agent restarts after a crash or a power cut in each state. Anything not
 listed rolls back: a state we do not know how to resume must not leave a half-made update in service.
@@ -35,6 +36,7 @@ class Event(str, enum.Enum):
     ERROR = "error"
     ROLLED_BACK = "rolled_back"
     RESUME = "resume"  # start-up after a crash, for states the resume map sends elsewhere
+    IN_SERVICE = "in_service"  # a new desired bundle is exactly the committed one: nothing to install
 
 
 # States in which no update is in flight: a new deployment may start from here.
@@ -47,6 +49,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.VERIFYING, Event.VERIFIED): State.INSTALLING,
     (State.INSTALLING, Event.INSTALLED): State.ACTIVATING,
     (State.ACTIVATING, Event.HEALTHY): State.COMMITTED,
+    # Converged without an install (e.g. desired goes back to the running version after a refused one):
+    # the device rests in Committed, never in Failed, while it runs what the fleet wants.
+    **{(s, Event.IN_SERVICE): State.COMMITTED for s in RESTING},
     **{(s, Event.ERROR): State.ROLLING_BACK for s in IN_FLIGHT},
     (State.ROLLING_BACK, Event.ERROR): State.ROLLING_BACK,  # rollback is retried until it succeeds
     (State.ROLLING_BACK, Event.ROLLED_BACK): State.FAILED,

@@ -321,13 +321,19 @@ class Updater:
             and active.version == ref.version
             and (ref.manifest_sha256 is None or ref.manifest_sha256 == active.manifest_sha256)
         ):
-            self._save(
+            # Through the table (persisted like any transition): from Failed too, since the device runs
+            # exactly what the fleet now wants; the failed attempt's error and target are cleared.
+            self._fire(
+                Event.IN_SERVICE,
                 seen_deployments=seen,
                 deployment_id=desired.deployment_id,
                 last_result="committed",
                 error=None,
                 error_reason=None,
+                error_state=None,
                 target=ref,
+                target_slot=rec.active_slot,
+                rollback_authorized=False,
             )
             self._emit(
                 "result",

@@ -98,6 +98,12 @@ def test_transition_table_is_complete_and_closed() -> None:
         next_state(State.IDLE, Event.HEALTHY)
     with pytest.raises(InvalidTransitionError):
         next_state(State.DOWNLOADING, Event.START)  # no second update while one is in flight
+    # desired == the committed, serving bundle: every resting state converges to Committed (never Failed)
+    for s in (State.IDLE, State.COMMITTED, State.FAILED):
+        assert next_state(s, Event.IN_SERVICE) is State.COMMITTED
+    for s in (*IN_FLIGHT, State.ROLLING_BACK):
+        with pytest.raises(InvalidTransitionError):
+            next_state(s, Event.IN_SERVICE)
 
 
 def test_outbox_order_bound_and_seq(tmp_path: Path) -> None:

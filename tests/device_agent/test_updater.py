@@ -323,3 +323,91 @@ def test_runtime_incompatible_bundle_refused_before_download(h: Harness, release
     assert "NoSuchKernelAnywhere" in (rec.error or "")
     assert not (h.data / "slots" / "b" / "weights.bin").exists()
     assert h.serving() == ("tiny", 1)
+
+
+# ---- desired goes back to the running version after a failed one -----------------------------------
+# Each case leaves the device in Failed while tiny@2 keeps serving; the fleet then asks for tiny@2 again.
+def _older_refused(h: Harness) -> str:
+    assert h.deploy(h.publish(1)) == "failed"  # anti-rollback: refused in downloading
+    return "downloading"
+
+
+def _corrupt_refused(h: Harness) -> str:
+    ref = h.publish(3)
+    (h.artifacts.root / ref.base_url / "weights.bin").write_bytes(b"\x00" * 4096)
+    assert h.deploy(ref) == "failed"  # refused in verifying
+    return "verifying"
+
+
+def _golden_rolled_back(h: Harness) -> str:
+    assert h.deploy(h.publish(3, answer=[5, 6], golden=[5, 7])) == "failed"  # rolled back in activating
+    return "activating"
+
+
+def _error_in_installing(h: Harness) -> str:
+    h.updater = h._make(FailIn(State.INSTALLING))
+    h.updater.startup()
+    assert h.deploy(h.publish(3)) == "failed"
+    return "installing"
+
+
+def _killed_in_activating(h: Harness) -> str:
+    h.updater = h._make(CrashIn(State.ACTIVATING))
+    h.updater.startup()
+    with pytest.raises(SimulatedCrash):
+        h.deploy(h.publish(3))
+    h.restart()  # the resume map rolls the activation back
+    return "activating"
+
+
+AFTER_FAILURE = {
+    "refused_older": (_older_refused, "refused"),
+    "refused_corrupt": (_corrupt_refused, "refused"),
+    "rolled_back_golden": (_golden_rolled_back, "rolled_back"),
+    "failed_install": (_error_in_installing, "failed"),
+    "killed_in_activating": (_killed_in_activating, "rolled_back"),
+}
+
+
+@pytest.mark.parametrize("case", list(AFTER_FAILURE))
+def test_desired_back_to_running_version_after_failure(h: Harness, case: str) -> None:
+    """Desired goes back to the running version after a refused/failed one: the device rests in Committed."""
+    committed(h, 2)
+    running = h.updater.record.committed
+    assert running is not None
+    fail, last = AFTER_FAILURE[case]
+    error_state = fail(h)
+    rec = h.updater.record
+    assert rec.state is State.FAILED and rec.last_result == last and rec.error_state == error_state
+    assert h.serving() == ("tiny", 2)
+    loads = len(h.runtime.loads)
+    n = len(h.events)
+    ref = h.publish(2).model_copy(update={"manifest_sha256": running.manifest_sha256})
+    d = h.desired(ref)
+    assert h.updater.handle_desired(d) == "in_service"
+    rec = h.updater.record
+    assert rec.state is State.COMMITTED and rec.last_result == "committed"
+    assert (rec.error, rec.error_reason, rec.error_state) == (None, None, None)
+    assert rec.deployment_id == d.deployment_id and rec.target_slot == rec.active_slot
+    assert rec.rollback_authorized is False
+    # through the transition table: one failed -> committed transition, nothing downloaded or reloaded
+    moves = [(f["from_state"], f["to_state"]) for k, _, f in h.events[n:] if k == "transition"]
+    assert moves == [("failed", "committed")]
+    assert len(h.runtime.loads) == loads and h.serving() == ("tiny", 2)
+    h.assert_serving_verifies()
+    # persisted: a restart finds the same resting state and serves the same slot
+    h.restart()
+    assert h.updater.record.state is State.COMMITTED and h.updater.record.last_result == "committed"
+    assert h.serving() == ("tiny", 2)
+    assert h.updater.handle_desired(d) == "duplicate"
+
+
+def test_desired_same_version_while_committed_stays_committed(h: Harness) -> None:
+    ref = h.publish(1)
+    assert h.deploy(ref) == "committed"
+    n = len(h.events)
+    assert h.deploy(ref.model_copy(update={"manifest_sha256": None})) == "in_service"
+    rec = h.updater.record
+    assert rec.state is State.COMMITTED and rec.last_result == "committed" and rec.error_state is None
+    moves = [(f["from_state"], f["to_state"]) for k, _, f in h.events[n:] if k == "transition"]
+    assert moves == [("committed", "committed")]
