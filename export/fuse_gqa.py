@@ -314,7 +314,9 @@ def save_model(model: Any, out_dir: str | Path, model_file: str = "model.onnx") 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / model_file
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    # Sum the weights, not model.ByteSize(): protobuf refuses to even measure a message past 2 GB.
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > PROTOBUF_LIMIT - 64 * 1024**2:
         onnx.save_model(
             model,
             str(path),

@@ -125,3 +125,21 @@ def test_default_model_gqa_equals_optimum_graph(default_gqa_dir: Path, fp32_engi
         assert g.greedy(prompt, 24) == fp32_engine.greedy(prompt, 24)
         ids = fp32_engine.encode("The quick brown fox jumps over the lazy dog near the river bank. " * 4)
         assert g.perplexity(ids) == pytest.approx(fp32_engine.perplexity(ids), rel=1e-4)
+
+
+def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A TinyLlama-size graph (4.4 GB of fp32) cannot be one protobuf: protobuf refuses to even measure it, so
+    the size check sums the weights and saves them as external data. Shown with the limit lowered."""
+    import export.fuse_gqa as fuse_gqa
+
+    model = tiny_checkpoint(tmp_path, "llama", True)
+    monkeypatch.setattr(fuse_gqa, "PROTOBUF_LIMIT", 64 * 1024**2 + 1000)  # threshold: 1000 bytes of weights
+    spec = build_gqa_folder(tmp_path / "hf", tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 100_000
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 100_000
+    arch = arch_from_hf_config(tmp_path / "hf" / "config.json")
+    ids = list(range(3, 23))
+    with Engine.from_parts(tmp_path / "onnx", arch, spec, EngineOptions(threads=1)) as e:
+        state = e.new_state(len(ids))
+        got = e.forward(state, np.asarray(ids))  # [20, vocab]
+    np.testing.assert_allclose(got, torch_logits(model, ids), atol=1e-3, rtol=1e-3)
