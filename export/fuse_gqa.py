@@ -322,7 +322,7 @@ def save_model(model: Any, out_dir: str | Path, model_file: str = "model.onnx") 
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=model_file + ".data",
+            location=model_file + "_data",  # model.onnx_data: the name optimum and the bundle use
             size_threshold=1024,
         )
     else:

@@ -135,7 +135,7 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path: Path, mon
     model = tiny_checkpoint(tmp_path, "llama", True)
     monkeypatch.setattr(fuse_gqa, "PROTOBUF_LIMIT", 64 * 1024**2 + 1000)  # threshold: 1000 bytes of weights
     spec = build_gqa_folder(tmp_path / "hf", tmp_path / "onnx")
-    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 100_000
+    assert (tmp_path / "onnx" / "model.onnx_data").stat().st_size > 100_000
     assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 100_000
     arch = arch_from_hf_config(tmp_path / "hf" / "config.json")
     ids = list(range(3, 23))
