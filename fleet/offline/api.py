@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from device.offline.format import MAX_TELEMETRY_FILE_BYTES
 
+from .. import schemas as S
 from ..service import FleetService
 from .service import TelemetryImportError, import_telemetry_file, offline_devices, prepare_package
 
@@ -23,7 +24,11 @@ class PackageRequest(BaseModel):
 
 
 def mount(app: FastAPI, svc: FleetService, admin: Any) -> None:
-    @app.post("/api/v1/deployments/{name}/offline-package", tags=["offline"])
+    @app.post(
+        "/api/v1/deployments/{name}/offline-package",
+        tags=["offline"],
+        responses={404: {"model": S.ErrorBody}, 409: {"model": S.ErrorBody}},
+    )
     def offline_package(name: str, body: PackageRequest, p: admin) -> dict[str, Any]:  # type: ignore[valid-type]
         """Sign an offline update package document for this deployment's waiting devices (the CLI
         `nanofleet fleet export-update` then copies it and the bundle onto removable media)."""
