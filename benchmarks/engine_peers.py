@@ -33,6 +33,9 @@ OPTKV_BUNDLE = BENCH / "smollm2-optimum-int8"
 # The optimum-graph INT8 model laid out as an optimum folder (config.json beside model.onnx) for
 # ORTModelForCausalLM: the same weights the nanofleet "optimum graph" row runs.
 OPTIMUM_DIR = BENCH / "smollm2-optimum-int8-hf"
+# The prepacked-weights cache (device/engine/weights_cache.py) that `device serve`, `bench` and the agent use
+# by default. Built by warm_weights_cache() in a process of its own before any measured run.
+WEIGHTS_CACHE = BENCH / "weights-cache"
 
 
 def prepare_models() -> None:
@@ -109,6 +112,22 @@ def run(python: Path, script: str, job: dict[str, Any], timeout: float) -> dict[
     return res
 
 
+def warm_weights_cache(model_dirs: list[str]) -> None:
+    """Build each bundle's cache entry now, in a throwaway process, as the agent does when it installs a
+    model: the measured processes then only map it (their load time and peak RSS are a serving process's)."""
+    code = (
+        "import sys; from device.engine import EngineOptions; from device.engine.bench import load_for_bench;"
+        "e = load_for_bench(sys.argv[1], None, EngineOptions(threads=1, weights_cache=sys.argv[2]));"
+        "print(e.weights)"
+    )
+    for d in model_dirs:
+        out = subprocess.run(
+            [sys.executable, "-c", code, d, str(WEIGHTS_CACHE)], cwd=ROOT, capture_output=True, text=True
+        )
+        if out.returncode != 0 or out.stdout.strip() != "mapped":
+            print(f"weights cache for {d} not built: {out.stderr.strip()[-500:]}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -126,6 +145,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_peers.json"))
     ap.add_argument("--setup", action="store_true", help="run benchmarks/peers/setup.sh first")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument(
+        "--packed-row",
+        action="store_true",
+        help="also measure the default bundle with its weights packed in memory (--no-weights-cache)",
+    )
     a = ap.parse_args()
     peers = a.peers.split(",")
     if a.setup:
@@ -136,6 +160,11 @@ def main() -> None:
         "default bundle (gqa graph, int8)": str(GQA_BUNDLE),
         "optimum graph, same int8 recipe": str(OPTKV_BUNDLE),
     }
+    if "nanofleet" in peers:
+        warm_weights_cache(list(nf.values()))
+    nf_jobs = [(label, d, str(WEIGHTS_CACHE)) for label, d in nf.items()]
+    if a.packed_row and not a.nanofleet:
+        nf_jobs.insert(1, ("default bundle, weights packed at load (no cache)", str(GQA_BUNDLE), None))
     gguf = gguf_path()
     q8 = PEERS / "smollm2-135m.Q8_0.gguf"
     results: list[dict[str, Any]] = []
@@ -145,13 +174,13 @@ def main() -> None:
             base = {"prompt_ids": ids, "new_tokens": a.new_tokens, "threads": threads, "runs": a.runs}
             jobs: list[tuple[str, Path, str, dict[str, Any]]] = []
             if "nanofleet" in peers:
-                for label, d in nf.items():
+                for label, d, cache in nf_jobs:
                     jobs.append(
                         (
                             "nanofleet",
                             Path(sys.executable),
                             "run_nanofleet.py",
-                            {**base, "model_dir": d, "label": label},
+                            {**base, "model_dir": d, "label": label, "weights_cache": cache},
                         )
                     )
             if "llamacpp" in peers:

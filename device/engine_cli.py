@@ -19,18 +19,30 @@ def _trust(pubkeys: list[Path] | None):  # noqa: ANN202 - manifests.TrustStore |
     return TrustStore.from_paths(list(pubkeys)) if pubkeys else None
 
 
+def _options(threads: int | None, weights_cache: Path | None, no_weights_cache: bool):  # noqa: ANN202
+    from device.engine import EngineOptions
+    from device.engine.weights_cache import default_cache_dir
+
+    cache = None if no_weights_cache else str(weights_cache or default_cache_dir())
+    return EngineOptions(threads=threads, weights_cache=cache)
+
+
+_CACHE_HELP = (
+    "Prepacked-weights cache folder (default: $NANOFLEET_WEIGHTS_CACHE or ~/.cache/nanofleet/weights). "
+    "The first load of a model on this machine builds an entry (~2.3x the model on disk); later loads map "
+    "the packed weights instead of packing them in memory: lower peak RSS, faster load."
+)
+_NO_CACHE_HELP = "Pack the weights in this process's memory at every load (no cache on disk)."
+
+
 def _fail(message: str, code: int = 1) -> None:
     _err.print(f"[red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
 def serve(
-    bundle: Path = typer.Option(
-        ..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."
-    ),
-    host: str = typer.Option(
-        "127.0.0.1", help="Address to bind. The default keeps the API on this board only."
-    ),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. The default keeps the API on this board only."),
     port: int = typer.Option(8080, help="TCP port."),
     threads: int = typer.Option(None, help="onnxruntime intra-op threads (default: one per physical core)."),
     pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
@@ -39,43 +51,43 @@ def serve(
     ),
     max_concurrency: int = typer.Option(1, help="Generations running at once."),
     max_queue: int = typer.Option(8, help="Requests waiting for a slot; beyond it: 429."),
+    weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
+    no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
 ) -> None:
     """Serve a bundle with the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /healthz, /readyz, /metrics)."""
     import uvicorn
 
     from device.api import ApiSettings, ModelHolder, create_app
-    from device.engine import EngineError, EngineOptions
+    from device.engine import EngineError
     from device.engine.bench import load_for_bench
 
     try:
-        engine = load_for_bench(bundle, _trust(pubkey), EngineOptions(threads=threads))
+        engine = load_for_bench(bundle, _trust(pubkey), _options(threads, weights_cache, no_weights_cache))
     except EngineError as exc:
         _fail(str(exc))
-    settings = ApiSettings(
-        host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue
-    )
+    settings = ApiSettings(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)
     _err.print(f"serving [bold]{engine.name}[/] on http://{host}:{port}/v1")
     uvicorn.run(create_app(ModelHolder(engine), settings), host=host, port=port, log_level="warning")
 
 
 def chat(
-    bundle: Path = typer.Option(
-        ..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."
-    ),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder (or a plain optimum export folder)."),
     system: str = typer.Option(None, help="System message."),
     max_tokens: int = typer.Option(512, help="Most tokens per answer."),
     temperature: float = typer.Option(0.7, help="0 = greedy."),
     threads: int = typer.Option(None, help="onnxruntime intra-op threads."),
     pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
+    weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
+    no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
 ) -> None:
     """Interactive streaming chat in the terminal (empty line or Ctrl-D to quit)."""
-    from device.engine import EngineError, EngineOptions, SamplingParams
+    from device.engine import EngineError, SamplingParams
     from device.engine.bench import load_for_bench
 
     out = Console()
     try:
-        engine = load_for_bench(bundle, _trust(pubkey), EngineOptions(threads=threads))
+        engine = load_for_bench(bundle, _trust(pubkey), _options(threads, weights_cache, no_weights_cache))
     except EngineError as exc:
         _fail(str(exc))
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -115,6 +127,8 @@ def bench(
     runs: int = typer.Option(3, help="Repetitions; the median is reported."),
     pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (top-level decode_tok_s)."),
+    weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
+    no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
 ) -> None:
     """Measure TTFT, prefill tok/s, decode tok/s and peak RSS of a bundle on this machine."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -122,14 +136,15 @@ def bench(
     from device.engine import EngineError
     from device.engine.bench import run_bench
 
+    opts = _options(threads, weights_cache, no_weights_cache)
     try:
         if as_json:
-            result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey))
+            result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts)
         else:
             cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
             with Progress(*cols, console=_err, transient=True) as progress:
                 progress.add_task(f"benchmarking {bundle.name} ({runs} runs)", total=None)
-                result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey))
+                result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts)
     except EngineError as exc:
         _fail(str(exc))
     if as_json:
@@ -138,7 +153,7 @@ def bench(
     from rich.table import Table
 
     table = Table(title=f"{result.model} ({result.onnxruntime}, {result.cpu}, threads={threads or 'auto'})")
-    for col in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model MB"):
+    for col in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model MB", "weights"):
         table.add_column(col, justify="right")
     table.add_row(
         str(result.prompt_tokens),
@@ -148,6 +163,7 @@ def bench(
         f"{result.decode_tok_s:.1f}",
         f"{result.peak_rss_mb:.0f}",
         f"{result.model_mb:.0f}",
+        result.weights,
     )
     Console().print(table)
 

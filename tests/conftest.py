@@ -26,6 +26,9 @@ settings.register_profile(
 settings.load_profile("nanofleet")
 
 REPO = Path(__file__).resolve().parents[1]
+# `device serve`, `bench` and agents started by tests keep their prepacked-weights cache in the checkout,
+# not in the user's ~/.cache (device/engine/weights_cache.py).
+os.environ.setdefault("NANOFLEET_WEIGHTS_CACHE", str(REPO / ".cache" / "test-weights-cache"))
 
 
 def free_port() -> int:

@@ -26,7 +26,10 @@ def main() -> None:
 
     t = int(job["threads"])
     t0 = time.perf_counter()
-    engine = load_for_bench(job["model_dir"], None, EngineOptions(threads=t))
+    # weights_cache: the prepacked-weights cache the product uses by default (built before this process by
+    # engine_peers.py, so this process only maps it); None = weights packed in this process's memory.
+    options = EngineOptions(threads=t, weights_cache=job.get("weights_cache"))
+    engine = load_for_bench(job["model_dir"], None, options)
     load_s = time.perf_counter() - t0
     prompt = np.asarray(job["prompt_ids"], dtype=np.int64)
     n = int(job["new_tokens"])
@@ -52,6 +55,7 @@ def main() -> None:
                 "prompt_tokens": int(prompt.shape[0]),
                 "new_tokens": n,
                 "load_s": round(load_s, 3),
+                "weights_source": engine.weights,
                 "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
                 "decode_tok_s": round(statistics.median(rates), 2),
                 "peak_rss_mb": peak_rss_mb(),
@@ -59,7 +63,7 @@ def main() -> None:
                     sum(
                         f.stat().st_size
                         for f in engine.model_path.parent.iterdir()
-                        if f.suffix in (".onnx", ".data")
+                        if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")
                     )
                     / 2**20,
                     1,

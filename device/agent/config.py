@@ -133,9 +133,7 @@ class APIConfig(_Strict):
 
 class TelemetryConfig(_Strict):
     interval_s: float = Field(30.0, gt=0)
-    queue_max_entries: int = Field(
-        10_000, ge=10, description="store-and-forward bound; oldest dropped past it"
-    )
+    queue_max_entries: int = Field(10_000, ge=10, description="store-and-forward bound; oldest dropped past it")
 
 
 class LimitsConfig(_Strict):
@@ -143,6 +141,11 @@ class LimitsConfig(_Strict):
     max_file_bytes: int = Field(16 * 1024**3, description="hard cap on any one bundle file")
     disk_margin_bytes: int = Field(256 * 1024**2, description="free space kept beyond a bundle's size")
     max_memory_bytes: int | None = Field(None, description="refuse bundles whose files exceed this (RAM)")
+    weights_cache: bool = Field(
+        True,
+        description="map onnxruntime's prepacked weights from <data_dir>/weights-cache (built once per model "
+        "on this board) instead of packing them in memory at every load: lower peak RAM, faster swaps",
+    )
 
     @field_validator("max_file_bytes", "disk_margin_bytes", "max_memory_bytes", mode="before")
     @classmethod
@@ -155,9 +158,7 @@ class AgentConfig(_Strict):
     hardware_class: str | None = None
     mqtt: MQTTConfig
     artifacts: ArtifactsConfig
-    trusted_keys: list[Path] = Field(
-        min_length=1, description="PEM ed25519 public keys; several for rotation"
-    )
+    trusted_keys: list[Path] = Field(min_length=1, description="PEM ed25519 public keys; several for rotation")
     data_dir: Path
     api: APIConfig = Field(default_factory=APIConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -113,7 +113,9 @@ class EngineRuntime:
 
         try:
             # The agent verified the slot already; a second hashing pass would double the activation time.
-            options = EngineOptions(threads=self.config.limits.threads)
+            limits = self.config.limits
+            cache = str(self.config.data_dir / "weights-cache") if limits.weights_cache else None
+            options = EngineOptions(threads=limits.threads, weights_cache=cache)
             return Engine.from_bundle(bundle_dir, None, options=options)
         except Exception as exc:  # onnxruntime/tokenizers raise many kinds: translate at the edge
             raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc

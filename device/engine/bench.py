@@ -50,6 +50,8 @@ class BenchResult:
     onnxruntime: str
     cpu: str
     runs: int
+    # "mapped": prepacked weights mapped from the weights cache; "packed": packed in memory at load
+    weights: str = "packed"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,9 +107,7 @@ def run_bench(
     try:
         prompt = np.asarray(bench_prompt(engine, prompt_tokens), dtype=np.int64)  # [p]
         if prompt.shape[0] + new_tokens > engine.context_length:
-            raise BundleLoadError(
-                f"{prompt_tokens}+{new_tokens} tokens exceed the context {engine.context_length}"
-            )
+            raise BundleLoadError(f"{prompt_tokens}+{new_tokens} tokens exceed the context {engine.context_length}")
         engine.greedy(prompt[:8].tolist(), 4)  # warm-up: arenas, prepacked weights, thread pool
         ttfts, decode_rates = [], []
         for _ in range(max(1, runs)):
@@ -125,7 +125,9 @@ def run_bench(
         ttft = statistics.median(ttfts)
         rate = statistics.median(decode_rates) if decode_rates else 0.0
         model_bytes = sum(
-            f.stat().st_size for f in engine.model_path.parent.iterdir() if f.suffix in (".onnx", ".data")
+            f.stat().st_size
+            for f in engine.model_path.parent.iterdir()
+            if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")
         )
         return BenchResult(
             model=engine.name,
@@ -143,6 +145,7 @@ def run_bench(
             onnxruntime=ort.__version__,
             cpu=f"{platform.machine()} x{os.cpu_count()}",
             runs=max(1, runs),
+            weights=engine.weights,
         )
     finally:
         engine.close()

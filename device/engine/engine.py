@@ -105,7 +105,9 @@ class Engine:
         self.model_path = model_path
         self.context_length = min(arch.context_length, options.max_context or arch.context_length)
         self._lock = threading.Lock()
-        self._session = load_session(model_path, options)
+        # A verified manifest vouches for the files' content: the weights cache keys on its hashes.
+        hashes = {f.path: f.sha256 for f in manifest.files} if manifest is not None else None
+        self._session, self.weights = load_session(model_path, options, hashes)
         self._driver = make_driver(self._session, arch, graph, self.context_length)
         self._chat: ChatTemplate | None = None
         if chat_template is not None:

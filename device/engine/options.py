@@ -29,6 +29,10 @@ class EngineOptions:
     prefill_chunk: int = 256
     # Optional path where onnxruntime saves the optimized graph (faster second load).
     optimized_model_path: str | None = None
+    # Folder of the prepacked-weights cache (weights_cache.py): the first load on this machine builds an
+    # entry in a child process; later loads map the packed weights instead of packing them in memory
+    # (lower peak RSS, faster load). None = always pack in memory.
+    weights_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

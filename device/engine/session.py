@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import logging
+import shutil
 import sys
 from pathlib import Path
 
 import onnxruntime as ort
 
+from . import weights_cache
 from .errors import BundleLoadError
 from .options import EngineOptions
+
+log = logging.getLogger(__name__)
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -38,9 +43,41 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
     return so
 
 
-def load_session(model_path: Path, options: EngineOptions) -> ort.InferenceSession:
+def load_session(
+    model_path: Path, options: EngineOptions, file_hashes: dict[str, str] | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """The session and where its weights came from: "mapped" (the prepacked-weights cache, see
+    weights_cache.py), or "packed" (a plain load that packs the weights in this process's memory)."""
     if not model_path.is_file():
         raise BundleLoadError(f"model file {model_path} not found")
+    if options.weights_cache:
+        session = _load_via_cache(model_path, options, file_hashes)
+        if session is not None:
+            return session, "mapped"
+    return _create(model_path, options), "packed"
+
+
+def _load_via_cache(
+    model_path: Path, options: EngineOptions, file_hashes: dict[str, str] | None
+) -> ort.InferenceSession | None:
+    root = Path(options.weights_cache or "")
+    key = weights_cache.cache_key(model_path, options.graph_optimization, file_hashes)
+    try:
+        entry = weights_cache.lookup(root, key) or weights_cache.build(
+            root, key, model_path, options.graph_optimization
+        )
+    except (weights_cache.WeightsCacheError, OSError) as exc:
+        log.warning("prepacked-weights cache unavailable, packing in memory instead: %s", exc)
+        return None
+    try:
+        return _create(entry.model, options)
+    except BundleLoadError as exc:  # a damaged entry must never stop a model from loading: drop it
+        log.warning("prepacked-weights cache entry %s unusable (%s); removed", entry.path, exc)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        return None
+
+
+def _create(model_path: Path, options: EngineOptions) -> ort.InferenceSession:
     try:
         session = ort.InferenceSession(
             str(model_path), sess_options=session_options(options), providers=["CPUExecutionProvider"]
