@@ -119,6 +119,7 @@ def run_bench(
             for _ in range(new_tokens - 1):
                 tok = int(np.argmax(engine.forward(state, [tok])[0]))
             end = time.perf_counter()
+            del state  # a request's KV cache is freed when it ends, as in the server, before the next one
             ttfts.append(first - start)
             if new_tokens > 1:
                 decode_rates.append((new_tokens - 1) / (end - first))
