@@ -53,6 +53,10 @@ GENERATION_FILE = "generation_config.json"
 # The golden check runs on the board at activation; boards are 5-30x slower than this machine.
 GOLDEN_BUDGET_FACTOR = 30.0
 GOLDEN_BUDGET_MIN_MS = 5000.0
+# The signed golden check keeps only greedy tokens chosen by at least this logit gap over the runner-up
+# (gate.robust_golden): int8 kernels round differently on the boards' CPUs, and a near-tie may flip there.
+GOLDEN_MIN_MARGIN = 1.0
+GOLDEN_MIN_TOKENS = 8
 WORK_PREFIX = ".nanofleet-export-"
 
 
@@ -160,9 +164,7 @@ def run_export(req: ExportRequest, reporter: Reporter | None = None) -> ExportRe
     try:
         return _run(req, src, recipe_names, name, out, work, reporter)
     except KeyboardInterrupt as exc:
-        raise ExportInterruptedError(
-            "export interrupted; temporary files removed, no bundle written"
-        ) from exc
+        raise ExportInterruptedError("export interrupted; temporary files removed, no bundle written") from exc
     except OutOfSpaceError:
         raise
     except Exception as exc:  # ENOSPC can surface wrapped by any library (onnx, optimum, torch)
@@ -306,7 +308,7 @@ def _run(
             work,
             out,
             report_doc,
-            evalset.prompts[0],
+            evalset.prompts,
         )
     model_bytes = _model_bytes(out)
     sizes: dict[str, float] = {
@@ -420,7 +422,7 @@ def _assemble(
     work: Path,
     out: Path,
     report_doc: dict[str, Any],
-    golden_prompt: list[int],
+    golden_prompts: list[list[int]],
 ) -> BundleManifest:
     import onnxruntime
 
@@ -442,7 +444,7 @@ def _assemble(
             work,
             out,
             report_doc,
-            golden_prompt,
+            golden_prompts,
             onnxruntime.__version__,
         )
     finally:
@@ -464,7 +466,7 @@ def _assemble_into(
     work: Path,
     out: Path,
     report_doc: dict[str, Any],
-    golden_prompt: list[int],
+    golden_prompts: list[list[int]],
     ort_version: str,
 ) -> BundleManifest:
     files: list[BundleFile] = []
@@ -480,19 +482,30 @@ def _assemble_into(
         if (assets / fname).exists():
             shutil.copyfile(assets / fname, stage / fname)
             files.append(describe_file(stage, fname, role))
+    cand = result.candidate
+    g_index, g_count, g_margin = gate_mod.robust_golden(golden_prompts, cand, GOLDEN_MIN_MARGIN, GOLDEN_MIN_TOKENS)
+    report_doc = {
+        **report_doc,
+        "golden": {
+            "prompt_index": g_index,
+            "tokens": g_count,
+            "smallest_margin": round(g_margin, 3),
+            "min_margin": GOLDEN_MIN_MARGIN,
+            "note": None
+            if g_count >= GOLDEN_MIN_TOKENS
+            else f"no golden prompt has {GOLDEN_MIN_TOKENS} greedy tokens clear of near-ties; kept {g_count}",
+        },
+    }
     atomic_write_text(stage / REPORT_NAME, json.dumps(report_doc, indent=2) + "\n")
     files.append(describe_file(stage, REPORT_NAME, "report"))
     ops = operators(stage / MODEL_FILE)
     host = "x86_64" if platform.machine().lower() in ("x86_64", "amd64") else "arm64"
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     expires = created + dt.timedelta(days=req.expires_days) if req.expires_days else None
-    cand = result.candidate
     golden = GoldenCheck(
-        prompt_token_ids=list(golden_prompt),
-        expected_token_ids=list(cand.greedy[0]),
-        latency_budget_ms=round(
-            max(GOLDEN_BUDGET_MIN_MS, cand.greedy_ms_first_prompt * GOLDEN_BUDGET_FACTOR), 1
-        ),
+        prompt_token_ids=list(golden_prompts[g_index]),
+        expected_token_ids=list(cand.greedy[g_index][:g_count]),
+        latency_budget_ms=round(max(GOLDEN_BUDGET_MIN_MS, cand.greedy_ms_first_prompt * GOLDEN_BUDGET_FACTOR), 1),
     )
     runtime = Runtime(
         target=req.target,
@@ -530,9 +543,7 @@ def _assemble_into(
             tools=_tool_versions(),
             built_on=f"{platform.system()} {platform.machine()} python {platform.python_version()}",
         ),
-        generation=json.loads((assets / GENERATION_FILE).read_text())
-        if (assets / GENERATION_FILE).exists()
-        else {},
+        generation=json.loads((assets / GENERATION_FILE).read_text()) if (assets / GENERATION_FILE).exists() else {},
     )
     assert req.key is not None
     write_signed_manifest(stage, manifest, req.key)

@@ -223,9 +223,7 @@ class Engine:
         """A fresh KV cache; ``capacity`` (tokens) lets graphs with preallocated buffers size them."""
         return self._live_driver().new_state(capacity)
 
-    def forward(
-        self, state: RunState, token_ids: Sequence[int] | np.ndarray, last_only: bool = False
-    ) -> np.ndarray:
+    def forward(self, state: RunState, token_ids: Sequence[int] | np.ndarray, last_only: bool = False) -> np.ndarray:
         """Feed ``token_ids`` [n] after what ``state`` holds; returns logits [n, vocab], or with
         ``last_only`` the last row's [1, vocab] (graphs that can skip the LM head for the others do)."""
         ids = np.asarray(token_ids, dtype=np.int64)  # [n]
@@ -261,9 +259,7 @@ class Engine:
                 break
             state = self.new_state(window.shape[0])
             for start in range(0, window.shape[0] - 1, chunk):
-                inp = window[
-                    start : min(start + chunk, window.shape[0] - 1)
-                ]  # [c]; the last token is only a target
+                inp = window[start : min(start + chunk, window.shape[0] - 1)]  # [c]; the last token is only a target
                 tgt = window[start + 1 : start + 1 + inp.shape[0]]  # [c]
                 logits = self.forward(state, inp).astype(np.float64)  # [c, vocab]
                 mx = logits.max(axis=-1, keepdims=True)
@@ -274,20 +270,28 @@ class Engine:
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Exactly ``max_new_tokens`` argmax tokens (no EOS stop), for golden and agreement checks."""
+        return self.greedy_with_margins(prompt_ids, max_new_tokens)[0]
+
+    def greedy_with_margins(self, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+        """``greedy`` plus, per token, the logit gap between the chosen token and the runner-up. A small gap
+        is a near-tie that another CPU's kernels may break the other way; the export keeps such tokens
+        out of the signed golden check."""
         if max_new_tokens < 0:
             raise InvalidParamsError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt = self._check_prompt(prompt_ids, max_new_tokens, strict=True)
         out: list[int] = []
+        margins: list[float] = []
         if max_new_tokens == 0:
-            return out
+            return out, margins
         state = self.new_state(prompt.shape[0] + max_new_tokens)
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
-            tok = int(np.argmax(logits))
-            out.append(tok)
+            top2 = np.partition(logits, -2)[-2:]  # [2]: runner-up, best
+            out.append(int(np.argmax(logits)))
+            margins.append(float(top2[1] - top2[0]))
             if len(out) == max_new_tokens:
-                return out
-            logits = self.forward(state, [tok])[0]
+                return out, margins
+            logits = self.forward(state, [out[-1]])[0]
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TokenStream:
         """Stream sampled token ids. Raises ContextWindowError now (not on first next()) when the prompt
@@ -297,9 +301,7 @@ class Engine:
         self._live_driver()
         return TokenStream(self, prompt, params)
 
-    def _generate_loop(
-        self, prompt: np.ndarray, params: SamplingParams, stream: TokenStream
-    ) -> Iterator[int]:
+    def _generate_loop(self, prompt: np.ndarray, params: SamplingParams, stream: TokenStream) -> Iterator[int]:
         if params.max_new_tokens == 0:
             stream.finish_reason = "length"
             return

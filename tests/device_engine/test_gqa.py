@@ -81,6 +81,10 @@ def test_tiny_gqa_greedy_and_buffer_growth(tmp_path: Path) -> None:
                 torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0
             )[0, 4:].tolist()
         assert e.greedy(prompt, 20) == expected
+        tokens, gaps = e.greedy_with_margins(prompt, 20)
+        assert tokens == expected and len(gaps) == 20 and min(gaps) >= 0.0
+        first = np.sort(torch_logits(model, prompt)[-1])  # [vocab]: the gap of the first greedy choice
+        assert gaps[0] == pytest.approx(float(first[-1] - first[-2]), abs=1e-3)
         # a state reserved too small grows (copying once) and stays exact
         state = e.new_state(4)
         assert state.capacity == 64

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.gate import EvalSet, GateThresholds, ModelScore, agreement, judge
+from export.gate import EvalSet, GateThresholds, ModelScore, agreement, judge, robust_golden
 from tests.export.conftest import run_cli
 
 
@@ -40,10 +40,31 @@ def test_judge_thresholds(ppl: float, greedy, passed: bool, words: list[str]) ->
 
 def test_thresholds_are_configurable() -> None:
     ref = ModelScore(10.0, [[1, 2]], 1.0)
-    loose = judge(
-        ref, ModelScore(12.0, [[1, 2]], 1.0), _evalset(), GateThresholds(25.0, 0.5), eval_tokens=100
-    )
+    loose = judge(ref, ModelScore(12.0, [[1, 2]], 1.0), _evalset(), GateThresholds(25.0, 0.5), eval_tokens=100)
     assert loose.passed and loose.report.max_ppl_increase_pct == 25.0
+
+
+def _score(margins: list[list[float]]) -> ModelScore:
+    return ModelScore(10.0, [[7] * len(m) for m in margins], 1.0, 0.0, margins)
+
+
+@pytest.mark.parametrize(
+    ("margins", "expected"),
+    [
+        # every token of the first prompt is clear: it is kept whole
+        ([[3.0] * 16, [5.0] * 16], (0, 16, 3.0)),
+        # the first prompt hits a near-tie at token 4; the second is clear for 10: the longest clear prefix
+        ([[3.0, 2.0, 4.0, 1.5, 0.2, 9.0], [2.0] * 10 + [0.1], [1.2] * 3], (1, 10, 2.0)),
+        # the golden check stops BEFORE the first near-tie, even when later tokens are clear again
+        ([[4.0, 4.0, 0.3, 4.0, 4.0]], (0, 2, 4.0)),
+        # equal prefixes: the earlier prompt
+        ([[2.0, 0.1], [2.0, 0.1]], (0, 1, 2.0)),
+        # every prompt opens on a near-tie: one token, exact match as before
+        ([[0.2, 5.0], [0.1]], (0, 1, 0.2)),
+    ],
+)
+def test_robust_golden_keeps_only_tokens_clear_of_near_ties(margins, expected) -> None:  # noqa: ANN001
+    assert robust_golden([[1]] * len(margins), _score(margins), 1.0, 8) == expected
 
 
 @pytest.mark.slow
