@@ -22,6 +22,7 @@ from .errors import EngineUnavailableError, EvalTextError
 EVAL_DIR = Path(__file__).parent / "eval_text"
 DEFAULT_EVAL_TEXT = EVAL_DIR / "default.txt"
 DEFAULT_PROMPTS = EVAL_DIR / "greedy_prompts.json"
+GOLDEN_PROMPTS = EVAL_DIR / "golden_prompts.json"
 DEFAULT_MAX_PPL_INCREASE_PCT = 2.0
 # Greedy decoding diverges for good once one near-tie flips, so position-wise agreement of an honest INT8
 # model sits well below 1.0: measured 0.72 (int8) and 0.61 (int8, fp32 embeddings) on the default model,
@@ -50,6 +51,9 @@ class EvalSet:
     text_sha256: str
     token_ids: list[int]
     prompts: list[list[int]]
+    # Candidates for the signed golden check, tried before ``prompts``: sequences any working LM continues
+    # with large logit gaps, so the check stays exact on every CPU (see robust_golden).
+    golden_prompts: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def load(cls, tokenizer: Any, text_path: Path | None = None, prompts_path: Path | None = None) -> EvalSet:
@@ -64,7 +68,10 @@ class EvalSet:
             raise EvalTextError(f"the eval text {text_path} has {len(ids)} tokens; at least 32 are needed")
         prompts_path = prompts_path or DEFAULT_PROMPTS
         prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in json.loads(prompts_path.read_text())]
-        return cls(text, hashlib.sha256(text.encode()).hexdigest(), ids, [p for p in prompts if p])
+        golden = [tokenizer.encode(p, add_special_tokens=False).ids for p in json.loads(GOLDEN_PROMPTS.read_text())]
+        return cls(
+            text, hashlib.sha256(text.encode()).hexdigest(), ids, [p for p in prompts if p], [p for p in golden if p]
+        )
 
 
 @dataclass
@@ -75,6 +82,9 @@ class ModelScore:
     greedy_ms_first_prompt: float = 0.0
     # per prompt, per greedy token: logit gap to the runner-up (Engine.greedy_with_margins)
     margins: list[list[float]] = field(default_factory=list)
+    # the same for EvalSet.golden_prompts (not part of the agreement score)
+    golden_greedy: list[list[int]] = field(default_factory=list)
+    golden_margins: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -128,15 +138,17 @@ def score_model(
                 first_ms = (time.perf_counter() - g0) * 1000
             if tick:
                 tick()
+        golden = [engine.greedy_with_margins(p, greedy_tokens) for p in evalset.golden_prompts]
     finally:
         engine.close()
-    return ModelScore(ppl, outs, time.perf_counter() - t0, first_ms, margins)
+    return ModelScore(
+        ppl, outs, time.perf_counter() - t0, first_ms, margins, [t for t, _ in golden], [g for _, g in golden]
+    )
 
 
-def robust_golden(
-    prompts: list[list[int]], score: ModelScore, min_margin: float, min_tokens: int
-) -> tuple[int, int, float]:
-    """Pick the signed golden check: (prompt index, number of expected tokens, smallest margin kept).
+def robust_golden(margins: list[list[float]], min_margin: float, min_tokens: int) -> tuple[int, int, float]:
+    """Pick the signed golden check from candidate prompts' greedy logit gaps (``margins[prompt][token]``):
+    (prompt index, number of expected tokens, smallest gap kept).
 
     The agent demands exactly these greedy tokens on the board, whose CPU and kernels differ from the
     build machine's (x86 VNNI here, NEON dot-product there: different int8 rounding). A token chosen by a
@@ -145,12 +157,12 @@ def robust_golden(
     (the first prompt on ties). With no prompt reaching ``min_tokens`` clear tokens, the longest prefix is
     used anyway (the quality report says so): a broken model still fails on the first tokens."""
     best = (0, 0, 0.0)
-    for i, gaps in enumerate(score.margins):
+    for i, gaps in enumerate(margins):
         n = next((k for k, g in enumerate(gaps) if g < min_margin), len(gaps))
         if n > best[1]:
             best = (i, n, min(gaps[:n]) if n else 0.0)
     if best[1] == 0:  # every prompt starts with a near-tie: keep one token (exact match, as before)
-        return 0, 1, score.margins[0][0] if score.margins and score.margins[0] else 0.0
+        return 0, 1, margins[0][0] if margins and margins[0] else 0.0
     return best
 
 

@@ -44,10 +44,6 @@ def test_thresholds_are_configurable() -> None:
     assert loose.passed and loose.report.max_ppl_increase_pct == 25.0
 
 
-def _score(margins: list[list[float]]) -> ModelScore:
-    return ModelScore(10.0, [[7] * len(m) for m in margins], 1.0, 0.0, margins)
-
-
 @pytest.mark.parametrize(
     ("margins", "expected"),
     [
@@ -64,7 +60,7 @@ def _score(margins: list[list[float]]) -> ModelScore:
     ],
 )
 def test_robust_golden_keeps_only_tokens_clear_of_near_ties(margins, expected) -> None:  # noqa: ANN001
-    assert robust_golden([[1]] * len(margins), _score(margins), 1.0, 8) == expected
+    assert robust_golden(margins, 1.0, 8) == expected
 
 
 @pytest.mark.slow
