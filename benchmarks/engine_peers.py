@@ -7,7 +7,10 @@ Peers, each in its own venv under .cache/peers (installed by benchmarks/peers/se
 Every runtime gets the SAME prompt token ids, runs greedy with EOS ignored, in a fresh process (so peak RSS
 is its own), at each thread count and prompt length.
 
-    .venv/bin/python benchmarks/engine_peers.py --threads 1 2 --prompts 128 512 --new-tokens 128
+    .venv/bin/python benchmarks/engine_peers.py --threads 1 2 --prompts 128 512 --new-tokens 128 --packed-row
+
+nanofleet rows map their prepacked weights from a cache built beforehand in a throwaway process (what the
+agent and `device serve` do); --packed-row adds the default bundle packed in memory at load, for comparison.
 """
 
 from __future__ import annotations
