@@ -15,7 +15,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STEPS = [
     [sys.executable, str(HERE / "export_bench.py"), "--case", "default", "--case", "tinyllama"],
-    [sys.executable, str(HERE / "engine_peers.py"), "--setup", "--threads", "1", "2", "--prompts", "128", "512", "--packed-row"],
+    [
+        sys.executable,
+        str(HERE / "engine_peers.py"),
+        "--setup",
+        "--threads",
+        "1",
+        "2",
+        "--prompts",
+        "128",
+        "512",
+        "--packed-row",
+    ],
 ]
 
 
