@@ -100,9 +100,7 @@ def run(python: Path, script: str, job: dict[str, Any], timeout: float) -> dict[
         json.dump(job, f)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(
-            [str(python), str(HERE / script), f.name], capture_output=True, text=True, timeout=timeout
-        )
+        p = subprocess.run([str(python), str(HERE / script), f.name], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     finally:
@@ -136,7 +134,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2, help="measured runs per process (median), after a warm-up")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every runtime this often, interleaved")
     ap.add_argument("--peers", default="nanofleet,llamacpp,ortgenai,optimum")
     ap.add_argument(
         "--nanofleet",
@@ -170,7 +169,8 @@ def main() -> None:
         nf_jobs.insert(1, ("default bundle, weights packed at load (no cache)", str(GQA_BUNDLE), None))
     gguf = gguf_path()
     q8 = PEERS / "smollm2-135m.Q8_0.gguf"
-    results: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    groups: list[tuple[int, int, list[tuple[str, Path, str, dict[str, Any]]]]] = []
     for threads in a.threads:
         for plen in a.prompts:
             ids = prompt_ids(plen)
@@ -221,29 +221,68 @@ def main() -> None:
                         {**base, "model_dir": a.optimum_dir, "label": "optimum graph, same int8 recipe"},
                     )
                 )
-            for peer, python, script, job in jobs:
+            groups.append((threads, plen, jobs))
+    # Rounds: every runtime once per round, the order rotated each round, so a machine whose speed drifts
+    # (a shared host) shifts all runtimes alike; the table reports each one's median over the rounds.
+    for rnd in range(a.rounds):
+        for threads, plen, jobs in groups:
+            shift = rnd % len(jobs)
+            for peer, python, script, job in jobs[shift:] + jobs[:shift]:
                 if not python.exists():
                     res: dict[str, Any] = {"error": f"{python} missing: run benchmarks/peers/setup.sh {peer}"}
                 else:
                     res = run(python, script, job, a.timeout)
                 res.setdefault("runtime", peer)
                 res.setdefault("weights", job.get("label", ""))
-                res.update(threads=threads, prompt_tokens=plen)
-                results.append(res)
+                res.update(threads=threads, prompt_tokens=plen, round=rnd)
+                raw.append(res)
                 print(json.dumps(res), flush=True)
+    results = aggregate(raw)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, indent=2
+            {
+                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "rounds": a.rounds,
+                "results": results,
+                "raw": raw,
+            },
+            indent=2,
         )
         + "\n"
     )
     print(markdown(results))
 
 
+def aggregate(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (runtime, weights, threads, prompt): median TTFT and decode over the rounds, their
+    min-max spread, and the highest peak RSS."""
+    import statistics
+
+    keyed: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in raw:
+        keyed.setdefault((r["runtime"], r.get("weights", ""), r["threads"], r["prompt_tokens"]), []).append(r)
+    out = []
+    for runs in keyed.values():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            out.append(runs[-1])
+            continue
+        agg = dict(ok[-1])
+        agg.pop("round", None)
+        for k in ("ttft_ms", "decode_tok_s"):
+            vals = [r[k] for r in ok]
+            agg[k] = round(statistics.median(vals), 2)
+            agg[k + "_range"] = [min(vals), max(vals)]
+        agg["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+        agg["rounds"] = len(ok)
+        out.append(agg)
+    return out
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One row per run; ratios against llama.cpp Q8_0 and onnxruntime-genai int8 at the same threads and prompt
+    """One row per runtime (medians over the rounds, decode's min-max in brackets); ratios against llama.cpp Q8_0 and onnxruntime-genai int8 at the same threads and prompt
     length (decode: higher is better; TTFT: lower is better), and the RSS budget of the issue for nanofleet:
     1.5 x the model files + 150 MB."""
 
@@ -275,9 +314,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         ttft_ratio = f"{r['ttft_ms'] / lc['ttft_ms']:.2f}x" if lc else "n/a"
         vs_lc = f"{r['decode_tok_s'] / lc['decode_tok_s']:.2f}x" if lc else "n/a"
         vs_og = f"{r['decode_tok_s'] / og['decode_tok_s']:.2f}x" if og else "n/a"
+        lo_hi = r.get("decode_tok_s_range")
+        spread = f" ({lo_hi[0]:.0f}-{lo_hi[1]:.0f})" if lo_hi and r.get("rounds", 1) > 1 else ""
         budget = f"{1.5 * r['model_mb'] + 150:.0f}" if r["runtime"] == "nanofleet" and r.get("model_mb") else ""
         rows.append(
-            f"{head} {r['ttft_ms']:.0f} | {ttft_ratio} | {r['decode_tok_s']:.1f} | {vs_lc} | {vs_og} | "
+            f"{head} {r['ttft_ms']:.0f} | {ttft_ratio} | {r['decode_tok_s']:.1f}{spread} | {vs_lc} | {vs_og} | "
             f"{r['peak_rss_mb']:.0f} | {budget} |"
         )
     return "\n".join(rows)
