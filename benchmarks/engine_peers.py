@@ -282,7 +282,8 @@ def aggregate(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One row per runtime (medians over the rounds, decode's min-max in brackets); ratios against llama.cpp Q8_0 and onnxruntime-genai int8 at the same threads and prompt
+    """One row per runtime (medians over the rounds, decode's min-max in brackets); ratios against
+    llama.cpp Q8_0 and onnxruntime-genai int8 at the same threads and prompt
     length (decode: higher is better; TTFT: lower is better), and the RSS budget of the issue for nanofleet:
     1.5 x the model files + 150 MB."""
 
