@@ -119,6 +119,21 @@ def test_bench_json_has_top_level_decode_tok_s(api_bundle) -> None:  # noqa: ANN
     assert res["peak_rss_mb"] > res["model_mb"] > 10
 
 
+@pytest.mark.parametrize("cache_flags", [["--weights-cache", "{tmp}"], ["--no-weights-cache"]])
+def test_bench_reports_where_the_weights_came_from(api_bundle, tmp_path: Path, cache_flags: list[str]) -> None:  # noqa: ANN001
+    bundle, _pub = api_bundle
+    flags = [f.format(tmp=tmp_path / "cache") for f in cache_flags]
+    cmd = [*NANOFLEET, "bench", str(bundle), "--prompt-tokens", "16", "--new-tokens", "4", "--runs", "1", "--json"]
+    runs = []
+    for _ in range(2):  # with a cache: the first run builds the entry, the second only maps it
+        p = subprocess.run([*cmd, *flags], env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        runs.append(json.loads(p.stdout)["weights"])
+    cached = cache_flags[0] == "--weights-cache"
+    assert runs == (["mapped", "mapped"] if cached else ["packed", "packed"])
+    assert (tmp_path / "cache").exists() is cached
+
+
 def test_bench_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     p = subprocess.run(
         [*NANOFLEET, "bench", str(tmp_path), "--json"], env=ENV, capture_output=True, text=True, timeout=120
