@@ -50,7 +50,7 @@ def load_session(
     weights_cache.py), or "packed" (a plain load that packs the weights in this process's memory)."""
     if not model_path.is_file():
         raise BundleLoadError(f"model file {model_path} not found")
-    if options.weights_cache:
+    if options.weights_cache and options.prepack_weights:  # without prepacking there is nothing to cache
         session = _load_via_cache(model_path, options, file_hashes)
         if session is not None:
             return session, "mapped"
