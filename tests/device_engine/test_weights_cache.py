@@ -163,14 +163,17 @@ import json, sys
 from device.engine import EngineOptions
 from device.engine.bench import load_for_bench, _peak_rss_mb
 e = load_for_bench(sys.argv[1], None, EngineOptions(threads=1, weights_cache=sys.argv[2] or None))
-print(json.dumps({"weights": e.weights, "peak": _peak_rss_mb(), "greedy": e.greedy(e.encode("Paris is"), 12)}))
+anon = next(int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("RssAnon:"))
+greedy = e.greedy(e.encode("Paris is"), 12)
+print(json.dumps({"weights": e.weights, "peak": _peak_rss_mb(), "anon_mb": anon, "greedy": greedy}))
 """
 
 
 @pytest.mark.slow
 def test_default_bundle_mapped_equals_packed_and_peaks_lower(default_bundle, tmp_path: Path) -> None:
     """Real processes on the real bundle: the serving process that maps the cache answers the same tokens
-    as one that packs in memory, and its high-water mark is lower (the build ran in a child of the first)."""
+    as one that packs in memory, without the packed weights in its anonymous memory (the build ran in a
+    child of the first)."""
     from tests.conftest import REPO
 
     bundle, _pub = default_bundle
@@ -188,4 +191,8 @@ def test_default_bundle_mapped_equals_packed_and_peaks_lower(default_bundle, tmp
     mapped = run(str(cache))
     assert (packed["weights"], building["weights"], mapped["weights"]) == ("packed", "mapped", "mapped")
     assert packed["greedy"] == building["greedy"] == mapped["greedy"]
-    assert mapped["peak"] < packed["peak"] - 10, (mapped, packed)
+    # The packed weights (~160 MB here) live in anonymous memory only when packed in this process; mapped,
+    # they are file-backed pages. The peak (VmHWM) varies by ~20 MB with allocator timing, so it is only
+    # required not to be worse; docs/benchmarks.md has the measured peaks.
+    assert mapped["anon_mb"] < packed["anon_mb"] - 100, (mapped, packed)
+    assert mapped["peak"] < packed["peak"] + 5, (mapped, packed)
