@@ -3,7 +3,7 @@
 ``device/`` imports this package and nothing else of ours; keep it free of heavy dependencies.
 """
 
-from ._files import atomic_write_bytes, atomic_write_text, sha256_file
+from ._files import atomic_write_bytes, atomic_write_text, fsync_dir, sha256_file
 from .bundle import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from manifests import atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
@@ -166,7 +168,7 @@ def build(root: Path, key: str, model_path: Path, optimization: str) -> CacheEnt
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     log.info("built weights cache %s in %.1f s", root / key, time.perf_counter() - t0)
     prune(root, keep=KEEP_ENTRIES)
     entry = lookup(root, key)
@@ -203,14 +205,6 @@ def _source_bytes(model_path: Path) -> int:
     return total
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build_here(model_path: Path, out: Path, optimization: str) -> None:
     """The child: one session that writes the optimized graph and the packed weights, then meta.json."""
     from .options import EngineOptions
@@ -237,13 +231,8 @@ def _build_here(model_path: Path, out: Path, optimization: str) -> None:
         "optimization": optimization,
         "files": files,
     }
-    tmp = out / (META_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / META_NAME)  # written last: its presence marks the entry complete
-    _fsync_dir(out)
+    # written last, atomically: its presence marks the entry complete
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":
