@@ -23,6 +23,7 @@ def main() -> None:
 
     from device.engine import EngineOptions
     from device.engine.bench import load_for_bench
+    from device.engine.weights_cache import source_files
 
     t = int(job["threads"])
     t0 = time.perf_counter()
@@ -60,15 +61,7 @@ def main() -> None:
                 "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
                 "decode_tok_s": round(statistics.median(rates), 2),
                 "peak_rss_mb": peak_rss_mb(),
-                "model_mb": round(
-                    sum(
-                        f.stat().st_size
-                        for f in engine.model_path.parent.iterdir()
-                        if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")
-                    )
-                    / 2**20,
-                    1,
-                ),
+                "model_mb": round(sum(f.stat().st_size for f in source_files(engine.model_path)) / 2**20, 1),
             }
         )
     )

@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import BundleLoadError
 from .options import EngineOptions
 from .spec import arch_from_hf_config, graph_spec_for_folder
+from .weights_cache import source_files
 
 # Plain English, repeated to the asked length: the prompt's content barely matters to speed.
 PROMPT_TEXT = (
@@ -125,11 +126,7 @@ def run_bench(
                 decode_rates.append((new_tokens - 1) / (end - first))
         ttft = statistics.median(ttfts)
         rate = statistics.median(decode_rates) if decode_rates else 0.0
-        model_bytes = sum(
-            f.stat().st_size
-            for f in engine.model_path.parent.iterdir()
-            if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data")
-        )
+        model_bytes = sum(f.stat().st_size for f in source_files(engine.model_path))
         return BenchResult(
             model=engine.name,
             path=str(path),

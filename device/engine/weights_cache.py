@@ -95,10 +95,8 @@ def source_identity(model_path: Path, file_hashes: dict[str, str] | None = None)
     (already verified), else path, size and mtime of the graph and its external data."""
     if file_hashes:
         return {"sha256": dict(sorted(file_hashes.items()))}
-    files = [model_path] + [p for p in (model_path.with_name(model_path.name + "_data"),) if p.exists()]
-    files += sorted(model_path.parent.glob(model_path.stem + "*.data"))
     out = {}
-    for p in files:
+    for p in source_files(model_path):
         st = p.stat()
         out[str(p.resolve())] = [st.st_size, st.st_mtime_ns]
     return {"files": out}
@@ -196,13 +194,18 @@ def prune(root: Path, keep: int = KEEP_ENTRIES) -> list[Path]:
     return removed
 
 
+def source_files(model_path: Path) -> list[Path]:
+    """The graph and its external data files beside it (``model.onnx_data``, optimum's ``*.data``)."""
+    extra = [
+        p
+        for p in sorted(model_path.parent.iterdir())
+        if p != model_path and (p.name.endswith(".onnx_data") or p.suffix == ".data") and p.is_file()
+    ]
+    return [model_path, *extra]
+
+
 def _source_bytes(model_path: Path) -> int:
-    """The graph plus its external data files (``model.onnx_data``, ``*.data``) in the same folder."""
-    total = model_path.stat().st_size
-    for p in model_path.parent.iterdir():
-        if p != model_path and (p.name.endswith("_data") or p.suffix == ".data") and p.is_file():
-            total += p.stat().st_size
-    return total
+    return sum(p.stat().st_size for p in source_files(model_path))
 
 
 def _build_here(model_path: Path, out: Path, optimization: str) -> None:
