@@ -22,6 +22,7 @@ from manifests import Recipe
 
 from .errors import QuantizationError
 from .onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT
+from .source_grid import keep_source_grid
 
 Method = Literal["none", "matmulnbits", "dynamic-int8"]
 
@@ -38,6 +39,9 @@ class QuantRecipe:
     quantize_embeddings: bool = False
     # The LM head (and the embedding table shared with it) at 8 bits even in a 4-bit recipe.
     head_bits: int | None = None
+    # MatMul weights that already lie exactly on a 4-bit block grid (a Q4 GGUF's) keep it instead of being
+    # re-quantized to `bits` (export/source_grid.py): same numbers, 0.6x the bytes at decode.
+    keep_source_grid: bool = False
     description: str = ""
 
 
@@ -57,7 +61,23 @@ RECIPES: dict[str, QuantRecipe] = {
             4,
             quantize_embeddings=True,
             head_bits=8,
-            description="MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy 4; embeddings too",
+            keep_source_grid=True,
+            description=(
+                "MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy 4; embeddings too; weights already"
+                " on a 4-bit grid (a Q4 GGUF's) are kept on it exactly instead of re-quantized"
+            ),
+        ),
+        QuantRecipe(
+            "int8-requantized",
+            "int8",
+            "matmulnbits",
+            8,
+            32,
+            True,
+            4,
+            quantize_embeddings=True,
+            head_bits=8,
+            description="as int8, but every weight is re-quantized to 8 bits, a source's 4-bit grid included",
         ),
         QuantRecipe(
             "int8-fp32-embeddings",
@@ -69,6 +89,7 @@ RECIPES: dict[str, QuantRecipe] = {
             4,
             quantize_embeddings=False,
             head_bits=8,
+            keep_source_grid=True,
             description="as int8, but the embedding table stays fp32 (the fallback if quantizing it fails)",
         ),
         QuantRecipe(
@@ -94,7 +115,7 @@ RECIPES: dict[str, QuantRecipe] = {
 # Tried in order for a precision when --recipe is not given: the first that passes the gate is published.
 DEFAULT_RECIPES: dict[str, list[str]] = {
     "fp32": ["fp32"],
-    "int8": ["int8", "int8-fp32-embeddings"],
+    "int8": ["int8", "int8-requantized", "int8-fp32-embeddings"],
     "int4": ["int4"],
 }
 
@@ -104,6 +125,7 @@ class QuantOutcome:
     model_path: Path
     notes: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    source_grid_matmuls: int = 0
 
     def manifest_recipe(self, recipe: QuantRecipe, embeddings_quantized: bool) -> Recipe:
         return Recipe(
@@ -114,6 +136,7 @@ class QuantOutcome:
             symmetric=recipe.symmetric,
             accuracy_level=recipe.accuracy_level,
             quantize_embeddings=embeddings_quantized,
+            source_grid_matmuls=self.source_grid_matmuls,
             nodes_excluded=self.excluded,
             graph_optimizations=self.notes,
         )
@@ -239,6 +262,13 @@ def _matmulnbits(src: Path, out_dir: Path, recipe: QuantRecipe) -> QuantOutcome:
     head_names = _lm_head_names(model)
     head_bits = recipe.head_bits or recipe.bits
     body_excluded = head_names if head_bits != recipe.bits else []
+    kept: list[str] = []
+    if recipe.keep_source_grid:
+        rewrite = keep_source_grid(model, recipe.block_size, recipe.accuracy_level, exclude=set(head_names))
+        kept = rewrite.kept
+        body_excluded = body_excluded + rewrite.fp32_matmuls
+        if kept:
+            notes.append(f"source-4bit-grid-kept:{len(kept)}-matmuls")
 
     def run(m: Any, bits: int, include: list[str] | None, exclude: list[str]) -> Any:
         q = MatMulNBitsQuantizer(
@@ -255,8 +285,8 @@ def _matmulnbits(src: Path, out_dir: Path, recipe: QuantRecipe) -> QuantOutcome:
         return q.model.model
 
     model = run(model, recipe.bits, None, body_excluded)
-    if body_excluded:
-        model = run(model, head_bits, body_excluded, [])
+    if head_bits != recipe.bits:
+        model = run(model, head_bits, head_names, [])
         notes.append(f"lm-head-{head_bits}bit")
     excluded: list[str] = []
     if recipe.quantize_embeddings:
@@ -265,7 +295,7 @@ def _matmulnbits(src: Path, out_dir: Path, recipe: QuantRecipe) -> QuantOutcome:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     path = _save(model, out_dir)
-    return QuantOutcome(path, notes=notes, excluded=excluded)
+    return QuantOutcome(path, notes=notes, excluded=excluded, source_grid_matmuls=len(kept))
 
 
 def _lm_head_names(model: Any) -> list[str]:

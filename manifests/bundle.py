@@ -99,6 +99,11 @@ class Recipe(_Model):
     symmetric: bool | None = None
     accuracy_level: int | None = None
     quantize_embeddings: bool = False
+    source_grid_matmuls: int = Field(
+        default=0,
+        description="MatMuls whose weights already lay on a 4-bit block grid (a Q4 GGUF's) and were written as"
+        " exact 4-bit MatMulNBits plus a block-offset term, instead of being re-quantized to `bits`",
+    )
     nodes_excluded: list[str] = Field(default_factory=list)
     graph_optimizations: list[str] = Field(default_factory=list)
 

@@ -39,6 +39,8 @@ def test_manifest_describes_the_default_model(default_bundle: tuple[Path, Path])
         4,
     )
     assert r.quantize_embeddings and "embedding-8bit-shared-with-lm-head" in r.graph_optimizations
+    # The GGUF is Q4_1: all 30 x (qkv, o, gate|up, down) weights keep that grid exactly (export/source_grid.py).
+    assert r.source_grid_matmuls == 120 and "source-4bit-grid-kept:120-matmuls" in r.graph_optimizations
     roles = {f.role: f.path for f in m.files}
     assert {"model", "tokenizer", "chat_template", "generation_config", "report"} <= set(roles)
     for name in ("manifest.yaml", "manifest.sig", *roles.values()):

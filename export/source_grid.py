@@ -1,0 +1,168 @@
+"""Keep a 4-bit source's grid: MatMul weights that already lie on a block-wise 4-bit grid are written exactly.
+
+A Q4_0/Q4_1 GGUF (the default model ships as Q4_1) stores every linear weight as ``w = d·q + m`` per block of
+32 input values, with ``q`` in 0..15. Dequantized to fp32 for the torch export, those weights still lie
+exactly on that grid. Re-quantizing them to 8 bits adds no precision (the fp32 reference IS the 4-bit grid)
+and costs 1.7x the bytes per weight at decode, which is memory-bound on the boards. So each such MatMul
+becomes:
+
+    y = MatMulNBits(x; q, d, 4-bit, block 32)        # Σ_b d_b · (x_b · (q_b - 8))
+      + (x @ E) @ O                                   # Σ_b (m_b + 8·d_b) · Σ_{i∈b} x_i
+
+where ``E`` [K, K/32] sums each block of x (a 0/1 matrix), and ``O`` [K/32, N] is the per-block offset
+``m + 8·d``. MatMulNBits' own zero point is a uint8 (0..15), which cannot hold the GGUF's float minimum ``m``
+(rounding it shifts a whole block by up to d/2, as lossy as a fresh 4-bit quantization), and onnxruntime's
+float zero points take a dequantize-every-call path measured 30x slower; the offset term restores the exact
+weights at the cost of two tiny GEMMs (K/32 wide).
+
+Detection is exact: every block of 32 must be reproduced to 1e-3 of its step ``d``; weights from fp16/bf16
+sources miss that by orders of magnitude, so they are left to the recipe's own quantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+GRID_BITS = 4
+LEVELS = (1 << GRID_BITS) - 1  # 15 steps between a block's minimum and maximum
+IMPLICIT_ZERO_POINT = 1 << (GRID_BITS - 1)  # MatMulNBits without zero points subtracts 8
+# A block is on the grid when every value is reproduced to this fraction of the block's step.
+TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One weight W [K, N] as a block-wise 4-bit grid along K: W[b*B + i, n] = scales[n, b]·q[n, b, i] + mins[n, b]."""
+
+    q: np.ndarray  # [N, K/B, B] uint8, 0..15
+    scales: np.ndarray  # [N, K/B] float32, the step d
+    mins: np.ndarray  # [N, K/B] float32, the block minimum m
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[K/B, N] float32: what the block-sum term adds, m + 8·d (MatMulNBits subtracts 8 from q)."""
+        return np.ascontiguousarray((self.mins + IMPLICIT_ZERO_POINT * self.scales).T.astype(np.float32))
+
+    def packed(self) -> np.ndarray:
+        """[N, K/B, B/2] uint8 in MatMulNBits' layout: element 2j in the low nibble, 2j+1 in the high one."""
+        return (self.q[..., 0::2] | (self.q[..., 1::2] << 4)).astype(np.uint8)
+
+    def dequantized(self) -> np.ndarray:
+        """[K, N] float32, for checks."""
+        n, nb, b = self.q.shape
+        w = self.q.astype(np.float32) * self.scales[..., None] + self.mins[..., None]
+        return np.ascontiguousarray(w.reshape(n, nb * b).T)
+
+
+def find_grid(weight: np.ndarray, block_size: int) -> Grid | None:
+    """The exact 4-bit grid of a [K, N] float weight along K, or None if any block is off it."""
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    k, n = weight.shape
+    if k % block_size or block_size % 2:
+        return None
+    blocks = weight.T.reshape(n, k // block_size, block_size)  # [N, K/B, B]
+    mins = blocks.min(axis=2)
+    steps = (blocks.max(axis=2) - mins) / LEVELS
+    safe = np.where(steps > 0, steps, 1.0)
+    q = np.rint((blocks - mins[..., None]) / safe[..., None])
+    if q.min() < 0 or q.max() > LEVELS:
+        return None
+    error = np.abs(q * steps[..., None] + mins[..., None] - blocks)
+    if np.any(error > TOLERANCE * safe[..., None]):
+        return None
+    return Grid(q=q.astype(np.uint8), scales=steps.astype(np.float32), mins=mins.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class GridRewrite:
+    kept: list[str]  # the MatMul nodes now written as exact 4-bit MatMulNBits
+    # The small fp32 MatMuls of the offset term: a later weight quantizer must leave them alone (quantizing the
+    # offsets would undo the exactness this module is for).
+    fp32_matmuls: list[str]
+
+
+def keep_source_grid(
+    model: Any, block_size: int, accuracy_level: int | None, exclude: set[str] | frozenset[str] = frozenset()
+) -> GridRewrite:
+    """Rewrite every MatMul whose constant weight lies on a 4-bit grid (see the module doc), in place.
+
+    Weights shared by several nodes, or still used elsewhere, are left alone (the rewrite removes the fp32
+    initializer).
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    graph_outputs = {o.name for o in g.output}
+    block_sums: dict[str, str] = {}  # input tensor -> its [.., K/B] block sums (shared by MatMuls on one input)
+    indicators: dict[int, str] = {}  # K -> name of the [K, K/B] 0/1 block-sum matrix
+    rewritten: list[str] = []
+    fp32_matmuls: list[str] = []
+    new_nodes: list[tuple[int, list[Any]]] = []
+    for idx, node in enumerate(g.node):
+        if node.op_type != "MatMul" or node.name in exclude:
+            continue
+        weight_name = node.input[1]
+        if weight_name not in inits or uses.get(weight_name, 0) != 1 or weight_name in graph_outputs:
+            continue
+        weight = numpy_helper.to_array(inits[weight_name])
+        grid = find_grid(weight, block_size)
+        if grid is None:
+            continue
+        k, n = weight.shape
+        base = node.name or weight_name
+        replacement: list[Any] = []
+        if k not in indicators:
+            indicator = np.zeros((k, k // block_size), dtype=np.float32)
+            indicator[np.arange(k), np.arange(k) // block_size] = 1.0
+            indicators[k] = f"source_grid.block_sum_{k}x{block_size}"
+            g.initializer.append(numpy_helper.from_array(indicator, indicators[k]))
+        x = node.input[0]
+        if x not in block_sums:
+            block_sums[x] = f"{base}/block_sums"
+            replacement.append(
+                helper.make_node("MatMul", [x, indicators[k]], [block_sums[x]], name=f"{base}/BlockSums")
+            )
+            fp32_matmuls.append(f"{base}/BlockSums")
+        names = {s: f"{weight_name}.grid4_{s}" for s in ("B", "scales", "offsets")}
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(grid.packed(), names["B"]),
+                numpy_helper.from_array(grid.scales.reshape(-1), names["scales"]),
+                numpy_helper.from_array(grid.offsets, names["offsets"]),
+            ]
+        )
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": GRID_BITS, "block_size": block_size}
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
+        replacement += [
+            helper.make_node(
+                "MatMulNBits",
+                [x, names["B"], names["scales"]],
+                [f"{base}/grid4"],
+                name=f"{base}_Q4",
+                domain="com.microsoft",
+                **attrs,
+            ),
+            helper.make_node("MatMul", [block_sums[x], names["offsets"]], [f"{base}/offset"], name=f"{base}/Offset"),
+            helper.make_node("Add", [f"{base}/grid4", f"{base}/offset"], [node.output[0]], name=f"{base}/AddOffset"),
+        ]
+        fp32_matmuls.append(f"{base}/Offset")
+        g.initializer.remove(inits.pop(weight_name))
+        new_nodes.append((idx, replacement))
+        rewritten.append(node.name)
+    for idx, replacement in reversed(new_nodes):
+        del g.node[idx]
+        for j, new in enumerate(replacement):
+            g.node.insert(idx + j, new)
+    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return GridRewrite(kept=rewritten, fp32_matmuls=fp32_matmuls)
