@@ -6,6 +6,10 @@ accuracy_level 4): +1-2% perplexity where dynamic INT8 of every MatMul (optimum'
 (``GatherBlockQuantized``), and when the LM head is tied to it (SmolLM2: 49152x576, 113 MB in fp32, the
 biggest single tensor) both read ONE quantized copy: the LM head's MatMulNBits weight, reshaped for the
 Gather. Without that the INT8 bundle would be about 0.5x of fp32 instead of under 0.3x.
+
+Weights that already lie exactly on a 4-bit block grid (a Q4 GGUF's, like the default model's) are not
+re-quantized: they keep that grid as 4-bit MatMulNBits plus an exact offset term (source_grid.py), the same
+numbers in 0.6x the bytes. ``int8-requantized`` turns that off.
 """
 
 from __future__ import annotations

@@ -35,6 +35,12 @@ class EngineOptions:
     # entry in a child process; later loads map the packed weights instead of packing them in memory
     # (lower peak RSS, faster load). None = always pack in memory.
     weights_cache: str | None = None
+    # onnxruntime's KleidiAI kernels (aarch64; ignored elsewhere). Off by default: for symmetric 4-bit
+    # MatMulNBits they quantize activations per row and round scales to bf16, so a board computes other
+    # numbers than the build machine's gate measured (on an emulated Cortex-A76: 2.3x the error on a test
+    # matrix, greedy tokens 44% equal to the build's instead of 71%). On, they may be faster; the quality
+    # gate's evidence then no longer applies as closely.
+    kleidiai: bool = False
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -37,6 +37,8 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if not options.spin_wait:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not options.kleidiai:
+        so.add_session_config_entry("mlas.disable_kleidiai", "1")  # onnxruntime >= 1.25; older ones ignore it
     if options.optimized_model_path:
         so.optimized_model_filepath = options.optimized_model_path
     so.log_severity_level = 3
@@ -61,10 +63,10 @@ def _load_via_cache(
     model_path: Path, options: EngineOptions, file_hashes: dict[str, str] | None
 ) -> ort.InferenceSession | None:
     root = Path(options.weights_cache or "")
-    key = weights_cache.cache_key(model_path, options.graph_optimization, file_hashes)
+    key = weights_cache.cache_key(model_path, options.graph_optimization, file_hashes, options.kleidiai)
     try:
         entry = weights_cache.lookup(root, key) or weights_cache.build(
-            root, key, model_path, options.graph_optimization
+            root, key, model_path, options.graph_optimization, options.kleidiai
         )
     except (weights_cache.WeightsCacheError, OSError) as exc:
         log.warning("prepacked-weights cache unavailable, packing in memory instead: %s", exc)

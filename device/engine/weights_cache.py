@@ -102,12 +102,15 @@ def source_identity(model_path: Path, file_hashes: dict[str, str] | None = None)
     return {"files": out}
 
 
-def cache_key(model_path: Path, optimization: str, file_hashes: dict[str, str] | None = None) -> str:
+def cache_key(
+    model_path: Path, optimization: str, file_hashes: dict[str, str] | None = None, kleidiai: bool = False
+) -> str:
     ident = {
         "format": CACHE_FORMAT,
         "onnxruntime": ort.__version__,
         "cpu": cpu_fingerprint(),
         "optimization": optimization,
+        "kleidiai": kleidiai,  # KleidiAI packs weights in its own layout
         "source": source_identity(model_path, file_hashes),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
@@ -135,7 +138,7 @@ def lookup(root: Path, key: str) -> CacheEntry | None:
     return entry
 
 
-def build(root: Path, key: str, model_path: Path, optimization: str) -> CacheEntry:
+def build(root: Path, key: str, model_path: Path, optimization: str, kleidiai: bool = False) -> CacheEntry:
     """Build the entry in a child process, into a temporary folder renamed into place when complete."""
     root.mkdir(parents=True, exist_ok=True)
     need = int(_source_bytes(model_path) * SPACE_FACTOR)
@@ -147,6 +150,8 @@ def build(root: Path, key: str, model_path: Path, optimization: str) -> CacheEnt
     # The child must import this package exactly as the parent did (tests and benchmarks extend sys.path).
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "device.engine.weights_cache", str(model_path), str(tmp), optimization]
+    if kleidiai:
+        cmd.append("kleidiai")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
@@ -208,13 +213,15 @@ def _source_bytes(model_path: Path) -> int:
     return sum(p.stat().st_size for p in source_files(model_path))
 
 
-def _build_here(model_path: Path, out: Path, optimization: str) -> None:
+def _build_here(model_path: Path, out: Path, optimization: str, kleidiai: bool = False) -> None:
     """The child: one session that writes the optimized graph and the packed weights, then meta.json."""
     from .options import EngineOptions
     from .session import session_options
 
     out.mkdir(parents=True)
-    so = session_options(EngineOptions(threads=1, graph_optimization=optimization))  # type: ignore[arg-type]
+    so = session_options(
+        EngineOptions(threads=1, graph_optimization=optimization, kleidiai=kleidiai)  # type: ignore[arg-type]
+    )
     so.optimized_model_filepath = str(out / MODEL_NAME)
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_NAME)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -232,6 +239,7 @@ def _build_here(model_path: Path, out: Path, optimization: str) -> None:
         "onnxruntime": ort.__version__,
         "source": str(model_path),
         "optimization": optimization,
+        "kleidiai": kleidiai,
         "files": files,
     }
     # written last, atomically: its presence marks the entry complete
@@ -239,6 +247,6 @@ def _build_here(model_path: Path, out: Path, optimization: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m device.engine.weights_cache MODEL OUT_DIR OPTIMIZATION")
-    _build_here(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) not in (4, 5) or sys.argv[4:] not in ([], ["kleidiai"]):
+        sys.exit("usage: python -m device.engine.weights_cache MODEL OUT_DIR OPTIMIZATION [kleidiai]")
+    _build_here(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], kleidiai=sys.argv[4:] == ["kleidiai"])

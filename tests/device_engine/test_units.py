@@ -52,6 +52,16 @@ def test_engine_options_validate() -> None:
         EngineOptions(prefill_chunk=0)
 
 
+def test_session_options_turn_kleidiai_off_unless_asked() -> None:
+    """KleidiAI (aarch64) computes symmetric 4-bit MatMulNBits with coarser numerics than the build's gate
+    measured; the engine turns it off by default (docs/engine.md)."""
+    from device.engine.session import session_options
+
+    assert session_options(EngineOptions()).get_session_config_entry("mlas.disable_kleidiai") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        session_options(EngineOptions(kleidiai=True)).get_session_config_entry("mlas.disable_kleidiai")
+
+
 def test_sampler_greedy_topk_topp_seed_and_penalty() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     assert Sampler(SamplingParams(temperature=0))(logits) == 0

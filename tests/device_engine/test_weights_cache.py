@@ -123,6 +123,7 @@ def test_key_follows_source_runtime_cpu_and_optimization(tiny_int8, tmp_path: Pa
     base = wc.cache_key(model, "all")
     assert wc.cache_key(model, "all") == base
     assert wc.cache_key(model, "basic") != base
+    assert wc.cache_key(model, "all", kleidiai=True) != base  # KleidiAI packs weights in its own layout
     assert wc.cache_key(model, "all", {"model.onnx": "a" * 64}) != wc.cache_key(model, "all", {"model.onnx": "b" * 64})
     monkeypatch.setattr(wc, "cpu_fingerprint", lambda: "aarch64\nFeatures=fp asimd")
     assert wc.cache_key(model, "all") != base
