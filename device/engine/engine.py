@@ -26,6 +26,7 @@ from manifests import (
 )
 from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
+from ._heap import release_free_heap
 from .errors import (
     BundleLoadError,
     ContextWindowError,
@@ -108,9 +109,11 @@ class Engine:
         # A verified manifest vouches for the files' content: the weights cache keys on its hashes.
         hashes = {f.path: f.sha256 for f in manifest.files} if manifest is not None else None
         self._session, self.weights = load_session(model_path, options, hashes)
+        release_free_heap()
         # The tokenizer (~30 MB for a 49k vocabulary) is built after the session: onnxruntime's load-time
         # transient then does not stack on top of it, which lowers the process's peak RSS by as much.
         self.tokenizer = _load_tokenizer(tokenizer) if isinstance(tokenizer, Path) else tokenizer
+        release_free_heap()  # the tokenizer's JSON temporaries (_heap.py)
         self._driver = make_driver(self._session, arch, graph, self.context_length)
         self._chat: ChatTemplate | None = None
         if chat_template is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -203,3 +205,34 @@ def test_generation_stops_at_the_context_window(fp32_dir) -> None:  # noqa: ANN0
         small.close()
     with pytest.raises(EngineClosedError):
         small.greedy([1], 1)
+
+
+def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
+    """After the tokenizer's temporaries are freed, glibc keeps them resident until malloc_trim (_heap.py)."""
+    import ctypes
+    import ctypes.util
+    import re
+
+    from device.engine._heap import release_free_heap
+
+    def rss_anon_mib() -> float:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(r"RssAnon:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = []
+    for _ in range(40_000):  # 40k x 1 KiB: heap memory, below the mmap threshold (as JSON parsing allocates)
+        p = libc.malloc(1024)
+        ctypes.memset(p, 1, 1024)
+        blocks.append(p)
+    keep = libc.malloc(16)  # a live block at the top of the heap: free() alone cannot shrink it
+    for p in blocks:
+        libc.free(p)
+    before = rss_anon_mib()
+    assert release_free_heap() is True
+    after = rss_anon_mib()
+    libc.free(keep)
+    assert before - after > 20, (before, after)
