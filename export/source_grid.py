@@ -15,8 +15,9 @@ where ``E`` [K, K/32] sums each block of x (a 0/1 matrix), and ``O`` [K/32, N] i
 float zero points take a dequantize-every-call path measured 30x slower; the offset term restores the exact
 weights at the cost of two tiny GEMMs (K/32 wide).
 
-Detection is exact: every block of 32 must be reproduced to 1e-3 of its step ``d``; weights from fp16/bf16
-sources miss that by orders of magnitude, so they are left to the recipe's own quantizer.
+Detection is exact: every block of 32 must be reproduced to 1e-3 of its step ``d``, with at most 15 steps
+between its minimum and maximum (Q4_1 blocks span all 15; Q4_0's ``d·(q-8)`` blocks may span fewer); weights
+from fp16/bf16 sources miss that by orders of magnitude, so they are left to the recipe's own quantizer.
 """
 
 from __future__ import annotations
@@ -61,6 +62,35 @@ class Grid:
         return np.ascontiguousarray(w.reshape(n, nb * b).T)
 
 
+def _fit_blocks(blocks: np.ndarray, mins: np.ndarray, spans: np.ndarray, steps_in_span: int) -> np.ndarray:
+    """[rows] bool: which blocks ([rows, B]) lie on min + k·(span / steps_in_span), k integer."""
+    step = spans / steps_in_span
+    safe = np.where(step > 0, step, 1.0)
+    q = np.rint((blocks - mins[:, None]) / safe[:, None])
+    error = np.abs(q * step[:, None] + mins[:, None] - blocks)
+    return np.all(error <= TOLERANCE * safe[:, None], axis=1)
+
+
+def _steps_in_span(blocks: np.ndarray, mins: np.ndarray, spans: np.ndarray) -> np.ndarray | None:
+    """[rows] int: per block, a number of grid steps between its minimum and maximum (1..15) that reproduces it,
+    or None if some block fits none. 15 is tried first: Q4_1 maps every block's minimum to q=0 and its maximum
+    to 15; then the fewest that fit.
+    Q4_0 (d·(q-8)) puts only its largest-magnitude value on an end level, so its blocks span fewer steps."""
+    found = np.where(_fit_blocks(blocks, mins, spans, LEVELS), LEVELS, 0)  # whole arrays: no gather copy
+    for steps_in_span in range(1, LEVELS):
+        todo = np.flatnonzero(found == 0)
+        if todo.size == 0:
+            break
+        ok = _fit_blocks(blocks[todo], mins[todo], spans[todo], steps_in_span)
+        found[todo[ok]] = steps_in_span
+    return None if np.any(found == 0) else found
+
+
+# Blocks tried first: a weight from an fp16/bf16 checkpoint fails on these at once, so the full search (up to
+# 15 passes over every block) runs only for weights that look like a grid.
+SAMPLE_BLOCKS = 256
+
+
 def find_grid(weight: np.ndarray, block_size: int) -> Grid | None:
     """The exact 4-bit grid of a [K, N] float weight along K, or None if any block is off it."""
     if weight.ndim != 2 or weight.dtype != np.float32:
@@ -68,17 +98,24 @@ def find_grid(weight: np.ndarray, block_size: int) -> Grid | None:
     k, n = weight.shape
     if k % block_size or block_size % 2:
         return None
-    blocks = weight.T.reshape(n, k // block_size, block_size)  # [N, K/B, B]
-    mins = blocks.min(axis=2)
-    steps = (blocks.max(axis=2) - mins) / LEVELS
+    blocks = weight.T.reshape(n * (k // block_size), block_size)  # [N·K/B, B], block-major per column
+    mins = blocks.min(axis=1)
+    spans = blocks.max(axis=1) - mins
+    sample = np.linspace(0, blocks.shape[0] - 1, min(SAMPLE_BLOCKS, blocks.shape[0])).astype(np.int64)
+    if _steps_in_span(blocks[sample], mins[sample], spans[sample]) is None:
+        return None
+    steps_in_span = _steps_in_span(blocks, mins, spans)
+    if steps_in_span is None:
+        return None
+    steps = (spans / steps_in_span).astype(np.float32)
     safe = np.where(steps > 0, steps, 1.0)
-    q = np.rint((blocks - mins[..., None]) / safe[..., None])
-    if q.min() < 0 or q.max() > LEVELS:
-        return None
-    error = np.abs(q * steps[..., None] + mins[..., None] - blocks)
-    if np.any(error > TOLERANCE * safe[..., None]):
-        return None
-    return Grid(q=q.astype(np.uint8), scales=steps.astype(np.float32), mins=mins.astype(np.float32))
+    q = np.rint((blocks - mins[:, None]) / safe[:, None])  # 0..steps_in_span <= 15
+    shape = (n, k // block_size)
+    return Grid(
+        q=q.astype(np.uint8).reshape(*shape, block_size),
+        scales=steps.reshape(shape),
+        mins=mins.astype(np.float32).reshape(shape),
+    )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,24 @@ def q4_1_weight(k: int, n: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, k).T)
 
 
+def q4_0_weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """A [K, N] weight as llama.cpp's Q4_0 stores it: per block, d = (signed value of largest magnitude) / -8,
+    q = clip(round(x/d + 8), 0, 15), w = d·(q - 8). Only one end level is sure to be used."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k // BLOCK, BLOCK)).astype(np.float32) * 0.05
+    extreme = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+    d = (extreme / -8).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(x / d[..., None] + 8), 0, 15)
+    return np.ascontiguousarray((d[..., None] * (q - 8)).reshape(n, k).T)
+
+
+def test_find_grid_recovers_a_q4_0_weight_exactly() -> None:
+    w = q4_0_weight(128, 64, seed=5)
+    grid = find_grid(w, BLOCK)
+    assert grid is not None and grid.q.max() <= 15
+    np.testing.assert_allclose(grid.dequantized(), w, rtol=0, atol=1e-6 * np.abs(w).max())
+
+
 def test_find_grid_recovers_a_q4_1_weight_exactly() -> None:
     w = q4_1_weight(96, 40)
     grid = find_grid(w, BLOCK)
