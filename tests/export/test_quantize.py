@@ -12,8 +12,8 @@ from export.onnx_export import export_onnx
 from export.quantize import RECIPES, min_onnxruntime, operators, quantize
 
 
-@pytest.fixture(scope="module")
-def tied_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_tied_llama():  # noqa: ANN201 - a transformers LlamaForCausalLM (torch is imported lazily)
+    """2 layers, hidden 64, GQA 4/2 heads, vocabulary 300, tied embeddings; seeded."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +28,14 @@ def tied_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tied_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    model = tiny_tied_llama()
     with torch.no_grad():  # larger weights than the init's std 0.02, so logits are far from uniform
         for p in model.parameters():
             p.mul_(8.0) if p.dim() == 2 else None
@@ -50,9 +57,7 @@ def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
     return s.run(["logits"], feeds)[0][0]  # [seq, vocab]
 
 
-def test_int8_shares_one_quantized_table_between_embedding_and_lm_head(
-    tied_fp32: Path, tmp_path: Path
-) -> None:
+def test_int8_shares_one_quantized_table_between_embedding_and_lm_head(tied_fp32: Path, tmp_path: Path) -> None:
     out = quantize(tied_fp32, tmp_path / "q", RECIPES["int8"])
     assert "embedding-8bit-shared-with-lm-head" in out.notes
     g = onnx.load(str(out.model_path)).graph
@@ -89,9 +94,7 @@ def test_fp32_embeddings_recipe_keeps_the_table_float(tied_fp32: Path, tmp_path:
 def test_int4_keeps_head_8bit(tied_fp32: Path, tmp_path: Path) -> None:
     out = quantize(tied_fp32, tmp_path / "q", RECIPES["int4"])
     g = onnx.load(str(out.model_path)).graph
-    bits = sorted(
-        {a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    )
+    bits = sorted({a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
     assert bits == [4, 8]
     assert any(n.op_type == "GatherBlockQuantized" for n in g.node)
 

@@ -152,22 +152,11 @@ def test_rewrite_skips_excluded_nodes_and_shared_weights() -> None:
 def q4_llama_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny tied-embedding llama whose linear weights lie on a Q4_1 grid, as a Q4_1 GGUF's do."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from export.onnx_export import export_onnx
+    from tests.export.test_quantize import tiny_tied_llama
 
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_tied_llama()
     with torch.no_grad():
         for i, lin in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features != 300):
             n, k = lin.weight.shape
