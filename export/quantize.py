@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,63 +49,47 @@ class QuantRecipe:
     description: str = ""
 
 
+# Block 32, not 64: block 64 is 4-5% faster at decode here, but on an emulated Cortex-A76 (onnxruntime 1.32
+# aarch64) its greedy tokens left the golden check on the gqa graph (docs/export.md).
+_INT8 = QuantRecipe(
+    "int8",
+    "int8",
+    "matmulnbits",
+    8,
+    32,
+    True,
+    4,
+    quantize_embeddings=True,
+    head_bits=8,
+    keep_source_grid=True,
+    description=(
+        "MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy 4; embeddings too; weights already"
+        " on a 4-bit grid (a Q4 GGUF's) are kept on it exactly instead of re-quantized"
+    ),
+)
 RECIPES: dict[str, QuantRecipe] = {
     r.name: r
     for r in (
         QuantRecipe("fp32", "fp32", "none", description="the fp32 reference bundle"),
-        # Block 32, not 64: block 64 is 4-5% faster at decode here, but on an emulated Cortex-A76 (onnxruntime
-        # 1.32 aarch64) its greedy tokens left the golden check on the gqa graph (docs/export.md).
-        QuantRecipe(
-            "int8",
-            "int8",
-            "matmulnbits",
-            8,
-            32,
-            True,
-            4,
-            quantize_embeddings=True,
-            head_bits=8,
-            keep_source_grid=True,
-            description=(
-                "MatMulNBits 8-bit weight-only, block 32, symmetric, accuracy 4; embeddings too; weights already"
-                " on a 4-bit grid (a Q4 GGUF's) are kept on it exactly instead of re-quantized"
-            ),
-        ),
-        QuantRecipe(
-            "int8-requantized",
-            "int8",
-            "matmulnbits",
-            8,
-            32,
-            True,
-            4,
-            quantize_embeddings=True,
-            head_bits=8,
+        _INT8,
+        replace(
+            _INT8,
+            name="int8-requantized",
+            keep_source_grid=False,
             description="as int8, but every weight is re-quantized to 8 bits, a source's 4-bit grid included",
         ),
-        QuantRecipe(
-            "int8-fp32-embeddings",
-            "int8",
-            "matmulnbits",
-            8,
-            32,
-            True,
-            4,
+        replace(
+            _INT8,
+            name="int8-fp32-embeddings",
             quantize_embeddings=False,
-            head_bits=8,
-            keep_source_grid=True,
             description="as int8, but the embedding table stays fp32 (the fallback if quantizing it fails)",
         ),
-        QuantRecipe(
-            "int4",
-            "int4",
-            "matmulnbits",
-            4,
-            32,
-            True,
-            4,
-            quantize_embeddings=True,
-            head_bits=8,
+        replace(
+            _INT8,
+            name="int4",
+            precision="int4",
+            bits=4,
+            keep_source_grid=False,
             description="MatMulNBits 4-bit, block 32, symmetric; LM head and embeddings 8-bit",
         ),
         QuantRecipe(
@@ -373,9 +357,7 @@ def _quantize_embeddings(model: Any, tied: dict[str, str], block_size: int) -> l
             g.initializer.extend([data_shape, scale_shape])
             data, scales = f"{base}.q_shared", f"{base}.q_scales_shared"
             replacement += [
-                helper.make_node(
-                    "Reshape", [shared.input[1], data_shape.name], [data], name=f"{base}/q_reshape"
-                ),
+                helper.make_node("Reshape", [shared.input[1], data_shape.name], [data], name=f"{base}/q_reshape"),
                 helper.make_node(
                     "Reshape", [shared.input[2], scale_shape.name], [scales], name=f"{base}/q_scales_reshape"
                 ),
@@ -389,9 +371,7 @@ def _quantize_embeddings(model: Any, tied: dict[str, str], block_size: int) -> l
             g.initializer.extend(
                 [
                     numpy_helper.from_array(packed.reshape(vocab, hidden), data),
-                    numpy_helper.from_array(
-                        sc.reshape(vocab, hidden // block_size).astype(np.float32), scales
-                    ),
+                    numpy_helper.from_array(sc.reshape(vocab, hidden // block_size).astype(np.float32), scales),
                 ]
             )
             notes.append("embedding-8bit")
