@@ -25,6 +25,7 @@ import numpy as np
 from manifests import Recipe
 
 from .errors import QuantizationError
+from .graph_edit import ensure_ms_domain, splice_nodes
 from .onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT
 from .source_grid import keep_source_grid
 
@@ -237,7 +238,6 @@ def _untie_transposed_weights(model: Any) -> dict[str, str]:
 
 
 def _matmulnbits(src: Path, out_dir: Path, recipe: QuantRecipe) -> QuantOutcome:
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
@@ -280,8 +280,7 @@ def _matmulnbits(src: Path, out_dir: Path, recipe: QuantRecipe) -> QuantOutcome:
     if recipe.quantize_embeddings:
         notes.extend(_quantize_embeddings(model, tied, recipe.block_size))
     # MatMulNBits/GatherBlockQuantized live in com.microsoft; keep the default opset as exported.
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    ensure_ms_domain(model)
     path = _save(model, out_dir)
     return QuantOutcome(path, notes=notes, excluded=excluded, source_grid_matmuls=len(kept))
 
@@ -389,10 +388,7 @@ def _quantize_embeddings(model: Any, tied: dict[str, str], block_size: int) -> l
             )
         )
         new_nodes.append((idx, replacement))
-    for idx, replacement in reversed(new_nodes):
-        del g.node[idx]
-        for k, n in enumerate(replacement):
-            g.node.insert(idx + k, n)
+    splice_nodes(g, new_nodes)
     used = {i for n in g.node for i in n.input}
     for t in [t for t in g.initializer if t.name not in used]:
         g.initializer.remove(t)

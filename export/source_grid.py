@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .graph_edit import ensure_ms_domain, splice_nodes
+
 GRID_BITS = 4
 LEVELS = (1 << GRID_BITS) - 1  # 15 steps between a block's minimum and maximum
 # MatMulNBits without zero points subtracts 8. Not written explicitly: zero points cost ~10% of decode speed
@@ -200,10 +202,7 @@ def keep_source_grid(
         g.initializer.remove(inits.pop(weight_name))
         new_nodes.append((idx, replacement))
         rewritten.append(node.name)
-    for idx, replacement in reversed(new_nodes):
-        del g.node[idx]
-        for j, new in enumerate(replacement):
-            g.node.insert(idx + j, new)
-    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    splice_nodes(g, new_nodes)
+    if rewritten:
+        ensure_ms_domain(model)
     return GridRewrite(kept=rewritten, fp32_matmuls=fp32_matmuls)
