@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from manifests.errors import NanofleetError
 
-class ExportError(Exception):
-    """Base of every error raised by ``export``."""
 
-    reason: str = "export_failed"
+class ExportError(NanofleetError):
+    """Base of every error raised by ``export`` (``export.target``'s ``TargetError`` included)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    reason = "export_failed"
 
 
 class SourceNotFoundError(ExportError):

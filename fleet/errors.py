@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from manifests.errors import NanofleetError
 
-class FleetError(Exception):
+
+class FleetError(NanofleetError):
     """Base of every error raised by ``fleet``."""
 
     status_code = 400
     reason = "fleet_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class ConfigError(FleetError):

@@ -1,16 +1,29 @@
-"""One exception tree for the contract. Every verification failure names its reason."""
+"""The root of every nanofleet exception, and the contract's own tree. Every failure names its reason.
+
+Each package (``export``, ``device.agent``, ``device.engine``, ``device.api``, ``fleet``, offline media)
+has one base class derived from :class:`NanofleetError`, so a caller (the CLI, a test) can catch any of our
+errors in one place and always finds a one-line ``message`` and a machine-readable ``reason``.
+"""
 
 from __future__ import annotations
 
 
-class ManifestError(Exception):
-    """Base of every error raised by ``manifests``."""
+class NanofleetError(Exception):
+    """Base of every error nanofleet raises: a one-line ``message`` and a machine-readable ``reason``."""
 
-    reason: str = "invalid"
+    reason: str = "error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class ManifestError(NanofleetError):
+    """Base of every error raised by ``manifests``."""
+
+    reason = "invalid"
 
 
 class SchemaError(ManifestError):

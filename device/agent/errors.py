@@ -5,17 +5,13 @@ Every update failure carries a short machine-readable ``reason`` that goes into 
 
 from __future__ import annotations
 
+from manifests.errors import NanofleetError
 
-class AgentError(Exception):
+
+class AgentError(NanofleetError):
     """Base of every error raised by ``device.agent``."""
 
-    reason: str = "agent_error"
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if reason is not None:
-            self.reason = reason
+    reason = "agent_error"
 
 
 class ConfigError(AgentError):

@@ -6,14 +6,17 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from manifests.errors import NanofleetError
 
-class ApiError(Exception):
+
+class ApiError(NanofleetError):
+    """Base of every error the local API answers with; ``code`` (OpenAI's field) doubles as ``reason``."""
+
     status = 500
     type = "server_error"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, reason=code or self.type)
         self.code = code
         self.param = param
 

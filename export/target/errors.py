@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from export.errors import ExportError
 
-class TargetError(Exception):
+
+class TargetError(ExportError):
     """Base of every error raised by ``export.target``."""
 
-    reason: str = "target_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    reason = "target_error"
 
 
 class ToolMissingError(TargetError):
