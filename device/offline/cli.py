@@ -28,9 +28,9 @@ def install(
 
     from device.agent.config import load_config
     from device.agent.errors import AgentError
+    from manifests.offline.errors import OfflineError
     from nanofleet._output import console, emit_json, fail, out
 
-    from .errors import OfflineError
     from .install import install as do_install
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,9 +80,9 @@ def export_telemetry(
     """
     from device.agent.config import load_config
     from device.agent.errors import AgentError
+    from manifests.offline.errors import OfflineError
     from nanofleet._output import emit_json, fail, out
 
-    from .errors import OfflineError
     from .telemetry import export_telemetry as do_export
 
     try:

@@ -31,8 +31,8 @@ from device.agent.states import RESTING
 from device.agent.store import StateStore, UpdateRecord
 from manifests import BundleManifest, atomic_write_bytes
 from manifests.mqtt import Event, events_topic
+from manifests.offline.errors import InstallTimeoutError
 
-from .errors import InstallTimeoutError
 from .package import VerifiedPackage, select_package
 
 log = logging.getLogger("nanofleet.offline")

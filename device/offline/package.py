@@ -28,8 +28,7 @@ from manifests import (
 from manifests.bundle import check_not_expired, format_validation_error
 from manifests.errors import ExpiredError, ManifestError, VerificationError
 from manifests.mqtt import BundleRef, DesiredState
-
-from .errors import (
+from manifests.offline.errors import (
     NoPackageError,
     NotForThisDeviceError,
     PackageError,
@@ -39,7 +38,7 @@ from .errors import (
     PackageSignatureError,
     PackageTamperedError,
 )
-from .format import (
+from manifests.offline.format import (
     FORMAT_VERSION,
     MAX_PACKAGE_DOC_BYTES,
     PACKAGE_DOC,

@@ -23,9 +23,8 @@ from device.agent.errors import ConfigError
 from device.agent.store import StateStore, UpdateRecord
 from manifests import atomic_write_bytes
 from manifests.mqtt import ReportedState, SlotInfo
-
-from .errors import MediaError, OfflineError
-from .format import (
+from manifests.offline.errors import MediaError, OfflineError
+from manifests.offline.format import (
     TEMP_PREFIX,
     ExportedEntry,
     TelemetryExport,
@@ -34,8 +33,9 @@ from .format import (
     telemetry_file_name,
     telemetry_mac,
 )
+from manifests.offline.media import check_room
+
 from .install import now_utc, offline_dir
-from .media import check_room
 
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"  # test hook: "export-telemetry" pauses after writing half the file
 

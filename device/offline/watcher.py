@@ -22,8 +22,8 @@ from device.agent.states import RESTING
 from device.agent.store import UpdateRecord
 from manifests import TrustStore, atomic_write_bytes
 from manifests.mqtt import DesiredState
+from manifests.offline.errors import NotForThisDeviceError, OfflineError, PackageError
 
-from .errors import NotForThisDeviceError, OfflineError, PackageError
 from .install import INBOX, RESULTS, offline_dir
 from .package import VerifiedPackage, find_packages, verify_package
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from device.offline.format import MAX_TELEMETRY_FILE_BYTES
+from manifests.offline.format import MAX_TELEMETRY_FILE_BYTES
 
 from .. import schemas as S
 from ..service import FleetService

@@ -28,7 +28,7 @@ def export_update(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from device.offline.errors import OfflineError
+    from manifests.offline.errors import OfflineError
     from nanofleet._output import console, emit_json, fail
     from nanofleet._output import out as stdout
 
@@ -87,7 +87,7 @@ def import_telemetry(
     at all; importing the same file twice ingests nothing twice. The devices' update results then count
     in their rollouts. Exit code 1 when any file was refused.
     """
-    from device.offline.errors import OfflineError
+    from manifests.offline.errors import OfflineError
     from nanofleet._output import emit_json, fail, out
 
     from ..errors import FleetError

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from device.offline.errors import MediaError, OfflineError
-from device.offline.format import DEPLOYMENT_DOC, PACKAGE_DOC, PACKAGE_PREFIX, TELEMETRY_SUFFIX, TEMP_PREFIX
-from device.offline.media import (
+from manifests import atomic_write_bytes
+from manifests.offline.errors import MediaError, OfflineError
+from manifests.offline.format import DEPLOYMENT_DOC, PACKAGE_DOC, PACKAGE_PREFIX, TELEMETRY_SUFFIX, TEMP_PREFIX
+from manifests.offline.media import (
     check_room,
     fsync_tree,
     publish_dir,
@@ -27,7 +28,6 @@ from device.offline.media import (
     temp_dir_in,
     write_synced,
 )
-from manifests import atomic_write_bytes
 
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"  # test hook: "export-update" pauses half-way through the copy
 CHUNK = 1 << 20

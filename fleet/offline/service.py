@@ -26,16 +26,6 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from device.offline.format import (
-    DEPLOYMENT_DOC,
-    OfflineUpdate,
-    PackageBundle,
-    PackageFile,
-    PackageTarget,
-    TelemetryExport,
-    TelemetryFile,
-    telemetry_mac,
-)
 from manifests import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -46,6 +36,16 @@ from manifests import (
     atomic_write_bytes,
 )
 from manifests import mqtt as contract
+from manifests.offline.format import (
+    DEPLOYMENT_DOC,
+    OfflineUpdate,
+    PackageBundle,
+    PackageFile,
+    PackageTarget,
+    TelemetryExport,
+    TelemetryFile,
+    telemetry_mac,
+)
 
 from ..db import AuditEntry, Device, DeviceEvent, TelemetrySample, aware
 from ..errors import ConflictError, FleetError, NotFoundError

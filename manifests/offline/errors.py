@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
+from ..errors import NanofleetError
 
-class OfflineError(Exception):
+
+class OfflineError(NanofleetError):
     """Base of every error raised by ``device.offline`` and ``fleet.offline``."""
 
-    reason: str = "offline_error"
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if reason is not None:
-            self.reason = reason
+    reason = "offline_error"
 
 
 class MediaTooSmallError(OfflineError):
@@ -59,12 +55,6 @@ class PackageTamperedError(PackageError):
 
 class PackageRollbackError(PackageError):
     reason = "anti_rollback"
-
-
-class TelemetryFileError(OfflineError):
-    """A telemetry export is refused (truncated, corrupt, wrong MAC, unknown device); nothing ingested."""
-
-    reason = "telemetry_refused"
 
 
 class InstallTimeoutError(OfflineError):

@@ -1,7 +1,7 @@
 """What travels on the stick: the offline update package and the telemetry export file.
 
-Both sides (``fleet/offline`` writes packages and reads telemetry; ``device/offline`` does the reverse)
-import this module; it depends on ``manifests`` only, like the rest of ``device/``.
+It is a contract between the fleet and the boards: ``fleet/offline`` writes packages and reads telemetry,
+``device/offline`` does the reverse, and both import it from here.
 
 An update package is a folder::
 
@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from manifests import SignedDocument, check_relative_path
-from manifests.errors import UnsafePathError
+from ..bundle import check_relative_path
+from ..errors import UnsafePathError
+from ..signed_doc import SignedDocument
 
 PACKAGE_DOC = "package.json"
 DEPLOYMENT_DOC = "deployment.yaml"

@@ -7,16 +7,12 @@ package or file, or nothing it would pick up.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-from manifests._files import fsync_dir
-
+from .._files import fsync_dir
 from .errors import MediaError, MediaTooSmallError
 from .format import TEMP_PREFIX
 
@@ -50,32 +46,6 @@ def temp_dir_in(parent: Path) -> Path:
     tmp = parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     return tmp
-
-
-def copy_synced(
-    src: Path, dst: Path, *, progress: Callable[[int], None] | None = None, expect_size: int | None = None
-) -> str:
-    """Copy ``src`` to ``dst`` (fsynced); returns its sha256. Raises MediaError on I/O errors."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    n = 0
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            while chunk := fin.read(CHUNK):
-                fout.write(chunk)
-                h.update(chunk)
-                n += len(chunk)
-                if progress:
-                    progress(len(chunk))
-            fout.flush()
-            os.fsync(fout.fileno())
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MediaTooSmallError(f"the media filled up while writing {dst.name}") from exc
-        raise MediaError(f"cannot copy {src} to {dst}: {exc.strerror}") from exc
-    if expect_size is not None and n != expect_size:
-        raise MediaError(f"{src} is {n} bytes, expected {expect_size}")
-    return h.hexdigest()
 
 
 def write_synced(dst: Path, data: bytes) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from device.offline.format import PACKAGE_DOC
+from manifests.offline.format import PACKAGE_DOC
 
 from .conftest import Board, FleetProc
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device.offline.format import TEMP_PREFIX
 from manifests import SigningKey
+from manifests.offline.format import TEMP_PREFIX
 
 from .conftest import Board, FleetProc, kill, popen_cli, wait_for
 from .helpers import bootstrapped, clone, export

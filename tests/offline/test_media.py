@@ -13,8 +13,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.offline.errors import MediaTooSmallError
 from manifests import SigningKey
+from manifests.offline.errors import MediaTooSmallError
 from tests.conftest import Mosquitto
 
 from .conftest import Board, FleetProc, wait_for
@@ -24,7 +24,7 @@ from .helpers import bootstrapped
 def test_too_small_stick_is_refused_before_anything_changes(
     tmp_path: Path, fleet: FleetProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import device.offline.media as media
+    import manifests.offline.media as media
     from fleet.offline.media import write_package
 
     fleet.enroll("field-small")

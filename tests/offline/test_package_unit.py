@@ -12,21 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from device.offline.errors import (
+from device.offline.package import find_packages, select_package, verify_package
+from manifests import SignedDocument, SigningKey, TrustStore
+from manifests.offline.errors import (
     NotForThisDeviceError,
     PackageExpiredError,
     PackageFormatError,
     PackageTamperedError,
 )
-from device.offline.format import (
+from manifests.offline.format import (
     PACKAGE_DOC,
     OfflineUpdate,
     PackageBundle,
     PackageFile,
     PackageTarget,
 )
-from device.offline.package import find_packages, select_package, verify_package
-from manifests import SignedDocument, SigningKey, TrustStore
 from tests.device_agent.helpers import make_bundle
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from device.offline.format import PACKAGE_DOC
 from manifests import SigningKey
+from manifests.offline.format import PACKAGE_DOC
 
 from .conftest import Board, FleetProc
 from .helpers import bootstrapped, clone, export, snapshot
@@ -55,8 +55,8 @@ def refused(board: Board, pkg: Path, reason: str, words: str, *, cli: bool = Fal
         message = res["error"]
     else:
         from device.agent.config import load_config
-        from device.offline.errors import PackageError
         from device.offline.install import install
+        from manifests.offline.errors import PackageError
 
         with pytest.raises(PackageError) as info:
             install(load_config(board.config), pkg)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from device.offline.format import PACKAGE_DOC, TELEMETRY_SUFFIX
 from manifests import SigningKey
+from manifests.offline.format import PACKAGE_DOC, TELEMETRY_SUFFIX
 
 from .conftest import Board, FleetProc, wait_for
 
