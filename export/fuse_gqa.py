@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from manifests import ArchConfig, GraphSpec
+from manifests import MODEL_FILE, ArchConfig, GraphSpec
 
 from .errors import ExportError
 
@@ -46,7 +46,7 @@ class FuseGqaError(ExportError):
     reason = "fuse_gqa"
 
 
-def gqa_graph_spec(num_layers: int, model_file: str = "model.onnx") -> GraphSpec:
+def gqa_graph_spec(num_layers: int, model_file: str = MODEL_FILE) -> GraphSpec:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     return GraphSpec(
@@ -307,7 +307,7 @@ def build_gqa_model(
     return model
 
 
-def save_model(model: Any, out_dir: str | Path, model_file: str = "model.onnx") -> Path:
+def save_model(model: Any, out_dir: str | Path, model_file: str = MODEL_FILE) -> Path:
     """Save, with external data when the weights pass protobuf's 2 GB limit."""
     import onnx
 
@@ -331,7 +331,7 @@ def save_model(model: Any, out_dir: str | Path, model_file: str = "model.onnx") 
 
 
 def build_gqa_folder(
-    hf_dir: str | Path, out_dir: str | Path, max_seq: int | None = None, model_file: str = "model.onnx"
+    hf_dir: str | Path, out_dir: str | Path, max_seq: int | None = None, model_file: str = MODEL_FILE
 ) -> GraphSpec:
     """Checkpoint folder (config.json + safetensors) -> out_dir/model.onnx; returns its GraphSpec."""
     config, weights = load_safetensors_folder(hf_dir)
@@ -346,7 +346,7 @@ def fuse_for_export(
     arch: ArchConfig,
     token_ids: list[int],
     threads: int | None = None,
-    model_file: str = "model.onnx",
+    model_file: str = MODEL_FILE,
 ) -> tuple[Path, GraphSpec]:
     """The export pipeline's hook: build the fused graph from the loaded torch model, then prove it equals
     the validated optimum graph in ``reference_dir`` (same perplexity, same greedy tokens) through the device

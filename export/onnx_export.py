@@ -10,13 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from manifests import ArchConfig
+from manifests import MODEL_DATA_FILE, MODEL_FILE, ArchConfig
 
 from .archs import ONNX_TASK
 from .errors import OnnxExportError, ValidationFailedError
 
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx_data"
+EXTERNAL_DATA_FILE = MODEL_DATA_FILE
 # onnx's protobuf limit: above it the weights must live in an external data file.
 PROTOBUF_LIMIT = 2 * 1024**3
 VALIDATION_PROMPT_LEN = 24

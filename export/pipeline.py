@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from manifests import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
     REPORT_NAME,
+    TOKENIZER_FILE,
     ArchConfig,
     BundleFile,
     BundleManifest,
@@ -33,9 +36,9 @@ from manifests import (
     SigningKey,
     atomic_write_text,
     describe_file,
+    fsync_dir,
     write_signed_manifest,
 )
-from manifests._files import fsync_dir
 
 from . import gate as gate_mod
 from .archs import GRAPH_KIND, spec_for
@@ -47,9 +50,6 @@ from .sources import ResolvedSource, load_config, load_model, load_tokenizer, re
 
 Target = Literal["arm64", "x86_64"]
 Precision = Literal["int8", "int4", "fp32"]
-TOKENIZER_FILE = "tokenizer.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENERATION_FILE = "generation_config.json"
 # The golden check runs on the board at activation; boards are 5-30x slower than this machine.
 GOLDEN_BUDGET_FACTOR = 30.0
 GOLDEN_BUDGET_MIN_MS = 5000.0
@@ -235,7 +235,7 @@ def _run(
             fp32_dir = onnx_path.parent
     del model
     gc.collect()
-    for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_FILE):
+    for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE):
         if (assets / f).exists():
             shutil.copyfile(assets / f, fp32_dir / f)
     fp32_size = _model_bytes(fp32_dir)
@@ -366,7 +366,7 @@ def _write_assets(assets: Path, tokenizer: Any, model: Any, generation: dict[str
         template = template.get("default") or next(iter(template.values()), None)
     if template:
         (assets / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
-    (assets / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    (assets / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 
 def _graph_spec(onnx_path: Path) -> GraphSpec:
@@ -478,7 +478,7 @@ def _assemble_into(
     for fname, role in (
         (TOKENIZER_FILE, "tokenizer"),
         (CHAT_TEMPLATE_FILE, "chat_template"),
-        (GENERATION_FILE, "generation_config"),
+        (GENERATION_CONFIG_FILE, "generation_config"),
     ):
         if (assets / fname).exists():
             shutil.copyfile(assets / fname, stage / fname)
@@ -548,7 +548,11 @@ def _assemble_into(
             tools=_tool_versions(),
             built_on=f"{platform.system()} {platform.machine()} python {platform.python_version()}",
         ),
-        generation=json.loads((assets / GENERATION_FILE).read_text()) if (assets / GENERATION_FILE).exists() else {},
+        generation=(
+            json.loads((assets / GENERATION_CONFIG_FILE).read_text())
+            if (assets / GENERATION_CONFIG_FILE).exists()
+            else {}
+        ),
     )
     assert req.key is not None
     write_signed_manifest(stage, manifest, req.key)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from manifests._files import fsync_dir
+from manifests import fsync_dir
 
 from .errors import InvalidBundleError
 

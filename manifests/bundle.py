@@ -16,7 +16,6 @@ signature → format version → expiry → every file's path, size and sha256.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -41,6 +40,12 @@ SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 MANIFEST_NAME = "manifest.yaml"
 SIGNATURE_NAME = "manifest.sig"
 REPORT_NAME = "quality_report.json"
+# The files of a bundle's model, named once here for the export side and the engine alike.
+MODEL_FILE = "model.onnx"
+MODEL_DATA_FILE = "model.onnx_data"  # the external weights beside it (optimum's name too)
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def utcnow() -> dt.datetime:
@@ -108,14 +113,57 @@ class Recipe(_Model):
     graph_optimizations: list[str] = Field(default_factory=list)
 
 
+class TeacherForcedLimits(_Model):
+    """What a teacher-forced comparison was judged by: the nominal limits, and what they became for the number
+    of tokens scored. A short text's sampling error widens each limit by ``z`` standard errors of its own
+    estimate (export/teacher_forced.py derives it); ``note`` says when that mattered."""
+
+    max_kl_mean: float = Field(ge=0, description="nominal limit on the mean KL divergence (nats)")
+    min_top_token_match: float = Field(ge=0, le=1, description="nominal floor on the same-top-token rate")
+    max_ppl_change_pct: float = Field(ge=0, description="nominal limit on the perplexity change, percent")
+    ppl_two_sided: bool = Field(
+        default=False, description="False: only an increase counts (vs fp32); True: either way (target vs build)"
+    )
+    z: float = Field(ge=0, description="standard errors added to each limit")
+    kl_mean_limit: float = Field(description="the KL limit applied at this many tokens")
+    top_token_match_limit: float = Field(description="the same-top-token floor applied at this many tokens")
+    ppl_change_limit_pct: float = Field(description="the perplexity-change limit applied at this many tokens")
+    note: str | None = None
+
+
+class TeacherForced(_Model):
+    """A candidate's next-token distributions against a reference's at every position of one text, both fed the
+    text's own tokens (teacher forcing), as llama.cpp's perplexity tool reports them. Unlike free-running greedy
+    agreement, one near-tie changes one position, not the rest of the sequence."""
+
+    reference: str = Field(description="what the candidate was compared with: 'fp32' or 'build'")
+    tokens: int = Field(ge=1, description="positions scored (predicted tokens of the text)")
+    kl_mean: float = Field(description="mean KL(reference || candidate) per token, nats")
+    kl_mean_se: float = Field(ge=0, description="standard error of kl_mean")
+    kl_p99: float = Field(description="99th percentile of the per-token KL divergence")
+    kl_max: float
+    top_token_match: float = Field(ge=0, le=1, description="fraction of positions with the same argmax token")
+    ppl_reference: float
+    ppl_candidate: float
+    ppl_ratio: float = Field(description="ppl_candidate / ppl_reference")
+    log_ppl_ratio_se: float = Field(ge=0, description="standard error of log(ppl_ratio) (paired per-token NLL)")
+    limits: TeacherForcedLimits
+    passed: bool
+    messages: list[str] = Field(default_factory=list, description="why it failed, one line each")
+
+
 class TargetVerification(_Model):
     cpu: str
     onnxruntime: str
     perplexity: float
-    greedy_agreement: float
+    greedy_agreement: float = Field(
+        description="same-top-token rate vs the build (teacher_forced.top_token_match); before teacher-forced "
+        "metrics: free-running greedy agreement"
+    )
     passed: bool
     eval_tokens: int | None = None
     message: str = ""
+    teacher_forced: TeacherForced | None = Field(default=None, description="target vs build on the eval text")
 
 
 class QualityReport(_Model):
@@ -124,14 +172,21 @@ class QualityReport(_Model):
     ppl_reference: float = Field(description="fp32 perplexity on the eval text")
     ppl_quantized: float
     ppl_increase_pct: float
-    greedy_agreement: float = Field(ge=0.0, le=1.0, description="fraction of greedy tokens equal to fp32's")
-    greedy_prompts: int
+    greedy_agreement: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="fraction of the eval text's positions whose top token equals fp32's, teacher-forced (= "
+        "teacher_forced.top_token_match). Reports without teacher_forced measured free-running greedy agreement "
+        "over greedy_prompts x greedy_tokens_per_prompt instead",
+    )
+    greedy_prompts: int = Field(description="0: teacher-forced (no free-running prompts)")
     greedy_tokens_per_prompt: int
     max_ppl_increase_pct: float
-    min_greedy_agreement: float
+    min_greedy_agreement: float = Field(description="the floor on greedy_agreement")
     passed: bool
     onnxruntime: str
     target_verifications: list[TargetVerification] = Field(default_factory=list)
+    teacher_forced: TeacherForced | None = Field(default=None, description="quantized vs fp32 on the eval text")
 
 
 class GoldenCheck(_Model):
@@ -319,15 +374,3 @@ def verify_bundle(
         for entry in manifest.files:
             verify_file(root, entry, max_size=max_file_size)
     return manifest
-
-
-def bundle_paths(manifest: BundleManifest) -> list[str]:
-    return [MANIFEST_NAME, SIGNATURE_NAME, *(f.path for f in manifest.files)]
-
-
-def dir_size(path: str | Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(dirpath, f))
-    return total

@@ -8,6 +8,7 @@ telemetry and events carry a per-device monotonic ``seq``.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -119,15 +120,26 @@ class SlotInfo(BaseModel):
     manifest_sha256: str | None = None
 
 
-UpdateStateName = Literal[
-    "idle", "downloading", "verifying", "installing", "activating", "committed", "rolling_back", "failed"
-]
+class UpdateState(str, enum.Enum):
+    """The agent's update state machine's states (``device/agent/states.py``), as reported to the fleet.
+
+    The fleet's rollout engine reads them from ``ReportedState.state``: both sides name them only here.
+    """
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    ACTIVATING = "activating"
+    COMMITTED = "committed"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
 
 
 class ReportedState(_Payload):
     schema_: Literal["nanofleet.reported/1"] = Field("nanofleet.reported/1", alias="schema")
     device_id: str
-    state: str
+    state: UpdateState
     deployment_id: str | None = None
     active_slot: Literal["a", "b"] | None = None
     slots: dict[str, SlotInfo] = Field(default_factory=dict)

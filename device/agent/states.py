@@ -13,18 +13,9 @@ from __future__ import annotations
 
 import enum
 
+from manifests.mqtt import UpdateState as State  # the contract names the states the fleet reads
+
 from .errors import InvalidTransitionError
-
-
-class State(str, enum.Enum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    INSTALLING = "installing"
-    ACTIVATING = "activating"
-    COMMITTED = "committed"
-    ROLLING_BACK = "rolling_back"
-    FAILED = "failed"
 
 
 class Event(str, enum.Enum):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from manifests import MANIFEST_NAME, TrustStore
+from manifests import MANIFEST_NAME, MODEL_FILE, TrustStore
 
 from .engine import Engine
 from .errors import BundleLoadError
@@ -63,7 +63,7 @@ def load_for_bench(path: str | Path, trust: TrustStore | None, options: EngineOp
     root = Path(path)
     if (root / MANIFEST_NAME).is_file():
         return Engine.from_bundle(root, trust, options)
-    if (root / "config.json").is_file() and (root / "model.onnx").is_file():
+    if (root / "config.json").is_file() and (root / MODEL_FILE).is_file():
         arch = arch_from_hf_config(root / "config.json")
         return Engine.from_parts(root, arch, graph_spec_for_folder(root, arch.num_layers), options)
     raise BundleLoadError(f"{root} is neither a bundle (manifest.yaml) nor an optimum export folder")

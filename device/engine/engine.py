@@ -16,6 +16,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from manifests import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_FILE,
     ArchConfig,
     BundleManifest,
     GraphSpec,
@@ -39,10 +42,6 @@ from .options import EngineOptions, SamplingParams
 from .sampling import Sampler
 from .session import load_session
 from .text import ChatTemplate, IncrementalDecoder, StopMatcher
-
-TOKENIZER_FILE = "tokenizer.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 class TokenStream(Iterator[int]):
@@ -251,10 +250,19 @@ class Engine:
         """exp(mean NLL) of each token given those before it. Texts longer than the context window are
         scored in independent windows of ``context_length`` tokens (each window's first token is not
         predicted)."""
+        nll_sum, count = 0.0, 0
+        for tgt, logp in self.log_probs(token_ids):
+            nll_sum -= float(logp[np.arange(tgt.shape[0]), tgt].astype(np.float64).sum())
+            count += int(tgt.shape[0])
+        return math.exp(nll_sum / count)
+
+    def log_probs(self, token_ids: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Teacher-forced next-token log-probabilities over a text, chunk by chunk: (targets [c], log-softmax
+        [c, vocab] float32) where row j is the distribution after the text up to targets[j]. Windows as
+        ``perplexity`` (which is built on it); the quality gate compares these rows between two models."""
         ids = self._check_ids(token_ids)
         if ids.shape[0] < 2:
             raise InvalidParamsError("perplexity needs at least 2 tokens")
-        nll_sum, count = 0.0, 0
         chunk = self.options.prefill_chunk
         for w0 in range(0, ids.shape[0], self.context_length):
             window = ids[w0 : w0 + self.context_length]  # [w]
@@ -266,10 +274,8 @@ class Engine:
                 tgt = window[start + 1 : start + 1 + inp.shape[0]]  # [c]
                 logits = self.forward(state, inp).astype(np.float64)  # [c, vocab]
                 mx = logits.max(axis=-1, keepdims=True)
-                lse = np.log(np.exp(logits - mx).sum(axis=-1)) + mx[:, 0]  # [c]
-                nll_sum += float((lse - logits[np.arange(tgt.shape[0]), tgt]).sum())
-                count += int(tgt.shape[0])
-        return math.exp(nll_sum / count)
+                lse = np.log(np.exp(logits - mx).sum(axis=-1, keepdims=True)) + mx  # [c, 1]
+                yield tgt, (logits - lse).astype(np.float32)
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Exactly ``max_new_tokens`` argmax tokens (no EOS stop), for golden and agreement checks."""

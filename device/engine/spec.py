@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from manifests import ArchConfig, GraphSpec
+from manifests import MODEL_FILE, ArchConfig, GraphSpec
 
 from .errors import BundleLoadError
 
@@ -45,7 +45,7 @@ def arch_from_hf_config(config: Mapping[str, Any] | str | Path) -> ArchConfig:
         raise BundleLoadError(f"config lacks {exc}") from exc
 
 
-def optimum_kv_graph(num_layers: int, model_file: str = "model.onnx", kv_dtype: str = "float32") -> GraphSpec:
+def optimum_kv_graph(num_layers: int, model_file: str = MODEL_FILE, kv_dtype: str = "float32") -> GraphSpec:
     """The GraphSpec of optimum's text-generation-with-past export."""
     kv = [f"past_key_values.{i}.{n}" for i in range(num_layers) for n in ("key", "value")]
     present = [f"present.{i}.{n}" for i in range(num_layers) for n in ("key", "value")]

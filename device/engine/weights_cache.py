@@ -35,13 +35,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from manifests import atomic_write_text, fsync_dir
+from manifests import MODEL_DATA_FILE, MODEL_FILE, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx_data"
+MODEL_NAME = MODEL_FILE
+DATA_NAME = MODEL_DATA_FILE
 META_NAME = "meta.json"
 # Entries kept per cache folder (least recently used beyond it are deleted): A/B slots plus one spare.
 KEEP_ENTRIES = 3

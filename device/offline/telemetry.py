@@ -150,7 +150,7 @@ def _write_to_media(out_dir: Path, name: str, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        from manifests._files import fsync_dir
+        from manifests import fsync_dir
 
         fsync_dir(out_dir)
     except OSError as exc:
