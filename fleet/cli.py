@@ -14,7 +14,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from nanofleet._output import console, emit_json, fail, out
+from manifests.cli_output import console, emit_json, fail, out
 
 fleet_app = typer.Typer(
     help="The fleet service: registry, artifact serving, staged rollouts, telemetry.", no_args_is_help=True

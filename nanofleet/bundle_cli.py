@@ -15,8 +15,7 @@ from manifests import (
     verify_bundle,
     write_keypair,
 )
-
-from ._output import emit_json, fail, out
+from manifests.cli_output import emit_json, fail, out
 
 bundle_app = typer.Typer(help="Inspect and verify signed model bundles.", no_args_is_help=True)
 

@@ -51,7 +51,7 @@ def demo(
     every device a question, then show a broken v3 being aborted and rolled back automatically."""
     import logging
 
-    from ._output import console, emit_json, fail
+    from manifests.cli_output import console, emit_json, fail
 
     # amqtt logs every dropped client at WARNING; the demo reports what matters itself.
     logging.getLogger("amqtt").setLevel(logging.ERROR)

@@ -23,7 +23,7 @@ def run(
     """
     import logging
 
-    from nanofleet._output import fail
+    from manifests.cli_output import fail
 
     from .config import load_config
     from .errors import AgentError
@@ -46,7 +46,7 @@ def status(
 ) -> None:
     """Show the update state, both slots (bundle name, version, manifest hash), the committed version and
     the broker connection (as last written by the running agent)."""
-    from nanofleet._output import emit_json, fail, out
+    from manifests.cli_output import emit_json, fail, out
 
     from .agent import read_status
     from .config import load_config

@@ -28,8 +28,8 @@ def install(
 
     from device.agent.config import load_config
     from device.agent.errors import AgentError
+    from manifests.cli_output import console, emit_json, fail, out
     from manifests.offline.errors import OfflineError
-    from nanofleet._output import console, emit_json, fail, out
 
     from .install import install as do_install
 
@@ -80,8 +80,8 @@ def export_telemetry(
     """
     from device.agent.config import load_config
     from device.agent.errors import AgentError
+    from manifests.cli_output import emit_json, fail, out
     from manifests.offline.errors import OfflineError
-    from nanofleet._output import emit_json, fail, out
 
     from .telemetry import export_telemetry as do_export
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from nanofleet._output import console, emit_json, fail
+from manifests.cli_output import console, emit_json, fail
 
 # Exit codes (also in docs/target-verification.md).
 EXIT_REGRESSION = 1

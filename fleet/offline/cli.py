@@ -28,9 +28,9 @@ def export_update(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from manifests.cli_output import console, emit_json, fail
+    from manifests.cli_output import out as stdout
     from manifests.offline.errors import OfflineError
-    from nanofleet._output import console, emit_json, fail
-    from nanofleet._output import out as stdout
 
     from ..errors import FleetError
     from .media import write_package
@@ -87,8 +87,8 @@ def import_telemetry(
     at all; importing the same file twice ingests nothing twice. The devices' update results then count
     in their rollouts. Exit code 1 when any file was refused.
     """
+    from manifests.cli_output import emit_json, fail, out
     from manifests.offline.errors import OfflineError
-    from nanofleet._output import emit_json, fail, out
 
     from ..errors import FleetError
     from .media import import_files
@@ -123,7 +123,7 @@ def offline_devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--j
     """Devices served by removable media: last package sent, last telemetry import, model, result."""
     from rich.table import Table
 
-    from nanofleet._output import emit_json, fail, out
+    from manifests.cli_output import emit_json, fail, out
 
     from ..errors import FleetError
 

@@ -58,7 +58,11 @@ def cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
 
 
 def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
-    root = CACHE / f"{kind}-{sources_hash()}"
+    # NANOFLEET_TEST_BUNDLE_PIN=<name> (developers only, never CI): reuse the cache folder <kind>-<name>
+    # whatever export/ holds now, so one developer's half-edited exporter neither rebuilds nor breaks the
+    # bundle under everyone else's tests. A pinned folder is never pruned.
+    pin = os.environ.get("NANOFLEET_TEST_BUNDLE_PIN")
+    root = CACHE / f"{kind}-{pin or sources_hash()}"
     bundle, keys, summary = root / "bundle", root / "keys", root / "export.json"
     root.mkdir(parents=True, exist_ok=True)
     with open(CACHE / f"{root.name}.lock", "w") as lock:
@@ -78,7 +82,8 @@ def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
 def _prune(kind: str, keep: Path) -> None:
     now = time.time()
     for old in CACHE.glob(f"{kind}-*"):
-        if old.is_dir() and old != keep and now - old.stat().st_mtime > STALE_AFTER_S:
+        pinned = (old / "PINNED").exists()
+        if old.is_dir() and old != keep and not pinned and now - old.stat().st_mtime > STALE_AFTER_S:
             shutil.rmtree(old, ignore_errors=True)
             Path(f"{old}.lock").unlink(missing_ok=True)
 

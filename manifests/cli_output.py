@@ -1,4 +1,6 @@
-"""Shared CLI output helpers: rich for people, --json for scripts, one exit-code convention."""
+"""The CLI's output convention, shared by every part's commands: rich for people, `--json` for scripts
+(errors as `{"ok": false, "error", "reason"}`), one exit-code convention. Here because `device/` may import
+only `manifests/` of ours, and the boards' commands must print exactly as the rest do."""
 
 from __future__ import annotations
 
