@@ -58,10 +58,7 @@ def cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
 
 
 def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
-    # NANOFLEET_TEST_BUNDLE_PIN=<name> (developers only, never CI): reuse the cache folder <kind>-<name>
-    # whatever export/ holds now, so one developer's half-edited exporter neither rebuilds nor breaks the
-    # bundle under everyone else's tests. A pinned folder is never pruned.
-    pin = os.environ.get("NANOFLEET_TEST_BUNDLE_PIN")
+    pin = _pin(kind)
     root = CACHE / f"{kind}-{pin or sources_hash()}"
     bundle, keys, summary = root / "bundle", root / "keys", root / "export.json"
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +74,28 @@ def _cached_bundle(kind: str, extra_args: list[str]) -> tuple[Path, Path, dict]:
             summary.write_text(stdout)
             _prune(kind, keep=root)
     return bundle, keys / "nanofleet.pub", json.loads(summary.read_text())
+
+
+def _pin(kind: str) -> str | None:
+    """Developers only (a clean checkout, CI included, has neither): NANOFLEET_TEST_BUNDLE_PIN=<name>, or a
+    file .cache/test-bundles/PIN holding <name>, reuses the cache folder <kind>-<name> whatever export/ holds
+    now, so one developer's half-edited exporter neither rebuilds nor breaks the bundle under everyone
+    else's tests. The file is ignored by the parts that test the build side itself (tests/export,
+    tests/target) and by NANOFLEET_TEST_BUNDLE_PIN="" ; a pinned folder is never pruned."""
+    env = os.environ.get("NANOFLEET_TEST_BUNDLE_PIN")
+    if env is not None:
+        return env or None
+    pin_file = CACHE / "PIN"
+    if not pin_file.is_file() or any(
+        a.rstrip("/").endswith(("tests/export", "tests/target")) or "tests/export/" in a or "tests/target/" in a
+        for a in sys.argv
+    ):
+        return None
+    name = pin_file.read_text().strip()
+    if not (CACHE / f"{kind}-{name}" / "bundle" / "manifest.sig").exists():
+        return None
+    sys.stderr.write(f"[bundle_cache] using the pinned test bundle {kind}-{name} (.cache/test-bundles/PIN)\n")
+    return name
 
 
 def _prune(kind: str, keep: Path) -> None:
