@@ -2,7 +2,7 @@
 
 Public surface (imported lazily so `nanofleet --help` stays fast on a board)::
 
-    from device.agent import Agent, AgentConfig, load_config, Updater, State, Event, TRANSITIONS, RESUME_MAP
+    from device.agent import Agent, AgentConfig, DataDir, load_config, Updater, State, Event, TRANSITIONS, RESUME_MAP
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .agent import Agent
     from .config import AgentConfig, load_config
+    from .datadir import DataDir
     from .errors import AgentError, ConfigError, RefusedError, UpdateError
     from .states import RESUME_MAP, TRANSITIONS, Event, State
     from .updater import Updater
@@ -20,6 +21,7 @@ _EXPORTS = {
     "Agent": ".agent",
     "AgentConfig": ".config",
     "load_config": ".config",
+    "DataDir": ".datadir",
     "AgentError": ".errors",
     "ConfigError": ".errors",
     "RefusedError": ".errors",
@@ -38,6 +40,7 @@ __all__ = [
     "AgentConfig",
     "AgentError",
     "ConfigError",
+    "DataDir",
     "Event",
     "RefusedError",
     "State",

@@ -23,6 +23,7 @@ from manifests.mqtt import DesiredState, Event, ReportedState, SlotInfo, events_
 
 from . import sdnotify
 from .config import AgentConfig
+from .datadir import DataDir
 from .disk import Disk
 from .errors import AgentError
 from .fetch import Fetcher, HttpFetcher
@@ -34,7 +35,6 @@ from .telemetry import Sampler, cpu_arch, ram_bytes
 from .updater import EnvHooks, Hooks, Updater
 
 log = logging.getLogger("nanofleet.agent")
-STATUS_FILE = "agent-status.json"
 
 
 def agent_version() -> str:
@@ -59,13 +59,13 @@ class Agent:
         self.config = config
         self.version = agent_version()
         self.data_dir = config.data_dir
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.layout = config.layout.ensure()
         self.trust = config.trust_store()
         self.runtime = runtime or make_runtime(config)
         self.fetcher = fetcher or HttpFetcher(
             timeout_s=config.artifacts.timeout_s, retries=config.artifacts.retries, ca=config.artifacts.ca
         )
-        self.outbox = Outbox(self.data_dir / "outbox.sqlite", config.telemetry.queue_max_entries)
+        self.outbox = Outbox(self.layout.outbox_file, config.telemetry.queue_max_entries)
         self.sampler = Sampler(config.device_id, self.version, self.data_dir)
         self.link = MqttLink(config.mqtt, config.device_id, self.version, self.outbox, self._on_desired)
         self.updater = Updater(
@@ -139,7 +139,7 @@ class Agent:
             "serving": serving.__dict__ if serving else None,
             "agent_version": self.version,
         }
-        atomic_write_bytes(self.data_dir / STATUS_FILE, json.dumps(doc, indent=1).encode())
+        atomic_write_bytes(self.layout.status_file, json.dumps(doc, indent=1).encode())
 
     def telemetry_tick(self) -> None:
         stats = self.runtime.stats()
@@ -234,7 +234,7 @@ def _now() -> dt.datetime:
 
 
 def read_status(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / STATUS_FILE
+    path = DataDir(data_dir).status_file
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -55,7 +55,7 @@ def status(
 
     try:
         cfg = load_config(config)
-        rec = StateStore(cfg.data_dir / "state.json").load()
+        rec = StateStore(cfg.layout.state_file).load()
     except AgentError as exc:
         fail(exc.message, as_json=as_json, reason=exc.reason)
     live = read_status(cfg.data_dir)

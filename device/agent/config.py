@@ -19,6 +19,7 @@ from manifests import TrustStore
 from manifests.bundle import format_validation_error
 from manifests.errors import KeyFormatError
 
+from .datadir import DataDir
 from .errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -172,6 +173,11 @@ class AgentConfig(_Strict):
     offline: OfflineConfig = Field(
         default_factory=OfflineConfig, description="removable media: watched folders (docs/offline.md)"
     )
+
+    @property
+    def layout(self) -> DataDir:
+        """The names inside ``data_dir`` (datadir.py)."""
+        return DataDir(self.data_dir)
 
     def trust_store(self) -> TrustStore:
         try:

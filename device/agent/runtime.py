@@ -114,7 +114,7 @@ class EngineRuntime:
         try:
             # The agent verified the slot already; a second hashing pass would double the activation time.
             limits = self.config.limits
-            cache = str(self.config.data_dir / "weights-cache") if limits.weights_cache else None
+            cache = str(self.config.layout.weights_cache) if limits.weights_cache else None
             options = EngineOptions(threads=limits.threads, weights_cache=cache)
             return Engine.from_bundle(bundle_dir, None, options=options)
         except Exception as exc:  # onnxruntime/tokenizers raise many kinds: translate at the edge

@@ -9,12 +9,13 @@ from pathlib import Path
 from manifests import MANIFEST_NAME, SIGNATURE_NAME, BundleManifest, check_relative_path
 from manifests.errors import UnsafePathError
 
+from .datadir import DataDir
 from .store import SLOTS, SlotName
 
 
 class Slots:
     def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "slots"
+        self.root = DataDir(data_dir).slots
         for s in SLOTS:
             (self.root / s).mkdir(parents=True, exist_ok=True)
 

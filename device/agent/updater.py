@@ -33,6 +33,7 @@ from manifests.errors import ManifestError, SchemaError, VerificationError
 from manifests.mqtt import BundleRef, DesiredState, RollbackAuthorization, SlotInfo
 from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
+from .datadir import DataDir
 from .disk import Disk, RealDisk, is_disk_full
 from .errors import (
     AgentError,
@@ -89,7 +90,7 @@ class EnvHooks:
 
     def _pause(self, state: State) -> None:
         self.pause_in = None
-        atomic_write_bytes(self.data_dir / f"paused-in-{state.value}", b"")
+        atomic_write_bytes(DataDir(self.data_dir).paused_marker(state.value), b"")
         log.warning("test hook: paused in %s until killed", state.value)
         threading.Event().wait()
 
@@ -148,7 +149,7 @@ class Updater:
         self.disk_margin_bytes = disk_margin_bytes
         self.max_memory_bytes = max_memory_bytes
         self.clock = clock
-        self.store = StateStore(data_dir / "state.json")
+        self.store = StateStore(DataDir(data_dir).state_file)
         self.slots = Slots(data_dir)
         self.record = self.store.load()
         self._lock = threading.Lock()

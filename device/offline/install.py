@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from device.agent.config import AgentConfig
+from device.agent.datadir import DataDir
 from device.agent.outbox import Outbox
 from device.agent.runtime import LoadedModel, ModelRuntime, ServingInfo, make_runtime
 from device.agent.states import RESTING
@@ -36,9 +37,6 @@ from manifests.offline.errors import InstallTimeoutError
 from .package import VerifiedPackage, select_package
 
 log = logging.getLogger("nanofleet.offline")
-OFFLINE_DIR = "offline"
-INBOX = "inbox"
-RESULTS = "results"
 
 
 @dataclass
@@ -59,10 +57,6 @@ class InstallResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def offline_dir(data_dir: Path) -> Path:
-    return data_dir / OFFLINE_DIR
 
 
 def now_utc() -> dt.datetime:
@@ -158,7 +152,7 @@ def _result(pkg: VerifiedPackage, rec: UpdateRecord, via: str, outcome: str | No
 
 
 def verify_for(cfg: AgentConfig, path: Path, rec: UpdateRecord | None = None) -> VerifiedPackage:
-    rec = rec or StateStore(cfg.data_dir / "state.json").load()
+    rec = rec or StateStore(cfg.layout.state_file).load()
     return select_package(
         path,
         cfg.trust_store(),
@@ -173,7 +167,7 @@ def install(
     cfg: AgentConfig, path: Path, *, timeout_s: float = 3600.0, runtime: ModelRuntime | None = None
 ) -> InstallResult:
     """Verify the package for this board (refusals raise a PackageError; nothing changed), then run it."""
-    store = StateStore(cfg.data_dir / "state.json")
+    store = StateStore(cfg.layout.state_file)
     rec = store.load()
     pkg = verify_for(cfg, path, rec)
     command = pkg.target.command_id
@@ -192,7 +186,7 @@ def _direct(cfg: AgentConfig, pkg: VerifiedPackage, runtime: ModelRuntime | None
     from device.agent.updater import EnvHooks, Updater
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(cfg.data_dir / "outbox.sqlite", cfg.telemetry.queue_max_entries)
+    outbox = Outbox(cfg.layout.outbox_file, cfg.telemetry.queue_max_entries)
     fetcher = HttpFetcher(
         timeout_s=cfg.artifacts.timeout_s, retries=cfg.artifacts.retries, ca=cfg.artifacts.ca
     )
@@ -245,14 +239,14 @@ def submit_request(data_dir: Path, package_root: Path) -> str:
         "package": str(Path(package_root).resolve()),
         "ts": now_utc().isoformat(),
     }
-    atomic_write_bytes(offline_dir(data_dir) / INBOX / f"{request_id}.json", json.dumps(doc).encode())
+    atomic_write_bytes(DataDir(data_dir).offline_inbox / f"{request_id}.json", json.dumps(doc).encode())
     return request_id
 
 
 def _handoff(cfg: AgentConfig, pkg: VerifiedPackage, timeout_s: float) -> InstallResult:
     request_id = submit_request(cfg.data_dir, pkg.root)
-    result_path = offline_dir(cfg.data_dir) / RESULTS / f"{request_id}.json"
-    store = StateStore(cfg.data_dir / "state.json")
+    result_path = cfg.layout.offline_results / f"{request_id}.json"
+    store = StateStore(cfg.layout.state_file)
     deadline = time.monotonic() + timeout_s
     accepted = False
     while time.monotonic() < deadline:

@@ -35,7 +35,7 @@ from manifests.offline.format import (
 )
 from manifests.offline.media import check_room
 
-from .install import now_utc, offline_dir
+from .install import now_utc
 
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"  # test hook: "export-telemetry" pauses after writing half the file
 
@@ -112,8 +112,8 @@ def _delete_exported(path: Path, ids: list[int]) -> None:
 
 
 def build_export(cfg: AgentConfig) -> tuple[TelemetryFile, TelemetryExport, list[int]]:
-    rows, dropped = _read_outbox(cfg.data_dir / "outbox.sqlite")
-    rec = StateStore(cfg.data_dir / "state.json").load()
+    rows, dropped = _read_outbox(cfg.layout.outbox_file)
+    rec = StateStore(cfg.layout.state_file).load()
     rep = reported_state(cfg, rec)
     body = TelemetryExport(
         export_id=now_utc().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
@@ -172,14 +172,14 @@ def export_telemetry(cfg: AgentConfig, out_dir: Path, *, keep: int = 10) -> Expo
     # On the stick and synced: now (and only now) the entries leave the queue.
     if ids:
         try:
-            _delete_exported(cfg.data_dir / "outbox.sqlite", ids)
+            _delete_exported(cfg.layout.outbox_file, ids)
         except sqlite3.Error as exc:
             raise OfflineError(
                 f"the export is on the stick ({path}) but the queue could not be updated: {exc}; "
                 "the fleet de-duplicates by sequence number, so re-sending them is harmless"
             ) from exc
     if keep > 0:
-        archive = offline_dir(cfg.data_dir) / "exported"
+        archive = cfg.layout.offline_exported
         atomic_write_bytes(archive / name, data)
         old = sorted(archive.glob(f"*{Path(name).suffix}"), key=lambda p: p.stat().st_mtime)
         for p in old[:-keep]:

@@ -24,11 +24,9 @@ from manifests import TrustStore, atomic_write_bytes
 from manifests.mqtt import DesiredState
 from manifests.offline.errors import NotForThisDeviceError, OfflineError, PackageError
 
-from .install import INBOX, RESULTS, offline_dir
 from .package import VerifiedPackage, find_packages, verify_package
 
 log = logging.getLogger("nanofleet.offline")
-HANDLED_FILE = "handled.json"
 MAX_HANDLED = 256
 
 
@@ -52,14 +50,14 @@ class OfflineWatcher:
         self.agent = agent
         self.cfg = agent.config
         self.snapshot = snapshot
-        self.dir = offline_dir(self.cfg.data_dir)
+        self.layout = self.cfg.layout
         self.handled: list[str] = self._load_handled()
         self.pending: list[_Pending] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="offline-watcher", daemon=True)
 
     def start(self) -> None:
-        (self.dir / INBOX).mkdir(parents=True, exist_ok=True)
+        self.layout.offline_inbox.mkdir(parents=True, exist_ok=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -68,14 +66,14 @@ class OfflineWatcher:
 
     def _load_handled(self) -> list[str]:
         try:
-            return list(json.loads((self.dir / HANDLED_FILE).read_text()))
+            return list(json.loads(self.layout.offline_handled.read_text()))
         except (OSError, ValueError):
             return []
 
     def _mark(self, key: str) -> None:
         if key not in self.handled:
             self.handled = [*self.handled, key][-MAX_HANDLED:]
-            atomic_write_bytes(self.dir / HANDLED_FILE, json.dumps(self.handled).encode())
+            atomic_write_bytes(self.layout.offline_handled, json.dumps(self.handled).encode())
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -105,7 +103,7 @@ class OfflineWatcher:
         )
 
     def _requests(self) -> None:
-        inbox = self.dir / INBOX
+        inbox = self.layout.offline_inbox
         if not inbox.is_dir():
             return
         for req_path in sorted(inbox.glob("*.json")):
@@ -123,7 +121,7 @@ class OfflineWatcher:
             self._answer(req_path, {"accepted": True, "command_id": pkg.target.command_id})
 
     def _answer(self, req_path: Path, result: dict[str, Any]) -> None:
-        atomic_write_bytes(self.dir / RESULTS / req_path.name, json.dumps(result).encode())
+        atomic_write_bytes(self.layout.offline_results / req_path.name, json.dumps(result).encode())
         req_path.unlink(missing_ok=True)
 
     def _export_dir(self, root: Path, watch: Path) -> Path | None:
