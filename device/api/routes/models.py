@@ -1,0 +1,20 @@
+"""GET /v1/models: the one model this server holds now."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from ..service import Service, require_auth, service_of
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_auth)])
+
+
+@router.get("/models")
+async def list_models(svc: Service = Depends(service_of)) -> JSONResponse:
+    engine = svc.holder.engine
+    data = []
+    if engine is not None and not engine.closed:
+        created = int(engine.manifest.created_at.timestamp()) if engine.manifest else 0
+        data.append({"id": engine.name, "object": "model", "created": created, "owned_by": "nanofleet"})
+    return JSONResponse({"object": "list", "data": data})
