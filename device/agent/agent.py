@@ -3,47 +3,54 @@
 Threads: paho's network thread; the outbox sender; ONE update worker (resume, then desired states in
 order of arrival, newest wins); the main thread samples telemetry and pings the watchdog. The local API
 serves the committed model whatever the broker or the fleet are doing.
+
+The edges are injected: the broker connection (``link``: MqttLink, a fake in unit tests), the model runtime,
+the download edge, the disk. Other packages add their loops as ``extensions`` (device.offline's media
+watcher, wired by the composition root ``device/cli.py``), so this package never imports them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 import queue
-import signal
 import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from manifests import atomic_write_bytes
 from manifests.errors import SchemaError
-from manifests.mqtt import DesiredState, Event, ReportedState, SlotInfo, events_topic, telemetry_topic
+from manifests.mqtt import DesiredState, ReportedState, telemetry_topic
 
 from . import sdnotify
 from .config import AgentConfig
 from .datadir import DataDir
 from .disk import Disk
 from .errors import AgentError
-from .fetch import Fetcher, HttpFetcher
-from .mqtt_link import MqttLink
-from .outbox import Outbox
+from .fetch import Fetcher
+from .mqtt_link import Link, LinkFactory, MqttLink
 from .runtime import ModelRuntime, make_runtime
 from .store import UpdateRecord
-from .telemetry import Sampler, cpu_arch, ram_bytes
-from .updater import EnvHooks, Hooks, Updater
+from .telemetry import Sampler
+from .updater import Hooks
+from .wiring import OutboxEmitter, agent_version, make_fetcher, make_updater, now_utc, open_outbox, reported_state
 
 log = logging.getLogger("nanofleet.agent")
 
 
-def agent_version() -> str:
-    try:
-        from importlib.metadata import version
+class Extension(Protocol):
+    """Something that runs beside the agent's loops (the removable-media watcher of device.offline)."""
 
-        return version("nanofleet")
-    except Exception:
-        return "0.0.0+unknown"
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+# Built once the agent serves and its update worker runs; the agent is passed in (its emit, submit, config).
+ExtensionFactory = Callable[["Agent"], Extension]
 
 
 class Agent:
@@ -55,6 +62,8 @@ class Agent:
         fetcher: Fetcher | None = None,
         disk: Disk | None = None,
         hooks: Hooks | None = None,
+        link: LinkFactory = MqttLink,
+        extensions: Sequence[ExtensionFactory] = (),
     ) -> None:
         self.config = config
         self.version = agent_version()
@@ -62,27 +71,22 @@ class Agent:
         self.layout = config.layout.ensure()
         self.trust = config.trust_store()
         self.runtime = runtime or make_runtime(config)
-        self.fetcher = fetcher or HttpFetcher(
-            timeout_s=config.artifacts.timeout_s, retries=config.artifacts.retries, ca=config.artifacts.ca
-        )
-        self.outbox = Outbox(self.layout.outbox_file, config.telemetry.queue_max_entries)
+        self.fetcher = fetcher or make_fetcher(config)
+        self.outbox = open_outbox(config)
+        self._events = OutboxEmitter(self.outbox, config.device_id)
         self.sampler = Sampler(config.device_id, self.version, self.data_dir)
-        self.link = MqttLink(config.mqtt, config.device_id, self.version, self.outbox, self._on_desired)
-        self.updater = Updater(
-            data_dir=self.data_dir,
-            device_id=config.device_id,
-            trust=self.trust,
+        self.link: Link = link(config.mqtt, config.device_id, self.version, self.outbox, self._on_desired)
+        self.updater = make_updater(
+            config,
             fetcher=self.fetcher,
             runtime=self.runtime,
-            artifacts_base_url=config.artifacts.base_url,
-            disk=disk,
-            hooks=hooks or EnvHooks(self.data_dir),
             emit=self.emit,
             on_change=self._publish_reported,
-            max_file_bytes=config.limits.max_file_bytes,
-            disk_margin_bytes=config.limits.disk_margin_bytes,
-            max_memory_bytes=config.limits.max_memory_bytes,
+            disk=disk,
+            hooks=hooks,
+            trust=self.trust,
         )
+        self._extension_factories = list(extensions)
         self._desired: queue.Queue[DesiredState] = queue.Queue()
         self._stop = threading.Event()
         self._fatal: AgentError | None = None
@@ -91,36 +95,10 @@ class Agent:
     # ---- outputs -----------------------------------------------------------------------------------
     def emit(self, kind: str, message: str, **fields: Any) -> None:
         """Queue an event (store and forward)."""
-
-        def build(seq: int) -> bytes:
-            return Event(
-                device_id=self.config.device_id,
-                seq=seq,
-                ts=_now(),
-                kind=kind,  # type: ignore[arg-type]
-                message=message,
-                **fields,
-            ).to_bytes()
-
-        self.outbox.put(events_topic(self.config.device_id), build)
+        self._events(kind, message, **fields)
 
     def reported(self, rec: UpdateRecord | None = None) -> ReportedState:
-        rec = rec or self.updater.snapshot()
-        return ReportedState(
-            device_id=self.config.device_id,
-            state=rec.state.value,
-            deployment_id=rec.deployment_id,
-            active_slot=rec.active_slot,
-            slots={k: (v or SlotInfo()) for k, v in rec.slots.items()},
-            committed=rec.committed,
-            last_result=rec.last_result,
-            error=rec.error,
-            agent_version=self.version,
-            hardware_class=self.config.hardware_class,
-            cpu_arch=cpu_arch(),
-            ram_bytes=ram_bytes(),
-            ts=_now(),
-        )
+        return reported_state(self.config, rec or self.updater.snapshot(), version=self.version, ts=now_utc())
 
     def _publish_reported(self, rec: UpdateRecord) -> None:
         self.link.publish_reported(self.reported(rec).to_bytes())
@@ -129,7 +107,7 @@ class Agent:
         serving = self.runtime.serving()
         doc = {
             "pid": os.getpid(),
-            "ts": _now().isoformat(),
+            "ts": now_utc().isoformat(),
             "broker_connected": self.link.connected.is_set(),
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
             "last_connect": self.link.last_connect.isoformat() if self.link.last_connect else None,
@@ -194,25 +172,25 @@ class Agent:
             self._stop.set()
 
     # ---- main ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask ``run`` to return (the CLI calls it on SIGTERM/SIGINT)."""
+        self._stop.set()
+
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+        """Serve, take updates and send telemetry until ``stop``; 1 if the update worker died of an error."""
         self.runtime.start()
         self.updater.startup()
         self._publish_reported(self.updater.snapshot())
         self.link.start()
         self._worker.start()
         sdnotify.notify("READY=1")
-        from device.offline.watcher import OfflineWatcher  # removable media (docs/offline.md)
-
-        offline = OfflineWatcher(self, self.updater.snapshot)
-        offline.start()
+        extensions = [make(self) for make in self._extension_factories]
+        for ext in extensions:
+            ext.start()
         interval = self.config.telemetry.interval_s
         watchdog = sdnotify.watchdog_interval_s()
         tick = min(interval, watchdog) if watchdog else interval
         next_telemetry = 0.0
-        import time
-
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_telemetry:
@@ -222,15 +200,12 @@ class Agent:
             sdnotify.notify("WATCHDOG=1")
             self._stop.wait(min(tick, max(0.05, next_telemetry - time.monotonic()), 1.0))
         sdnotify.notify("STOPPING=1")
-        offline.stop()
+        for ext in extensions:
+            ext.stop()
         self.link.stop()
         self.runtime.stop()
         self._write_status()
         return 1 if self._fatal else 0
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def read_status(data_dir: Path) -> dict[str, Any] | None:

@@ -3,41 +3,59 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from .agent import ExtensionFactory
+
+# What the composition root (device/cli.py) adds to a running agent; called only by `device run`, so the
+# packages behind it are imported only then.
+ExtensionsProvider = Callable[[], Sequence["ExtensionFactory"]]
 
 CONFIG_HELP = "Agent config YAML (see manifests/examples/agent.yaml)."
 
 
-def run(
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
-    as_json: bool = typer.Option(False, "--json", help="Start-up errors as a JSON object on stdout."),
-) -> None:
-    """Run the device agent: serve the committed model, take OTA updates, send telemetry over MQTT.
+def run_command(extensions: ExtensionsProvider) -> Callable[..., None]:
+    """`device run`, running the agent with what ``extensions`` returns beside it."""
 
-    Runs until SIGTERM. A/B slots and the update state live in the config's data_dir; after a crash
-    the agent resumes per the resume map (docs/ota.md).
-    """
-    import logging
+    def run(
+        config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+        log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+        as_json: bool = typer.Option(False, "--json", help="Start-up errors as a JSON object on stdout."),
+    ) -> None:
+        """Run the device agent: serve the committed model, take OTA updates, send telemetry over MQTT.
 
-    from manifests.cli_output import fail
+        Runs until SIGTERM. A/B slots and the update state live in the config's data_dir; after a crash
+        the agent resumes per the resume map (docs/ota.md). Update packages on removable media under the
+        config's offline.watch_dirs are picked up too (docs/offline.md).
+        """
+        import logging
+        import signal
 
-    from .config import load_config
-    from .errors import AgentError
+        from manifests.cli_output import fail
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(config)
-        from .agent import Agent
+        from .config import load_config
+        from .errors import AgentError
 
-        code = Agent(cfg).run()
-    except AgentError as exc:
-        fail(exc.message, as_json=as_json, reason=exc.reason)
-    raise typer.Exit(code)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        try:
+            cfg = load_config(config)
+            from .agent import Agent
+
+            agent = Agent(cfg, extensions=extensions())
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: agent.stop())
+            code = agent.run()
+        except AgentError as exc:
+            fail(exc.message, as_json=as_json, reason=exc.reason)
+        raise typer.Exit(code)
+
+    return run
 
 
 def status(
@@ -124,6 +142,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def register(app: typer.Typer, device_app: typer.Typer) -> None:
-    device_app.command("run")(run)
+def register(app: typer.Typer, device_app: typer.Typer, *, extensions: ExtensionsProvider = tuple) -> None:
+    device_app.command("run")(run_command(extensions))
     device_app.command("status")(status)

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from device.offline.config import OfflineConfig
 from manifests import TrustStore
 from manifests.bundle import format_validation_error
 from manifests.errors import KeyFormatError
@@ -152,6 +151,25 @@ class LimitsConfig(_Strict):
     @classmethod
     def _size(cls, v: int | str | None) -> int | None:
         return None if v is None else parse_size(v)
+
+
+class OfflineConfig(_Strict):
+    """Removable media (device.offline, docs/offline.md): the agent's config names what the watcher reads."""
+
+    watch_dirs: list[Path] = Field(
+        default_factory=list,
+        description="folders where removable media appear (e.g. /media); update packages found up to two "
+        "levels below are installed automatically",
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the watched folders are scanned")
+    export_telemetry_on_pickup: bool = Field(
+        True,
+        description="when a package for this board is picked up from a stick, also write the telemetry "
+        "export onto that stick (after the install finished), so one visit carries both ways",
+    )
+    archive_exports: int = Field(
+        10, ge=0, description="keep this many exported telemetry files in data_dir/offline/exported"
+    )
 
 
 class AgentConfig(_Strict):

@@ -4,6 +4,9 @@
 - ``reported`` and ``status`` are retained and always carry the latest value: re-sent on every connect.
 - telemetry and events flow from the on-disk ``Outbox``, one at a time, in order; an entry is deleted
   only after its PUBACK, so a broker outage loses nothing.
+
+The agent codes against the small ``Link`` protocol (what it reads and calls), so its unit tests run on a
+fake link with no broker (tests/device_agent/fake_link.py); ``MqttLink`` is the real one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,6 +29,27 @@ from .config import MQTTConfig
 from .outbox import Outbox
 
 log = logging.getLogger("nanofleet.agent.mqtt")
+
+
+class Link(Protocol):
+    """The agent's broker connection: desired states in (``on_desired``), reported state and the outbox out."""
+
+    connected: threading.Event
+    last_connect: dt.datetime | None
+    last_error: str | None
+
+    def start(self) -> None:
+        """Connect in the background (reconnecting for ever) and start draining the outbox."""
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Say offline (retained status), disconnect, stop draining."""
+
+    def publish_reported(self, payload: bytes) -> None:
+        """The latest reported state: retained, re-sent on every connect."""
+
+
+# (config, device_id, agent_version, outbox, on_desired) -> a link; MqttLink itself is one.
+LinkFactory = Callable[[MQTTConfig, str, str, Outbox, Callable[[bytes], None]], Link]
 
 
 class MqttLink:

@@ -4,5 +4,6 @@ What is on the stick is the contract's (``manifests.offline``: format, media hel
 with ``fleet.offline``. Modules here: ``package`` (checks before install), ``install`` (runs the agent's
 update state machine from a stick), ``watcher`` (automatic pickup inside the running agent),
 ``telemetry`` (export of the store-and-forward queue), ``cli``.
-Kept import-free here: ``device.agent.config`` imports ``device.offline.config``.
+It builds on ``device.agent`` (config, update record, Updater wiring), never the reverse: the running agent
+gets the watcher as an extension from the composition root (``device/cli.py``).
 """

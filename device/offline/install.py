@@ -14,7 +14,6 @@ Two ways to run it:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -26,12 +25,11 @@ from typing import Any
 
 from device.agent.config import AgentConfig
 from device.agent.datadir import DataDir
-from device.agent.outbox import Outbox
 from device.agent.runtime import LoadedModel, ModelRuntime, ServingInfo, make_runtime
 from device.agent.states import RESTING
 from device.agent.store import StateStore, UpdateRecord
+from device.agent.wiring import OutboxEmitter, make_fetcher, make_updater, now_utc, open_outbox
 from manifests import BundleManifest, atomic_write_bytes
-from manifests.mqtt import Event, events_topic
 from manifests.offline.errors import InstallTimeoutError
 
 from .package import VerifiedPackage, select_package
@@ -57,21 +55,6 @@ class InstallResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def emit_to_outbox(outbox: Outbox, device_id: str, kind: str, message: str, **fields: Any) -> None:
-    """Queue an event exactly as the running agent does (store and forward)."""
-
-    def build(seq: int) -> bytes:
-        return Event(
-            device_id=device_id, seq=seq, ts=now_utc(), kind=kind, message=message, **fields
-        ).to_bytes()  # type: ignore[arg-type]
-
-    outbox.put(events_topic(device_id), build)
 
 
 class InstallOnlyRuntime:
@@ -182,31 +165,12 @@ def install(
 
 
 def _direct(cfg: AgentConfig, pkg: VerifiedPackage, runtime: ModelRuntime | None) -> InstallResult:
-    from device.agent.fetch import HttpFetcher
-    from device.agent.updater import EnvHooks, Updater
-
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(cfg.layout.outbox_file, cfg.telemetry.queue_max_entries)
-    fetcher = HttpFetcher(
-        timeout_s=cfg.artifacts.timeout_s, retries=cfg.artifacts.retries, ca=cfg.artifacts.ca
-    )
+    outbox = open_outbox(cfg)
+    fetcher = make_fetcher(cfg)
     try:
-
-        def emit(kind: str, message: str, **fields: Any) -> None:
-            emit_to_outbox(outbox, cfg.device_id, kind, message, **fields)
-
-        updater = Updater(
-            data_dir=cfg.data_dir,
-            device_id=cfg.device_id,
-            trust=cfg.trust_store(),
-            fetcher=fetcher,
-            runtime=InstallOnlyRuntime(runtime or make_runtime(cfg)),
-            artifacts_base_url=cfg.artifacts.base_url,
-            hooks=EnvHooks(cfg.data_dir),
-            emit=emit,
-            max_file_bytes=cfg.limits.max_file_bytes,
-            disk_margin_bytes=cfg.limits.disk_margin_bytes,
-            max_memory_bytes=cfg.limits.max_memory_bytes,
+        emit = OutboxEmitter(outbox, cfg.device_id)  # queued exactly as the running agent queues them
+        updater = make_updater(
+            cfg, fetcher=fetcher, runtime=InstallOnlyRuntime(runtime or make_runtime(cfg)), emit=emit
         )
         resumed = updater.pending_resume()
         if resumed:  # an earlier install was cut short: finish it (or roll it back) first

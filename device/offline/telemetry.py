@@ -20,9 +20,9 @@ from typing import Any
 
 from device.agent.config import AgentConfig
 from device.agent.errors import ConfigError
-from device.agent.store import StateStore, UpdateRecord
+from device.agent.store import StateStore
+from device.agent.wiring import agent_version, now_utc, reported_state
 from manifests import atomic_write_bytes
-from manifests.mqtt import ReportedState, SlotInfo
 from manifests.offline.errors import MediaError, OfflineError
 from manifests.offline.format import (
     TEMP_PREFIX,
@@ -34,8 +34,6 @@ from manifests.offline.format import (
     telemetry_mac,
 )
 from manifests.offline.media import check_room
-
-from .install import now_utc
 
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"  # test hook: "export-telemetry" pauses after writing half the file
 
@@ -62,27 +60,6 @@ def device_token(cfg: AgentConfig) -> str:
             "mqtt.password_file), and this config has none: enrol the board first"
         )
     return token
-
-
-def reported_state(cfg: AgentConfig, rec: UpdateRecord) -> ReportedState:
-    from device.agent.agent import agent_version
-    from device.agent.telemetry import cpu_arch, ram_bytes
-
-    return ReportedState(
-        device_id=cfg.device_id,
-        state=rec.state.value,
-        deployment_id=rec.deployment_id,
-        active_slot=rec.active_slot,
-        slots={k: (v or SlotInfo()) for k, v in rec.slots.items()},
-        committed=rec.committed,
-        last_result=rec.last_result,
-        error=rec.error,
-        agent_version=agent_version(),
-        hardware_class=cfg.hardware_class,
-        cpu_arch=cpu_arch(),
-        ram_bytes=ram_bytes(),
-        ts=rec.updated_at or now_utc(),
-    )
 
 
 def _read_outbox(path: Path) -> tuple[list[tuple[int, str, bytes]], int]:
@@ -114,7 +91,8 @@ def _delete_exported(path: Path, ids: list[int]) -> None:
 def build_export(cfg: AgentConfig) -> tuple[TelemetryFile, TelemetryExport, list[int]]:
     rows, dropped = _read_outbox(cfg.layout.outbox_file)
     rec = StateStore(cfg.layout.state_file).load()
-    rep = reported_state(cfg, rec)
+    # As the agent would report it, stamped with the record's own time (the export may run much later).
+    rep = reported_state(cfg, rec, version=agent_version(), ts=rec.updated_at or now_utc())
     body = TelemetryExport(
         export_id=now_utc().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
         device_id=cfg.device_id,

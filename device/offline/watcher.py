@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from device.agent.config import AgentConfig
 from device.agent.states import RESTING
@@ -25,6 +25,9 @@ from manifests.mqtt import DesiredState
 from manifests.offline.errors import NotForThisDeviceError, OfflineError, PackageError
 
 from .package import VerifiedPackage, find_packages, verify_package
+
+if TYPE_CHECKING:
+    from device.agent.agent import Agent
 
 log = logging.getLogger("nanofleet.offline")
 MAX_HANDLED = 256
@@ -55,6 +58,11 @@ class OfflineWatcher:
         self.pending: list[_Pending] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="offline-watcher", daemon=True)
+
+    @classmethod
+    def for_agent(cls, agent: Agent) -> OfflineWatcher:
+        """The running agent's extension (device.agent.agent.ExtensionFactory): started once it serves."""
+        return cls(agent, agent.updater.snapshot)
 
     def start(self) -> None:
         self.layout.offline_inbox.mkdir(parents=True, exist_ok=True)

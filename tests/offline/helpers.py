@@ -20,35 +20,22 @@ def bootstrapped(
     Done in-process with the agent's own Updater, Outbox and Sampler (and the fake runtime) to keep the
     suite fast: booting an agent process for each board is what the round-trip test does.
     """
-    from device.agent.agent import agent_version
     from device.agent.config import load_config
-    from device.agent.fetch import HttpFetcher
-    from device.agent.outbox import Outbox
     from device.agent.runtime import ServingInfo
     from device.agent.telemetry import Sampler
-    from device.agent.updater import Updater
-    from device.offline.install import emit_to_outbox
+    from device.agent.wiring import OutboxEmitter, agent_version, make_fetcher, make_updater, open_outbox
     from manifests.mqtt import telemetry_topic
     from tests.device_agent.fake_runtime import FakeRuntime
 
     token = fleet.enroll(device_id)
     board = Board(root, device_id, token, [release_pub, fleet.fleet_pub], **kw)  # type: ignore[arg-type]
     cfg = load_config(board.config)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(cfg.data_dir / "outbox.sqlite", cfg.telemetry.queue_max_entries)
-    fetcher = HttpFetcher()
+    outbox = open_outbox(cfg)
+    fetcher = make_fetcher(cfg)
     try:
         runtime = FakeRuntime()
-        updater = Updater(
-            data_dir=cfg.data_dir,
-            device_id=device_id,
-            trust=cfg.trust_store(),
-            fetcher=fetcher,
-            runtime=runtime,
-            artifacts_base_url=cfg.artifacts.base_url,
-            emit=lambda kind, msg, **f: emit_to_outbox(outbox, device_id, kind, msg, **f),
-            disk_margin_bytes=0,
-        )
+        # The agent's own wiring (the board's config says disk_margin_bytes: 0).
+        updater = make_updater(cfg, fetcher=fetcher, runtime=runtime, emit=OutboxEmitter(outbox, device_id))
         assert updater.bootstrap(v1) == "committed"
         sampler = Sampler(device_id, agent_version(), cfg.data_dir)
         serving: ServingInfo | None = runtime.serving()
