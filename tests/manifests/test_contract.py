@@ -144,10 +144,28 @@ def test_signed_document(tmp_path: Path) -> None:
         forged.verify(TrustStore([key.public_key]))
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+# Each example by name, with what it shows: a missing or emptied folder fails instead of passing on nothing.
+DEPLOYMENT_EXAMPLES = {
+    "deployment-canary.yaml": ("smollm2-canary", "canary"),
+    "deployment-waves.yaml": ("smollm2-v2-waves", "waves"),
+}
+
+
 def test_deployment_examples_parse() -> None:
-    examples = Path(__file__).resolve().parents[2] / "manifests" / "examples"
-    for f in examples.glob("deployment-*.yaml"):
-        DeploymentManifest.from_yaml(f.read_text())
+    found = sorted(p.name for p in EXAMPLES.glob("deployment-*.yaml"))
+    assert found == sorted(DEPLOYMENT_EXAMPLES), f"deployment examples in {EXAMPLES}: {found}"
+    for name, (metadata_name, strategy) in DEPLOYMENT_EXAMPLES.items():
+        doc = DeploymentManifest.from_yaml((EXAMPLES / name).read_text())
+        assert doc.metadata.name == metadata_name
+        assert doc.spec.strategy.type == strategy
+        assert doc.spec.bundle.name == "smollm2-135m-instruct"
+
+
+def test_every_example_document_is_known() -> None:
+    """agent.yaml and fleet.yaml are validated by the agent's and the fleet's own tests."""
+    names = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix == ".yaml")
+    assert names == sorted([*DEPLOYMENT_EXAMPLES, "agent.yaml", "fleet.yaml"])
 
 
 def test_deployment_error_names_field_path() -> None:
