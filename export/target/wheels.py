@@ -96,10 +96,3 @@ def ensure_site(ort_version: str, progress: Callable[[str], None] = lambda _: No
         tmp.rename(site)
         shutil.rmtree(dl, ignore_errors=True)
     return site
-
-
-def installed_wheels(site: Path) -> list[str]:
-    try:
-        return list(json.loads((site / COMPLETE).read_text())["wheels"])
-    except (OSError, ValueError, KeyError):
-        return []
