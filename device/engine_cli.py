@@ -80,12 +80,19 @@ def chat(
     pubkey: list[Path] = typer.Option(None, "--pubkey", help="Verify the bundle against these public keys."),
     weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
     no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
+    json_schema: Path = typer.Option(
+        None,
+        "--json-schema",
+        help="Constrain every answer to JSON that validates against this JSON schema file (the same "
+        "grammar as response_format json_schema in the API; unsupported schema features are named).",
+    ),
 ) -> None:
     """Interactive streaming chat in the terminal (empty line or Ctrl-D to quit)."""
     from device.engine import EngineError, SamplingParams
     from device.engine.bench import load_for_bench
 
     out = Console()
+    grammar = _schema_grammar(json_schema) if json_schema is not None else None
     try:
         engine = load_for_bench(bundle, _trust(pubkey), _options(threads, weights_cache, no_weights_cache))
     except EngineError as exc:
@@ -105,7 +112,12 @@ def chat(
             room = engine.context_length - len(prompt)
             params = SamplingParams(max_new_tokens=max(0, min(max_tokens, room)), temperature=temperature)
             answer = []
-            for ev in engine.stream_text(prompt, params):
+            constraint = None
+            if grammar is not None:
+                from device.engine.constraints import GrammarConstraint
+
+                constraint = GrammarConstraint(engine, grammar)
+            for ev in engine.stream_text(prompt, params, constraint=constraint):
                 answer.append(ev.text)
                 out.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
             out.print()
@@ -117,6 +129,23 @@ def chat(
             out.print("[dim](stopped)[/]")
         messages.append({"role": "assistant", "content": "".join(answer)})
     engine.close()
+
+
+def _schema_grammar(path: Path):  # noqa: ANN202 - device.engine.constraints.Grammar
+    """The grammar of a JSON schema file, or a one-line error naming what is wrong with it."""
+    from device.engine import EngineError
+    from device.engine.constraints import Grammar
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror or exc}")
+    except ValueError as exc:
+        _fail(f"{path} is not JSON: {exc}")
+    try:
+        return Grammar.json_schema(schema)
+    except EngineError as exc:
+        _fail(f"{path}: {exc}")
 
 
 def bench(

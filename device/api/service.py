@@ -21,6 +21,8 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from device.engine import ContextWindowError, Engine, SamplingParams, TextEvent
+from device.engine.constraints import engine_token_table
+from device.engine.sampling import Constraint
 
 from .errors import (
     AuthError,
@@ -72,6 +74,8 @@ class Job:
     queue: asyncio.Queue[Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     extra: Any = None
+    constraint: Constraint | None = None
+    logprobs: int | None = None  # top-N per token (0: the chosen token's only), None: off
     completion_tokens: int = 0
     finish_reason: str = "stop"
     release_lease: Callable[[], object] = lambda: None
@@ -87,6 +91,7 @@ class Job:
 
 Encoder = Callable[[Engine], tuple[list[int], Any]]
 ParamsMaker = Callable[[Engine, list[int], Any], SamplingParams]
+ConstraintMaker = Callable[[Engine], Constraint]
 
 
 class Service:
@@ -142,7 +147,8 @@ class Service:
         except ValidationError as exc:
             err = exc.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or None
-            raise BadRequestError(f"{param}: {err['msg']}", code="invalid_value", param=param) from exc
+            message = f"{param}: {err['msg']}" if param else err["msg"]
+            raise BadRequestError(message, code="invalid_value", param=param) from exc
 
     def check_model(self, requested: str | None) -> Engine:
         engine = self.holder.engine
@@ -181,8 +187,15 @@ class Service:
 
     # ------------------------------------------------------------ generation
 
-    async def start(self, encode: Encoder, make_params: ParamsMaker) -> Job:
-        """Admit, lease, encode, then start the worker; on any failure give everything back."""
+    async def start(
+        self,
+        encode: Encoder,
+        make_params: ParamsMaker,
+        constraint: ConstraintMaker | None = None,
+        logprobs: int | None = None,
+    ) -> Job:
+        """Admit, lease, encode, then start the worker; on any failure give everything back.
+        ``constraint`` builds the job's per-request token constraint from the leased engine."""
         adm = self.admission()
         await adm.acquire()
         lease = self.holder.lease()
@@ -194,11 +207,12 @@ class Service:
         try:
             prompt, extra = encode(engine)
             params = make_params(engine, prompt, extra)
+            job_constraint = constraint(engine) if constraint is not None else None
         except BaseException:
             lease.__exit__(None, None, None)
             adm.sem.release()
             raise
-        job = Job(engine, prompt, params, asyncio.Queue(), extra=extra)
+        job = Job(engine, prompt, params, asyncio.Queue(), extra=extra, constraint=job_constraint, logprobs=logprobs)
         job.release_lease = lambda: lease.__exit__(None, None, None)
         job.release_slot = adm.sem.release
         self.executor.submit(self._work, job, asyncio.get_running_loop())
@@ -217,8 +231,10 @@ class Service:
             except RuntimeError:  # loop closed: server shutting down
                 job.cancel.set()
 
-        events = job.engine.stream_text(job.prompt, job.params)
+        events = job.engine.stream_text(job.prompt, job.params, job.constraint, job.logprobs)
         try:
+            if job.logprobs is not None:
+                engine_token_table(job.engine)  # the bytes of each token, built once per engine, not on the loop
             for ev in events:
                 if ev.token_id is not None:
                     job.completion_tokens += 1

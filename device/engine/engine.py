@@ -39,7 +39,7 @@ from .errors import (
 )
 from .graph import RunState, make_driver
 from .options import EngineOptions, SamplingParams
-from .sampling import Sampler
+from .sampling import Constraint, Sampler, TokenLogprob, token_logprob
 from .session import load_session
 from .text import ChatTemplate, IncrementalDecoder, StopMatcher
 
@@ -49,11 +49,19 @@ class TokenStream(Iterator[int]):
     token) or "length" (max_new_tokens or the context window). ``close()`` stops it early and frees the
     KV cache (the API calls it when a client disconnects)."""
 
-    def __init__(self, engine: Engine, prompt: np.ndarray, params: SamplingParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: np.ndarray,
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
+    ) -> None:
         self.prompt_tokens = int(prompt.shape[0])
         self.finish_reason: str | None = None
         self.generated: list[int] = []
-        self._gen = engine._generate_loop(prompt, params, self)
+        self.last_logprob: TokenLogprob | None = None  # of the token just yielded, when logprobs were asked
+        self._gen = engine._generate_loop(prompt, params, self, constraint, logprobs)
 
     def __next__(self) -> int:
         return next(self._gen)
@@ -72,6 +80,7 @@ class TextEvent:
     text: str
     token_id: int | None = None
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # of ``token_id``, when logprobs were asked
 
 
 @dataclass
@@ -302,15 +311,30 @@ class Engine:
                 return out, margins
             logits = self.forward(state, [out[-1]])[0]
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TokenStream:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
+    ) -> TokenStream:
         """Stream sampled token ids. Raises ContextWindowError now (not on first next()) when the prompt
-        does not fit; generation past the window ends with finish_reason "length"."""
+        does not fit; generation past the window ends with finish_reason "length". ``constraint`` masks
+        each step's logits (constraints.GrammarConstraint) and ends the generation when it is complete;
+        ``logprobs`` (top-N, 0 for the chosen token only) fills ``TokenStream.last_logprob``."""
         params = params or SamplingParams()
         prompt = self._check_prompt(prompt_ids, 1 if params.max_new_tokens else 0, strict=False)
         self._live_driver()
-        return TokenStream(self, prompt, params)
+        return TokenStream(self, prompt, params, constraint, logprobs)
 
-    def _generate_loop(self, prompt: np.ndarray, params: SamplingParams, stream: TokenStream) -> Iterator[int]:
+    def _generate_loop(
+        self,
+        prompt: np.ndarray,
+        params: SamplingParams,
+        stream: TokenStream,
+        constraint: Constraint | None,
+        logprobs: int | None,
+    ) -> Iterator[int]:
         if params.max_new_tokens == 0:
             stream.finish_reason = "length"
             return
@@ -321,13 +345,20 @@ class Engine:
         state = self.new_state(min(prompt.shape[0] + params.max_new_tokens, self.context_length))
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
-            tok = sampler(logits, np.asarray(history, dtype=np.int64) if use_history else None)
+            masked = constraint.mask(logits) if constraint is not None else logits  # [vocab]
+            tok = sampler(masked, np.asarray(history, dtype=np.int64) if use_history else None)
+            if logprobs is not None:
+                stream.last_logprob = token_logprob(logits, tok, logprobs)
             stream.generated.append(tok)
+            more = constraint.advance(tok) if constraint is not None else True
             is_stop = (not params.ignore_eos) and tok in stops
             if is_stop:
                 stream.finish_reason = "stop"
                 return  # the stop token is not yielded
             yield tok
+            if not more:  # the grammar is complete: only EOS could follow
+                stream.finish_reason = "stop"
+                return
             if use_history:
                 history.append(tok)
             # n_past + 1 = prompt + generated: the sequence fills the window, the last token needs no feed
@@ -344,28 +375,46 @@ class Engine:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok().decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self._chat
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         if self._chat is None:
             raise InvalidParamsError("this model has no chat template; use a plain completion")
-        return self._chat.render(messages, add_generation_prompt=add_generation_prompt)
+        return self._chat.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         # The template writes the special tokens itself, so the tokenizer must not add more.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
-    def stream_text(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TextEvent]:
+    def stream_text(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
+    ) -> Iterator[TextEvent]:
         """Text deltas of a generation, with ``params.stop`` text sequences applied. The last event carries
-        the finish reason. Closing this generator cancels the generation."""
-        tokens = self.generate(prompt_ids, params)
+        the finish reason. Closing this generator cancels the generation. ``constraint`` and ``logprobs``
+        as in ``generate`` (each token's event carries its logprob)."""
+        tokens = self.generate(prompt_ids, params, constraint, logprobs)
         decoder = IncrementalDecoder(self._tok())
         matcher = StopMatcher(params.stop)
         try:
             for tok in tokens:
                 text, stopped = matcher.feed(decoder.push(tok))
                 if stopped:
-                    yield TextEvent(text, tok, "stop")
+                    yield TextEvent(text, tok, "stop", tokens.last_logprob)
                     return
-                yield TextEvent(text, tok)
+                yield TextEvent(text, tok, None, tokens.last_logprob)
             tail, stopped = matcher.feed(decoder.flush())
             if not stopped:
                 tail += matcher.flush()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -26,22 +26,31 @@ class ChatTemplate:
         env.globals["raise_exception"] = raise_exception
         try:
             self._template = env.from_string(source)
+            # a template that reads `tools` renders a request's tool list itself (device/api/tools.py)
+            self.knows_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
         except TemplateError as exc:
             raise InvalidParamsError(f"chat template does not parse: {exc}") from exc
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidParamsError("each message needs a string 'role' and string 'content'")
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except InvalidParamsError:
             raise

@@ -139,3 +139,49 @@ def test_bench_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
         [*NANOFLEET, "bench", str(tmp_path), "--json"], env=ENV, capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 1 and "neither a bundle" in " ".join(p.stderr.split())
+
+
+def test_chat_with_a_json_schema_answers_json_that_validates(api_bundle, tmp_path: Path) -> None:  # noqa: ANN001
+    import jsonschema
+
+    bundle, _ = api_bundle
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+        "required": ["city", "country"],
+    }
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    p = subprocess.run(
+        [*NANOFLEET, "device", "chat", "--bundle", str(bundle), "--temperature", "0", "--max-tokens", "80",
+         "--json-schema", str(tmp_path / "s.json")],
+        input="What is the capital of France?\n\n",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr
+    answer = p.stdout.split(">", 1)[-1].strip().rstrip(">").strip()
+    jsonschema.validate(json.loads(answer), schema)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("{not json", ["is not JSON"]),
+        ('{"type": "array", "uniqueItems": true}', ["uniqueItems"]),
+        (None, ["cannot read"]),
+    ],
+)
+def test_chat_refuses_a_bad_schema_file_in_one_line(api_bundle, tmp_path: Path, content, words) -> None:  # noqa: ANN001
+    bundle, _ = api_bundle
+    path = tmp_path / "s.json"
+    if content is not None:
+        path.write_text(content)
+    p = subprocess.run(
+        [*NANOFLEET, "device", "chat", "--bundle", str(bundle), "--json-schema", str(path)],
+        input="\n", env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 1 and all(w in err for w in words), p.stderr
+    assert "Traceback" not in p.stderr
