@@ -22,8 +22,7 @@ from manifests import (
 from .blobs import BlobStore
 from .db import BundleFileRecord, BundleRecord, Deployment, Device
 from .errors import ConflictError, InvalidBundleError, NotFoundError
-
-ACTIVE_DEPLOYMENT_STATES = ("in_progress", "paused", "rolling_back")
+from .rollout.states import ACTIVE
 
 
 def summarize(manifest: BundleManifest) -> dict[str, Any]:
@@ -143,7 +142,7 @@ def users_of(session: Session, name: str, version: int) -> list[str]:
         select(Deployment).where(
             Deployment.bundle_name == name,
             Deployment.bundle_version == version,
-            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATES),
+            Deployment.status.in_([s.value for s in ACTIVE]),
         )
     ).all()
     users += [f"deployment {d.name} is {d.status}" for d in deps]

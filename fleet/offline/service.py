@@ -47,16 +47,17 @@ from manifests.offline.format import (
     telemetry_mac,
 )
 
+from ..audit import audit
 from ..db import AuditEntry, Device, DeviceEvent, TelemetrySample, aware
 from ..errors import ConflictError, FleetError, NotFoundError
 from ..ingest import handle_message
 from ..registry import get_bundle
-from ..rollout import RolloutEngine, audit, get_deployment
+from ..rollout import DeploymentStatus, RolloutEngine, TargetState, get_deployment
 
 EXPORT_ACTION = "offline_export"
 IMPORT_ACTION = "offline_import"
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"
-WAITING = ("pending", "in_flight")
+WAITING = (TargetState.PENDING, TargetState.IN_FLIGHT)  # targets whose device waits for its update
 
 
 class TelemetryImportError(FleetError):
@@ -84,7 +85,7 @@ def prepare_package(
     dry_run: bool = False,
 ) -> dict[str, Any]:
     dep = get_deployment(session, deployment_name)
-    if dep.status != "in_progress":
+    if dep.status != DeploymentStatus.IN_PROGRESS:
         hint = " (resume it first)" if dep.status == "paused" else ""
         raise ConflictError(f"deployment {dep.name} is {dep.status}, not in_progress{hint}")
     manifest = DeploymentManifest.model_validate(dep.manifest)
@@ -100,7 +101,7 @@ def prepare_package(
         and (not devices or t.device_id in devices)
     ]
     if not chosen:
-        later = sum(1 for t in dep.targets if t.state == "pending" and t.wave > dep.wave)
+        later = sum(1 for t in dep.targets if t.state == TargetState.PENDING and t.wave > dep.wave)
         hint = f"; {later} wait in later waves (use --all-waves)" if later else ""
         raise ConflictError(f"no device of deployment {dep.name} is waiting for its update{hint}")
     bundle = get_bundle(session, dep.bundle_name, dep.bundle_version)
@@ -142,12 +143,12 @@ def prepare_package(
     changed: set[str] = set()
     targets: dict[str, PackageTarget] = {}
     for t in chosen:
-        if t.state == "pending":
-            changed.add(rollouts._start_target(session, dep, t, device_rows.get(t.device_id), manifest, now))
+        if t.state == TargetState.PENDING:
+            changed.add(rollouts.start_target(session, dep, t, device_rows.get(t.device_id), manifest, now))
         assert t.command_id is not None
         rollback = None
         if manifest.spec.rollback:
-            rollback = rollouts._rollback_doc(
+            rollback = rollouts.sign_rollback(
                 t.command_id, dep.bundle_name, dep.bundle_version, t.device_id, now
             )
         targets[t.device_id] = PackageTarget(command_id=t.command_id, rollback=rollback)

@@ -1,0 +1,72 @@
+"""Desired state: the one way the fleet tells a device what to run (a ``DesiredState`` stored on the
+device row, published retained after the commit) and the signed ``RollbackAuthorization`` that lets a
+device go below its highest committed version. The rollout engine and offline packages both use it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from manifests import SignedDocument, SigningKey
+from manifests import mqtt as contract
+
+from .. import registry
+from ..db import Device
+
+
+@dataclass
+class RolloutContext:
+    signing_key: SigningKey
+    base_url: Callable[[str, int], str]
+    now: Callable[[], dt.datetime]
+    rollback_validity_s: float = 7 * 24 * 3600
+
+
+class DesiredStates:
+    def __init__(self, ctx: RolloutContext) -> None:
+        self.ctx = ctx
+
+    def set(
+        self,
+        session: Session,
+        device: Device,
+        command_id: str,
+        name: str,
+        version: int,
+        rollback: SignedDocument | None,
+        now: dt.datetime,
+    ) -> None:
+        """Tell ``device`` to run ``name@version`` under ``command_id`` (NotFoundError: no such bundle)."""
+        bundle = registry.get_bundle(session, name, version)
+        desired = contract.DesiredState(
+            device_id=device.id,
+            deployment_id=command_id,
+            bundle=contract.BundleRef(
+                name=name,
+                version=version,
+                manifest_sha256=bundle.manifest_sha256,
+                base_url=self.ctx.base_url(name, version),
+            ),
+            rollback=rollback,
+            issued_at=now,
+        )
+        device.desired = json.loads(desired.to_bytes())
+        device.desired_at = now
+
+    def sign_rollback(
+        self, command_id: str, name: str, version: int, device_id: str, now: dt.datetime
+    ) -> SignedDocument:
+        """A fleet-signed authorisation for ``device_id`` to install ``name@version`` under
+        ``command_id``, even below its highest committed version (anti-rollback), until it expires."""
+        auth = contract.RollbackAuthorization(
+            deployment_id=command_id,
+            name=name,
+            version=version,
+            device_ids=[device_id],
+            expires_at=now + dt.timedelta(seconds=self.ctx.rollback_validity_s),
+        )
+        return SignedDocument.sign(auth, self.ctx.signing_key)

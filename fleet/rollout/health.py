@@ -1,0 +1,108 @@
+"""Health of a device from its telemetry: its baseline on the previous model (taken when the rollout
+starts it) and how it does on the new one, measured against the deployment's abort rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from manifests.deployment import AbortRules
+
+from ..db import Deployment, DeploymentTarget, Device, TelemetrySample, aware
+
+BASELINE_SAMPLES = 5
+
+
+def baseline(session: Session, device: Device) -> dict[str, Any] | None:
+    """Mean decode speed and TTFT of the device's last samples on the model it runs now."""
+    if device.current_version is None:
+        return None
+    rows = session.scalars(
+        select(TelemetrySample)
+        .where(
+            TelemetrySample.device_id == device.id,
+            TelemetrySample.model_version == device.current_version,
+            TelemetrySample.model_name == device.current_name,
+        )
+        .order_by(TelemetrySample.ts.desc())
+        .limit(BASELINE_SAMPLES)
+    ).all()
+    decode = [r.decode_tok_s for r in rows if r.decode_tok_s]
+    ttft = [r.ttft_p95_ms for r in rows if r.ttft_p95_ms]
+    if not decode and not ttft:
+        return None
+    return {
+        "decode_tok_s": sum(decode) / len(decode) if decode else None,
+        "ttft_p95_ms": sum(ttft) / len(ttft) if ttft else None,
+        "samples": len(rows),
+    }
+
+
+def health_problem(session: Session, dep: Deployment, t: DeploymentTarget, rules: AbortRules) -> str | None:
+    """What is wrong with a succeeded device on the new model (None: nothing, or no evidence yet).
+    Records what was measured on ``t.health``."""
+    if not (rules.max_decode_drop_pct or rules.max_error_rate is not None or rules.ttft_p95_budget_ms):
+        return None
+    q = select(TelemetrySample).where(
+        TelemetrySample.device_id == t.device_id,
+        TelemetrySample.model_name == dep.bundle_name,
+        TelemetrySample.model_version == dep.bundle_version,
+    )
+    if t.finished_at is not None:
+        q = q.where(TelemetrySample.ts >= aware(t.finished_at) - dt.timedelta(seconds=5))  # type: ignore[operator]
+    latest = session.scalars(q.order_by(TelemetrySample.ts.desc()).limit(BASELINE_SAMPLES)).all()
+    if not latest:
+        return None
+    newest = latest[0]
+    health: dict[str, Any] = {"samples": len(latest)}
+    problem = None
+    decode = [r.decode_tok_s for r in latest if r.decode_tok_s]
+    if rules.max_decode_drop_pct and decode and t.baseline and t.baseline.get("decode_tok_s"):
+        base = t.baseline["decode_tok_s"]
+        now_tps = sum(decode) / len(decode)
+        drop = 100.0 * (base - now_tps) / base
+        health["decode_drop_pct"] = round(drop, 2)
+        if drop > rules.max_decode_drop_pct:
+            problem = (
+                f"decode {now_tps:.1f} tok/s is {drop:.0f}% below {base:.1f} tok/s on its previous "
+                f"model (limit {rules.max_decode_drop_pct:g}%)"
+            )
+    if problem is None and rules.max_error_rate is not None:
+        rate = error_rate(session, t, list(reversed(latest)))
+        if rate is not None:
+            health["error_rate"] = round(rate, 4)
+            if rate > rules.max_error_rate:
+                problem = f"error rate {rate:.2%} on the new model, over {rules.max_error_rate:.2%}"
+    if problem is None and rules.ttft_p95_budget_ms and newest.ttft_p95_ms is not None:
+        health["ttft_p95_ms"] = newest.ttft_p95_ms
+        if newest.ttft_p95_ms > rules.ttft_p95_budget_ms:
+            problem = f"TTFT p95 {newest.ttft_p95_ms:.0f} ms over the {rules.ttft_p95_budget_ms:g} ms budget"
+    t.health = health
+    return problem
+
+
+def error_rate(session: Session, t: DeploymentTarget, new: list[TelemetrySample]) -> float | None:
+    """Errors per request on the new model. Agents send counters cumulative since they started; a
+    counter that went down (agent restart, or a per-interval sender) falls back to summing samples."""
+    anchor = None
+    if t.finished_at is not None:
+        anchor = session.scalars(
+            select(TelemetrySample)
+            .where(TelemetrySample.device_id == t.device_id, TelemetrySample.ts < new[0].ts)
+            .order_by(TelemetrySample.ts.desc())
+            .limit(1)
+        ).first()
+    series = ([anchor] if anchor is not None else []) + new
+    cumulative = all(
+        b.requests >= a.requests and b.errors >= a.errors for a, b in zip(series, series[1:], strict=False)
+    )
+    if cumulative and anchor is not None:
+        requests, errors = new[-1].requests - anchor.requests, new[-1].errors - anchor.errors
+    elif cumulative:
+        requests, errors = new[-1].requests, new[-1].errors
+    else:
+        requests, errors = sum(x.requests for x in new), sum(x.errors for x in new)
+    return errors / requests if requests > 0 else None

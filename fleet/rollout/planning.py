@@ -1,0 +1,174 @@
+"""Planning a deployment: which devices a manifest selects, in which waves, and the apply that records
+it (idempotent, like ``kubectl apply``: the same spec again changes nothing, a new spec is the next
+generation)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from manifests import DeploymentManifest
+
+from .. import registry
+from ..audit import audit
+from ..db import Deployment, DeploymentTarget, Device
+from ..errors import InvalidManifestError, NotFoundError
+from .states import DeploymentStatus, TargetEvent, TargetState, can_target, move_target
+
+MAX_VERSION = 2_147_483_647  # bundle versions are positive 32-bit integers everywhere (database columns)
+
+
+def select_devices(
+    session: Session, manifest: DeploymentManifest, enrolled_after: dt.datetime | None = None
+) -> list[Device]:
+    sel = manifest.spec.selector
+    out = []
+    q = select(Device).order_by(Device.enrolled_at, Device.id)
+    if enrolled_after is not None:
+        q = q.where(Device.enrolled_at > enrolled_after)
+    for d in session.scalars(q).all():
+        if sel.device_ids and d.id not in sel.device_ids:
+            continue
+        if any((d.tags or {}).get(k) != v for k, v in sel.tags.items()):
+            continue
+        if sel.groups and not set(sel.groups) & set(d.groups or []):
+            continue
+        if sel.hardware_class and d.hardware_class not in sel.hardware_class:
+            continue
+        out.append(d)
+    return out
+
+
+def plan_waves(n: int, manifest: DeploymentManifest) -> list[int]:
+    """Wave sizes for ``n`` devices (they sum to n; empty when n == 0)."""
+    if n == 0:
+        return []
+    st = manifest.spec.strategy
+    if st.type == "all-at-once":
+        return [n]
+    if st.type == "canary":
+        c = st.canary
+        assert c is not None
+        first = c.devices if c.devices is not None else math.ceil(n * (c.percent or 0) / 100)
+        first = max(1, min(n, first))
+        return [first] + ([n - first] if n > first else [])
+    w = st.waves
+    assert w is not None
+    sizes: list[int] = []
+    if w.sizes is not None:
+        left = n
+        for s in w.sizes:
+            if left <= 0:
+                break
+            take = min(s, left)
+            sizes.append(take)
+            left -= take
+        if left > 0:
+            sizes.append(left)
+    else:
+        done = 0
+        for pct in w.percent_steps or []:
+            upto = min(n, max(done + 1, math.ceil(n * pct / 100)))
+            if upto > done:
+                sizes.append(upto - done)
+                done = upto
+        if done < n:
+            sizes.append(n - done)
+    return sizes
+
+
+def spec_digest(manifest: DeploymentManifest) -> str:
+    return hashlib.sha256(json.dumps(manifest.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def get_deployment(session: Session, name: str) -> Deployment:
+    dep = session.scalar(select(Deployment).where(Deployment.name == name))
+    if dep is None:
+        raise NotFoundError(f"no deployment named {name!r}")
+    return dep
+
+
+def _check_bundle(session: Session, manifest: DeploymentManifest) -> None:
+    spec = manifest.spec
+    if spec.bundle.version > MAX_VERSION:
+        msg = f"bundle version {spec.bundle.version} is over the maximum {MAX_VERSION}"
+        raise InvalidManifestError(msg, [{"path": "spec.bundle.version", "msg": msg}])
+    try:
+        registry.get_bundle(session, spec.bundle.name, spec.bundle.version)
+    except NotFoundError as exc:
+        raise InvalidManifestError(exc.message, [{"path": "spec.bundle", "msg": exc.message}]) from exc
+
+
+def _supersede(session: Session, dep: Deployment, actor: str, now: dt.datetime) -> int:
+    """Replace ``dep`` by its next generation; returns that generation's number."""
+    generation = dep.generation + 1
+    # The old generation's unfinished targets stop here; its record stays in the audit log.
+    for t in dep.targets:
+        if can_target(t.state, TargetEvent.CANCEL):
+            move_target(t, TargetEvent.CANCEL)
+    audit(session, actor, "superseded", deployment=dep.name, generation=dep.generation, ts=now)
+    session.delete(dep)
+    session.flush()
+    return generation
+
+
+def apply_manifest(
+    session: Session, manifest: DeploymentManifest, actor: str, now: dt.datetime
+) -> tuple[Deployment, str]:
+    """Make the manifest the desired state. Returns (deployment, 'created' | 'configured' | 'unchanged')."""
+    _check_bundle(session, manifest)
+    spec = manifest.spec
+    digest = spec_digest(manifest)
+    old = session.scalar(select(Deployment).where(Deployment.name == manifest.metadata.name))
+    if old is not None and old.spec_sha256 == digest:
+        return old, "unchanged"
+    result = "configured" if old is not None else "created"
+    generation = _supersede(session, old, actor, now) if old is not None else 1
+    devices = select_devices(session, manifest)
+    sizes = plan_waves(len(devices), manifest)
+    status = DeploymentStatus.IN_PROGRESS if devices else DeploymentStatus.COMPLETED
+    dep = Deployment(
+        id=f"{manifest.metadata.name}.{generation}.{uuid.uuid4().hex[:8]}",
+        name=manifest.metadata.name,
+        generation=generation,
+        manifest=manifest.model_dump(mode="json"),
+        spec_sha256=digest,
+        bundle_name=spec.bundle.name,
+        bundle_version=spec.bundle.version,
+        status=status.value,
+        wave=0,
+        waves=len(sizes),
+        wave_started_at=now,
+        created_at=now,
+        updated_at=now,
+        finished_at=None if devices else now,
+    )
+    pos = 0
+    for wave, size in enumerate(sizes):
+        for _ in range(size):
+            dep.targets.append(
+                DeploymentTarget(device_id=devices[pos].id, position=pos, wave=wave, state=TargetState.PENDING.value)
+            )
+            pos += 1
+    session.add(dep)
+    audit(
+        session,
+        actor,
+        "applied",
+        deployment=dep.name,
+        ts=now,
+        result=result,
+        generation=generation,
+        bundle=f"{spec.bundle.name}@{spec.bundle.version}",
+        devices=len(devices),
+        waves=sizes,
+        strategy=spec.strategy.type,
+    )
+    session.flush()
+    return dep, result
