@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,7 +36,6 @@ from manifests import MODEL_FILE, ArchConfig, GraphSpec
 from .errors import ExportError
 
 GRAPH_KIND = "gqa"
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 PROTOBUF_LIMIT = 2_000_000_000
 
 
@@ -83,20 +82,21 @@ def weights_from_torch(model: Any) -> dict[str, np.ndarray]:
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
-def unsupported_reason(config: Mapping[str, Any]) -> str | None:
-    """Why build_gqa_model would refuse this checkpoint config; None when it can build it. The export's
-    default graph ("auto") asks this first and keeps optimum's graph for anything the builder does not know."""
+def _direct_spec(config: Mapping[str, Any]) -> tuple[Any, str | None]:
+    from .archs import ARCHITECTURES
+
     arch = str(config.get("model_type", ""))
-    if arch not in SUPPORTED_ARCHS:
-        return f"model_type {arch!r} is not supported by the GQA builder ({', '.join(SUPPORTED_ARCHS)})"
-    if config.get("hidden_act", "silu") != "silu":
-        return f"hidden_act {config.get('hidden_act')!r} is not supported by the GQA builder (silu only)"
-    scaling = config.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind not in ROPE_SCALINGS:
-            return f"rope_scaling {kind!r} is not supported by the GQA builder ({', '.join(ROPE_SCALINGS)})"
-    return None
+    spec = ARCHITECTURES.get(arch)
+    if spec is None or spec.direct is None:
+        supported = ", ".join(k for k, v in ARCHITECTURES.items() if v.direct is not None)
+        return None, f"model_type {arch!r} is not supported by the GQA builder ({supported})"
+    return spec.direct, spec.direct_unsupported(dict(config))
+
+
+def unsupported_reason(config: Mapping[str, Any]) -> str | None:
+    """Why the GQA builder would refuse this checkpoint config; None when it can build it. The export's
+    default graph ("auto") asks this first and keeps optimum's graph for anything the builder does not know."""
+    return _direct_spec(config)[1]
 
 
 def _rope_caches(config: Mapping[str, Any], head_dim: int, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,15 +123,104 @@ def _rope_caches(config: Mapping[str, Any], head_dim: int, max_seq: int) -> tupl
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
+class WeightSink(Protocol):
+    """Where the graph's weights go and which nodes consume them. ``InlineWeights`` keeps fp32 initializers in
+    the proto (the traced path quantizes the saved graph afterwards); export/direct.py's sink quantizes each
+    weight as it arrives and writes it to external data, so only one layer is ever in memory."""
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        """A small constant (norm weights, rope caches, shapes): its initializer name."""
+        ...
+
+    def matmul(self, name: str, weight_name: str, x: str, weight: np.ndarray, out: str) -> list[Any]:
+        """Nodes computing ``out = x @ weight`` (``weight`` [K, N] fp32); ``name`` is the MatMul's node name."""
+        ...
+
+    def embedding(self, table: np.ndarray, ids: str, out: str, tied: bool) -> list[Any]:
+        """Nodes gathering rows of ``table`` [vocab, H]; ``tied``: lm_head() will read the same table."""
+        ...
+
+    def lm_head(self, x: str, weight: np.ndarray | None, out: str) -> list[Any]:
+        """Nodes of ``out = x @ weight`` ([H, vocab]); ``weight`` None: the tied embedding table, transposed."""
+        ...
+
+
+class InlineWeights:
+    """fp32 initializers inside the model proto, laid out like optimum's graph (a tied LM head is
+    MatMul(x, Transpose(E))), so export/quantize.py's recipes apply to the saved graph as they do to optimum's."""
+
+    EMBED = "model.embed_tokens.weight"
+
+    def __init__(self) -> None:
+        self.initializers: list[Any] = []
+
+    def _init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        return self._init(name, array)
+
+    def matmul(self, name: str, weight_name: str, x: str, weight: np.ndarray, out: str) -> list[Any]:
+        from onnx import helper
+
+        return [helper.make_node("MatMul", [x, self._init(weight_name, weight)], [out], name=name)]
+
+    def embedding(self, table: np.ndarray, ids: str, out: str, tied: bool) -> list[Any]:
+        from onnx import helper
+
+        self._init(self.EMBED, table)
+        return [helper.make_node("Gather", [self.EMBED, ids], [out], name="/model/embed_tokens/Gather")]
+
+    def lm_head(self, x: str, weight: np.ndarray | None, out: str) -> list[Any]:
+        from onnx import helper
+
+        nodes = []
+        if weight is None:
+            head = "/lm_head/Transpose_output_0"
+            nodes.append(helper.make_node("Transpose", [self.EMBED], [head], name="/lm_head/Transpose", perm=[1, 0]))
+        else:
+            head = self._init("lm_head.weight", weight)
+        nodes.append(helper.make_node("MatMul", [x, head], [out], name="/lm_head/MatMul"))
+        return nodes
+
+
+class Observer(Protocol):
+    """Sees each tensor group as the builder streams past it (export/reference.py runs the fp32 reference so)."""
+
+    def embed(self, table: np.ndarray) -> None: ...
+
+    def layer(self, i: int, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+    def head(self, final_norm: np.ndarray, weight: np.ndarray | None) -> None: ...
+
+
 def build_gqa_model(
     config: Mapping[str, Any], weights: Mapping[str, np.ndarray], max_seq: int | None = None
 ) -> Any:
-    """The fused graph as an onnx.ModelProto (fp32 weights)."""
-    from onnx import TensorProto, helper, numpy_helper
+    """The fused graph as an onnx.ModelProto with fp32 weights inside (from an in-memory weights dict)."""
+    return build_gqa_graph(config, weights.__getitem__, weights.__contains__, InlineWeights(), max_seq)
 
-    reason = unsupported_reason(config)
+
+def build_gqa_graph(
+    config: Mapping[str, Any],
+    get: Callable[[str], np.ndarray],
+    has: Callable[[str], bool],
+    sink: WeightSink,
+    max_seq: int | None = None,
+    observer: Observer | None = None,
+    on_layer_done: Callable[[int], None] | None = None,
+) -> Any:
+    """The fused graph as an onnx.ModelProto. Weights are fetched with ``get`` (checkpoint name -> fp32 array in
+    HF layout) one layer at a time, handed to ``observer`` and to ``sink``, and dropped before the next layer."""
+    from onnx import TensorProto, helper
+
+    direct, reason = _direct_spec(config)
     if reason:
         raise FuseGqaError(reason)
+    names = direct.names
     arch = str(config.get("model_type", ""))
     L = int(config["num_hidden_layers"])
     H = int(config["hidden_size"])
@@ -142,147 +231,101 @@ def build_gqa_model(
     vocab = int(config["vocab_size"])
     eps = float(config.get("rms_norm_eps", 1e-6))
     ctx = int(max_seq or config.get("max_position_embeddings", 2048))
-    window = config.get("sliding_window") if arch == "mistral" else None
-    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in weights
-
-    inits: list[Any] = []
-    nodes: list[Any] = []
-
-    def init(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
+    window = config.get(direct.sliding_window_attr) if direct.sliding_window_attr else None
+    tied = bool(config.get("tie_word_embeddings", False)) or not has(names.lm_head)
 
     def w(name: str) -> np.ndarray:
-        if name not in weights:
+        if not has(name):
             raise FuseGqaError(f"checkpoint lacks {name}")
-        return weights[name]
+        return get(name)
 
-    def node(
-        op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any
-    ) -> None:
+    nodes: list[Any] = []
+
+    def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
-    embed = init("model.embed_tokens.weight", w("model.embed_tokens.weight"))  # [vocab, H]
+    table = w(names.embed)  # [vocab, H]
+    if observer:
+        observer.embed(table)
+    nodes.extend(sink.embedding(table, "input_ids", "embeddings", tied))  # [b, s, H]
+    del table
     cos, sin = _rope_caches(config, hd, ctx)
-    init("cos_cache", cos)  # [ctx, hd/2]
-    init("sin_cache", sin)
-    node("Gather", [embed, "input_ids"], ["embeddings"], "/model/embed_tokens/Gather")  # [b, s, H]
+    sink.constant("cos_cache", cos)  # [ctx, hd/2]
+    sink.constant("sin_cache", sin)
 
     residual = "embeddings"
     pending: str | None = None  # the last sub-layer output, not yet added to the residual
     for i in range(L):
-        p = f"model.layers.{i}"
-        ln1 = init(f"{p}.input_layernorm.weight", w(f"{p}.input_layernorm.weight"))
-        x = f"/model/layers.{i}/input_layernorm/output_0"
+        lp, p = f"/model/layers.{i}", f"model.layers.{i}"
+        t = {role: w(n) for role, n in names.layer(i).items() if not role.endswith("_bias") or has(n)}
+        if observer:
+            observer.layer(i, {names.layer(i)[r]: a for r, a in t.items()})
+        ln1 = sink.constant(f"{p}.input_layernorm.weight", t["input_norm"])
+        x = f"{lp}/input_layernorm/output_0"
         if pending is None:
-            node(
-                "SimplifiedLayerNormalization",
-                [residual, ln1],
-                [x],
-                f"/model/layers.{i}/input_layernorm",
-                axis=-1,
-                epsilon=eps,
-                stash_type=1,
-            )
+            node("SimplifiedLayerNormalization", [residual, ln1], [x], f"{lp}/input_layernorm",
+                 axis=-1, epsilon=eps, stash_type=1)  # fmt: skip
         else:
-            new_res = f"/model/layers.{i}/input_layernorm/residual"
-            node(
-                "SkipSimplifiedLayerNormalization",
-                [pending, residual, ln1],
-                [x, "", "", new_res],
-                f"/model/layers.{i}/input_layernorm",
-                domain="com.microsoft",
-                epsilon=eps,
-            )
+            new_res = f"{lp}/input_layernorm/residual"
+            node("SkipSimplifiedLayerNormalization", [pending, residual, ln1], [x, "", "", new_res],
+                 f"{lp}/input_layernorm", domain="com.microsoft", epsilon=eps)  # fmt: skip
             residual = new_res
         # packed QKV: [H, (nq + 2 nkv) hd]
-        q, k, v = (w(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v"))
-        wqkv = init(f"{p}.self_attn.qkv_proj.weight", np.concatenate([q.T, k.T, v.T], axis=1))
-        qkv = f"/model/layers.{i}/attn/qkv_proj/output_0"
-        node("MatMul", [x, wqkv], [qkv], f"/model/layers.{i}/attn/qkv_proj/MatMul")
-        if f"{p}.self_attn.q_proj.bias" in weights:
-            b = np.concatenate([w(f"{p}.self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
-            bname = init(f"{p}.self_attn.qkv_proj.bias", b)
-            node("Add", [qkv, bname], [qkv + "_biased"], f"/model/layers.{i}/attn/qkv_proj/Add")
+        qkv = f"{lp}/attn/qkv_proj/output_0"
+        wqkv = np.concatenate([t["q"].T, t["k"].T, t["v"].T], axis=1)
+        nodes.extend(sink.matmul(f"{lp}/attn/qkv_proj/MatMul", f"{p}.self_attn.qkv_proj.weight", x, wqkv, qkv))
+        del wqkv
+        if "q_bias" in t:
+            b = sink.constant(
+                f"{p}.self_attn.qkv_proj.bias", np.concatenate([t["q_bias"], t["k_bias"], t["v_bias"]])
+            )
+            node("Add", [qkv, b], [qkv + "_biased"], f"{lp}/attn/qkv_proj/Add")
             qkv += "_biased"
-        attn = f"/model/layers.{i}/attn/GroupQueryAttention/output_0"
-        gqa_attrs: dict[str, Any] = {
-            "num_heads": nq,
-            "kv_num_heads": nkv,
-            "do_rotary": 1,
-            "rotary_interleaved": 0,
-            "scale": 1.0 / math.sqrt(hd),
-        }
+        attn = f"{lp}/attn/GroupQueryAttention/output_0"
+        gqa_attrs: dict[str, Any] = {"num_heads": nq, "kv_num_heads": nkv, "do_rotary": 1, "rotary_interleaved": 0,
+                                     "scale": 1.0 / math.sqrt(hd)}  # fmt: skip
         if window:
             gqa_attrs["local_window_size"] = int(window)
-        node(
-            "GroupQueryAttention",
-            [
-                qkv,
-                "",
-                "",
-                f"past_key_values.{i}.key",
-                f"past_key_values.{i}.value",
-                "seqlens_k",
-                "total_sequence_length",
-                "cos_cache",
-                "sin_cache",
-            ],
-            [attn, f"present.{i}.key", f"present.{i}.value"],
-            f"/model/layers.{i}/attn/GroupQueryAttention",
-            domain="com.microsoft",
-            **gqa_attrs,
-        )
-        wo = init(f"{p}.self_attn.o_proj.weight", w(f"{p}.self_attn.o_proj.weight").T)  # [nq hd, H]
-        o = f"/model/layers.{i}/attn/o_proj/output_0"
-        node("MatMul", [attn, wo], [o], f"/model/layers.{i}/attn/o_proj/MatMul")
-        ln2 = init(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))
-        x2 = f"/model/layers.{i}/post_attention_layernorm/output_0"
-        res2 = f"/model/layers.{i}/post_attention_layernorm/residual"
-        node(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, ln2],
-            [x2, "", "", res2],
-            f"/model/layers.{i}/post_attention_layernorm",
-            domain="com.microsoft",
-            epsilon=eps,
-        )
+        node("GroupQueryAttention",
+             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+              "total_sequence_length", "cos_cache", "sin_cache"],
+             [attn, f"present.{i}.key", f"present.{i}.value"], f"{lp}/attn/GroupQueryAttention",
+             domain="com.microsoft", **gqa_attrs)  # fmt: skip
+        o = f"{lp}/attn/o_proj/output_0"
+        nodes.extend(sink.matmul(f"{lp}/attn/o_proj/MatMul", f"{p}.self_attn.o_proj.weight", attn, t["o"].T, o))
+        ln2 = sink.constant(f"{p}.post_attention_layernorm.weight", t["post_norm"])
+        x2, res2 = f"{lp}/post_attention_layernorm/output_0", f"{lp}/post_attention_layernorm/residual"
+        node("SkipSimplifiedLayerNormalization", [o, residual, ln2], [x2, "", "", res2],
+             f"{lp}/post_attention_layernorm", domain="com.microsoft", epsilon=eps)  # fmt: skip
         residual = res2
-        # packed gate|up: [H, 2 inter]
-        wgu = init(
-            f"{p}.mlp.gate_up_proj.weight",
-            np.concatenate([w(f"{p}.mlp.gate_proj.weight").T, w(f"{p}.mlp.up_proj.weight").T], axis=1),
-        )
-        gu, gate, up = (f"/model/layers.{i}/mlp/{n}" for n in ("gate_up", "gate", "up"))
-        node("MatMul", [x2, wgu], [gu], f"/model/layers.{i}/mlp/gate_up_proj/MatMul")
-        split = init(f"/model/layers.{i}/mlp/split_sizes", np.array([inter, inter], dtype=np.int64))
-        node("Split", [gu, split], [gate, up], f"/model/layers.{i}/mlp/Split", axis=-1)
-        sig, act, prod = (f"/model/layers.{i}/mlp/{n}" for n in ("sigmoid", "silu", "act"))
-        node("Sigmoid", [gate], [sig], f"/model/layers.{i}/mlp/Sigmoid")
-        node("Mul", [gate, sig], [act], f"/model/layers.{i}/mlp/SiLU")
-        node("Mul", [act, up], [prod], f"/model/layers.{i}/mlp/Mul")
-        wd = init(f"{p}.mlp.down_proj.weight", w(f"{p}.mlp.down_proj.weight").T)  # [inter, H]
-        pending = f"/model/layers.{i}/mlp/down_proj/output_0"
-        node("MatMul", [prod, wd], [pending], f"/model/layers.{i}/mlp/down_proj/MatMul")
+        gu, gate, up = (f"{lp}/mlp/{n}" for n in ("gate_up", "gate", "up"))
+        wgu = np.concatenate([t["gate"].T, t["up"].T], axis=1)  # packed gate|up: [H, 2 inter]
+        nodes.extend(sink.matmul(f"{lp}/mlp/gate_up_proj/MatMul", f"{p}.mlp.gate_up_proj.weight", x2, wgu, gu))
+        del wgu
+        split = sink.constant(f"{lp}/mlp/split_sizes", np.array([inter, inter], dtype=np.int64))
+        node("Split", [gu, split], [gate, up], f"{lp}/mlp/Split", axis=-1)
+        sig, act, prod = (f"{lp}/mlp/{n}" for n in ("sigmoid", "silu", "act"))
+        node("Sigmoid", [gate], [sig], f"{lp}/mlp/Sigmoid")
+        node("Mul", [gate, sig], [act], f"{lp}/mlp/SiLU")
+        node("Mul", [act, up], [prod], f"{lp}/mlp/Mul")
+        pending = f"{lp}/mlp/down_proj/output_0"
+        nodes.extend(sink.matmul(f"{lp}/mlp/down_proj/MatMul", f"{p}.mlp.down_proj.weight", prod, t["down"].T, pending))
+        del t
+        if on_layer_done:
+            on_layer_done(i)
 
-    lnf = init("model.norm.weight", w("model.norm.weight"))
-    node(
-        "SkipSimplifiedLayerNormalization",
-        [pending, residual, lnf],
-        ["/model/norm/output_0"],
-        "/model/norm",
-        domain="com.microsoft",
-        epsilon=eps,
-    )
+    final_norm = w(names.final_norm)
+    lnf = sink.constant("model.norm.weight", final_norm)
+    node("SkipSimplifiedLayerNormalization", [pending, residual, lnf], ["/model/norm/output_0"], "/model/norm",
+         domain="com.microsoft", epsilon=eps)  # fmt: skip
     # Only the rows asked for go through the LM head: generation needs the last one (a prefill of n tokens
     # skips n-1 of the [H x vocab] products and the [n, vocab] logits buffer); perplexity asks for all.
     node("Gather", ["/model/norm/output_0", "logits_index"], ["/lm_head/rows"], "/lm_head/Gather", axis=1)
-    if tied:
-        node("Transpose", [embed], ["/lm_head/Transpose_output_0"], "/lm_head/Transpose", perm=[1, 0])
-        head = "/lm_head/Transpose_output_0"
-    else:
-        head = init("lm_head.weight", w("lm_head.weight").T)  # [H, vocab]
-    node("MatMul", ["/lm_head/rows", head], ["logits"], "/lm_head/MatMul")
+    head = None if tied else w(names.lm_head)  # [vocab, H]
+    if observer:
+        observer.head(final_norm, head)
+    nodes.extend(sink.lm_head("/lm_head/rows", None if head is None else head.T, "logits"))
+    del head
 
     f32 = TensorProto.FLOAT
     kv_shape = ["batch_size", nkv, "max_sequence_length", hd]
@@ -297,12 +340,9 @@ def build_gqa_model(
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, kv_shape))
-    graph = helper.make_graph(nodes, f"{arch}-gqa", inputs, outputs, initializer=inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="nanofleet.fuse_gqa",
-    )
+    graph = helper.make_graph(nodes, f"{arch}-gqa", inputs, outputs, initializer=getattr(sink, "initializers", []))
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="nanofleet.fuse_gqa")
     model.ir_version = 8
     return model
 

@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +42,15 @@ from manifests import (
 )
 
 from . import gate as gate_mod
-from .archs import GRAPH_KIND, spec_for
-from .errors import ExportError, ExportInterruptedError, OutOfSpaceError, OutputExistsError, QualityGateError
+from .archs import GRAPH_KIND, ArchSpec, spec_for
+from .errors import (
+    CorruptSourceError,
+    ExportError,
+    ExportInterruptedError,
+    OutOfSpaceError,
+    OutputExistsError,
+    QualityGateError,
+)
 from .onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, export_onnx, validate_against_torch
 from .progress import Reporter
 from .quantize import DEFAULT_RECIPES, RECIPES, QuantRecipe, min_onnxruntime, operators, quantize
@@ -53,11 +61,6 @@ Precision = Literal["int8", "int4", "fp32"]
 # The golden check runs on the board at activation; boards are 5-30x slower than this machine.
 GOLDEN_BUDGET_FACTOR = 30.0
 GOLDEN_BUDGET_MIN_MS = 5000.0
-# The signed golden check keeps only greedy tokens chosen by at least this logit gap over the runner-up
-# (gate.robust_golden): int8 kernels round differently on the boards' CPUs, and a near-tie may flip there.
-# Measured: on an emulated Cortex-A76 the tokens that flipped had gaps of 0.00-0.11 on the build machine.
-GOLDEN_MIN_MARGIN = 0.5
-GOLDEN_MIN_TOKENS = 8
 WORK_PREFIX = ".nanofleet-export-"
 
 
@@ -82,6 +85,10 @@ class ExportRequest:
     # "auto": the fused "gqa" graph (export/fuse_gqa.py, ~2x faster decode) where the architecture allows it,
     # else optimum's "optimum-kv" graph. "gqa" forced fails when it cannot be built.
     graph: Literal["auto", "optimum-kv", "gqa"] = "auto"
+    # "auto": the direct builder (export/direct.py: from the checkpoint's tensors, one layer at a time) where the
+    # family has one and the graph is gqa; else optimum's tracer. "traced" forces the tracer (the reference the
+    # direct builder is validated against); "direct" fails where it cannot be used.
+    builder: Literal["auto", "direct", "traced"] = "auto"
 
 
 @dataclass
@@ -94,7 +101,7 @@ class ExportResult:
     attempts: list[dict[str, Any]]
     timings: dict[str, float]
     sizes: dict[str, float]
-    validation: dict[str, float]
+    validation: dict[str, Any]
     passed: bool
     messages: list[str]
 
@@ -111,6 +118,7 @@ class ExportResult:
             "ppl_quantized": self.report.ppl_quantized,
             "ppl_increase_pct": self.report.ppl_increase_pct,
             "greedy_agreement": self.report.greedy_agreement,
+            "teacher_forced": tf.model_dump(mode="json") if (tf := self.report.teacher_forced) else None,
             "gate_passed": self.report.passed,
             "messages": self.messages,
             "attempts": self.attempts,
@@ -179,6 +187,22 @@ def run_export(req: ExportRequest, reporter: Reporter | None = None) -> ExportRe
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass
+class _Loaded:
+    """What every builder needs before it starts: the config and its spec, assets, the eval set."""
+
+    config: Any
+    spec: ArchSpec
+    arch: ArchConfig
+    assets: Path
+    evalset: gate_mod.EvalSet
+    generation: dict[str, Any]
+
+
+# One recipe's build: (recipe, its output folder) -> the quantized graph's outcome.
+Build = Callable[[QuantRecipe, Path], Any]
+
+
 def _run(
     req: ExportRequest,
     src: ResolvedSource,
@@ -188,26 +212,120 @@ def _run(
     work: Path,
     reporter: Reporter,
 ) -> ExportResult:
-    assets = work / "assets"
-    assets.mkdir()
+    if req.graph not in ("auto", "optimum-kv", "gqa"):
+        raise ExportError(f"unknown graph kind {req.graph!r}: auto, optimum-kv or gqa")
+    if req.builder not in ("auto", "direct", "traced"):
+        raise ExportError(f"unknown builder {req.builder!r}: auto, direct or traced")
     with reporter.step("load", f"loading {src.kind} {Path(src.spec).name}"):
         config = load_config(src)
-        spec = spec_for(config)  # unsupported architectures fail here, before the weights load
-        model = load_model(src)
-        tokenizer = load_tokenizer(src)
-        generation = _generation_dict(model)
+        spec = spec_for(config)  # unsupported architectures fail here, before any weight is read
+        why_not = _direct_refusal(req, spec, config, recipe_names)
+        if req.builder == "direct" and why_not:
+            raise ExportError(f"--builder direct cannot build this export: {why_not}")
+        if why_not is None:
+            model, generation = None, _generation_dict_from_source(src, config)
+        else:
+            model = load_model(src)
+            generation = _generation_dict(model)
+        assets = work / "assets"
+        assets.mkdir()
+        _write_assets(assets, load_tokenizer(src), generation)
         arch = spec.arch_config(config, generation)
-        _write_assets(assets, tokenizer, model, generation)
-        _check_space(work, model)
-    evalset = gate_mod.EvalSet.load(_tk(assets), req.eval_text, req.prompts)
+    loaded = _Loaded(config, spec, arch, assets, gate_mod.EvalSet.load(_tk(assets), req.eval_text, req.prompts),
+                     generation)  # fmt: skip
+    if why_not is None:
+        return _run_direct(req, src, recipe_names, name, out, work, reporter, loaded)
+    if req.builder == "auto" and spec.direct is not None and req.graph != "optimum-kv":
+        reporter.note(f"builder: traced ({why_not})")
+    return _run_traced(req, src, recipe_names, name, out, work, reporter, loaded, model)
+
+
+def _direct_refusal(req: ExportRequest, spec: ArchSpec, config: Any, recipe_names: list[str]) -> str | None:
+    """Why this export goes through optimum's tracer instead of the direct builder (None: it does not)."""
+    if req.builder == "traced":
+        return "--builder traced"
+    if req.graph == "optimum-kv":
+        return "--graph optimum-kv is optimum's own graph"
+    if "dynamic-int8" in recipe_names:
+        return "the dynamic-int8 recipe quantizes optimum's graph"
+    return spec.direct_unsupported(config)
+
+
+def _run_direct(
+    req: ExportRequest,
+    src: ResolvedSource,
+    recipe_names: list[str],
+    name: str,
+    out: Path,
+    work: Path,
+    reporter: Reporter,
+    loaded: _Loaded,
+) -> ExportResult:
+    """The fused graph written from the checkpoint's tensors one layer at a time (export/direct.py); the gate's
+    fp32 reference streams along with the first build (export/reference.py). No torch model is loaded."""
+    from .checkpoint import open_checkpoint
+    from .direct import build_direct
+    from .fuse_gqa import gqa_graph_spec
+    from .reference import StreamedReference
+
+    config, arch = loaded.config, loaded.arch
+    assert loaded.spec.direct is not None
+    checkpoint = open_checkpoint(src.folder, src.gguf_file, config)
+    config_dict = config.to_dict()
+    params = _parameter_count(config_dict)
+    _check_space_for(work, params * max(_bytes_per_weight(RECIPES[r]) for r in recipe_names))
+    ids = loaded.evalset.token_ids[: arch.context_length]
+    tied = bool(config_dict.get("tie_word_embeddings")) or not checkpoint.has(loaded.spec.direct.names.lm_head)
+    state: dict[str, Any] = {}
+    validation: dict[str, Any] = {"builder": "direct", "reference": "transformers layers, streamed"}
+
+    def build(recipe: QuantRecipe, qdir: Path) -> Any:
+        observer = None
+        if "reference" not in state:  # the first build carries the fp32 reference along
+            observer = StreamedReference(config, loaded.spec.direct, ids, tied)  # type: ignore[arg-type]
+        with reporter.step(f"build:{recipe.name}", f"writing the {recipe.name} graph layer by layer",
+                           total=arch.num_layers) as tick:  # fmt: skip
+            done = build_direct(config_dict, checkpoint.get, checkpoint.has, qdir, recipe, arch.context_length,
+                                observer=observer, on_layer_done=lambda _i: tick())  # fmt: skip
+        if observer is not None:
+            ref = gate_mod.ModelScore(observer.perplexity, observer.seconds)
+            ref.targets, ref.log_probs = observer.targets, observer.log_probs
+            state["reference"] = ref
+            validation["reference_seconds"] = round(observer.seconds, 2)
+        return done.outcome
+
+    def reference() -> gate_mod.ModelScore:
+        return state["reference"]
+
+    try:
+        return _gate_and_publish(req, src, recipe_names, name, out, work, reporter, loaded,
+                                 gqa_graph_spec(arch.num_layers), build, reference, params * 4, validation)  # fmt: skip
+    finally:
+        checkpoint.close()
+
+
+def _run_traced(
+    req: ExportRequest,
+    src: ResolvedSource,
+    recipe_names: list[str],
+    name: str,
+    out: Path,
+    work: Path,
+    reporter: Reporter,
+    loaded: _Loaded,
+    model: Any,
+) -> ExportResult:
+    """optimum's traced export (validated against torch), optionally fused into the gqa graph and proven equal
+    to it; then each recipe quantizes the saved graph. The reference that validates the direct builder, and the
+    path for families without one."""
+    arch, evalset = loaded.arch, loaded.evalset
+    _check_space(work, model)
     fp32_dir = work / "fp32"
     with reporter.step("export", "exporting ONNX (fp32, KV cache)"):
         onnx_path = export_onnx(model, fp32_dir)
     with reporter.step("validate", "validating ONNX against torch"):
         validation = validate_against_torch(model, onnx_path, arch, evalset.token_ids, threads=req.threads)
     graph = _graph_spec(onnx_path)
-    if req.graph not in ("auto", "optimum-kv", "gqa"):
-        raise ExportError(f"unknown graph kind {req.graph!r}: auto, optimum-kv or gqa")
     from .fuse_gqa import FuseGqaError, fuse_for_export, unsupported_reason
 
     want_gqa = req.graph == "gqa"
@@ -235,15 +353,38 @@ def _run(
             fp32_dir = onnx_path.parent
     del model
     gc.collect()
-    for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE):
-        if (assets / f).exists():
-            shutil.copyfile(assets / f, fp32_dir / f)
     fp32_size = _model_bytes(fp32_dir)
-    n_evals = 1 + len(evalset.prompts)
-    with reporter.step("reference", "scoring the fp32 reference", total=n_evals) as tick:
-        reference = gate_mod.score_model(
+    with reporter.step("reference", "scoring the fp32 reference", total=1) as tick:
+        ref_score = gate_mod.score_model(
             fp32_dir, arch, graph, evalset, req.thresholds.greedy_tokens, threads=req.threads, tick=tick
         )
+
+    def build(recipe: QuantRecipe, qdir: Path) -> Any:
+        with reporter.step(f"quantize:{recipe.name}", f"quantizing ({recipe.name})"):
+            return quantize(onnx_path, qdir, recipe)
+
+    return _gate_and_publish(req, src, recipe_names, name, out, work, reporter, loaded, graph, build,
+                             lambda: ref_score, fp32_size, {"builder": "traced", **validation.as_dict()})  # fmt: skip
+
+
+def _gate_and_publish(
+    req: ExportRequest,
+    src: ResolvedSource,
+    recipe_names: list[str],
+    name: str,
+    out: Path,
+    work: Path,
+    reporter: Reporter,
+    loaded: _Loaded,
+    graph: GraphSpec,
+    build: Build,
+    reference: Callable[[], gate_mod.ModelScore],
+    fp32_size: int,
+    validation: dict[str, Any],
+) -> ExportResult:
+    """Each recipe in turn: build, gate against the fp32 reference; the first that passes is signed and published.
+    A failed gate writes ``<out>.quality_report.json`` and raises QualityGateError."""
+    arch, evalset = loaded.arch, loaded.evalset
     eval_tokens = min(len(evalset.token_ids), arch.context_length)
     attempts: list[dict[str, Any]] = []
     chosen: tuple[QuantRecipe, Path, Any, gate_mod.GateResult] | None = None
@@ -251,40 +392,30 @@ def _run(
     for rname in recipe_names:
         recipe = RECIPES[rname]
         qdir = work / f"q-{rname}"
-        with reporter.step(f"quantize:{rname}", f"quantizing ({rname})"):
-            outcome = quantize(onnx_path, qdir, recipe)
-        if recipe.method == "none":
-            candidate = reference
-        else:
-            with reporter.step(f"gate:{rname}", f"quality gate ({rname})", total=n_evals) as tick:
-                candidate = gate_mod.score_model(
-                    qdir, arch, graph, evalset, req.thresholds.greedy_tokens, threads=req.threads, tick=tick
-                )
-        result = gate_mod.judge(reference, candidate, evalset, req.thresholds, eval_tokens=eval_tokens)
+        outcome = build(recipe, qdir)
+        for f in (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE):
+            if (loaded.assets / f).exists():
+                shutil.copyfile(loaded.assets / f, qdir / f)
+        # (the fp32 recipe too: its self-comparison checks the copy, and it needs its golden check)
+        with reporter.step(f"gate:{rname}", f"quality gate ({rname})", total=2) as tick:
+            candidate = gate_mod.score_model(
+                qdir, arch, graph, evalset, req.thresholds.greedy_tokens, reference=reference(),
+                threads=req.threads, tick=tick,
+            )  # fmt: skip
+        result = gate_mod.judge(reference(), candidate, evalset, req.thresholds, eval_tokens=eval_tokens)
         last = result
-        attempts.append(
-            {
-                "recipe": rname,
-                "size": _model_bytes(qdir),
-                "ppl": result.report.ppl_quantized,
-                "ppl_increase_pct": result.report.ppl_increase_pct,
-                "greedy_agreement": result.report.greedy_agreement,
-                "passed": result.passed,
-                "messages": result.messages,
-            }
-        )
+        m = result.report.teacher_forced
+        attempts.append({"recipe": rname, "size": _model_bytes(qdir), "ppl": result.report.ppl_quantized,
+                         "ppl_increase_pct": result.report.ppl_increase_pct,
+                         "kl_mean": m.kl_mean if m else None, "top_token_match": m.top_token_match if m else None,
+                         "passed": result.passed, "messages": result.messages})  # fmt: skip
         if result.passed:
             chosen = (recipe, qdir, outcome, result)
             break
         shutil.rmtree(qdir, ignore_errors=True)
     assert last is not None
-    report_doc = {
-        "report": last.report.model_dump(mode="json"),
-        "attempts": attempts,
-        "validation": validation.as_dict(),
-        "source": src.spec,
-        "fp32_model_bytes": fp32_size,
-    }
+    report_doc = {"report": last.report.model_dump(mode="json"), "attempts": attempts, "validation": validation,
+                  "source": src.spec, "fp32_model_bytes": fp32_size}  # fmt: skip
     if chosen is None:
         report_path = out.with_name(out.name + "." + REPORT_NAME)
         atomic_write_text(report_path, json.dumps(report_doc, indent=2) + "\n")
@@ -295,22 +426,8 @@ def _run(
         )
     recipe, qdir, outcome, result = chosen
     with reporter.step("bundle", "signing and writing the bundle"):
-        manifest = _assemble(
-            req,
-            src,
-            name,
-            arch,
-            graph,
-            recipe,
-            qdir,
-            outcome,
-            result,
-            assets,
-            work,
-            out,
-            report_doc,
-            evalset.golden_prompts + evalset.prompts,
-        )
+        manifest = _assemble(req, src, name, arch, graph, recipe, qdir, outcome, result, loaded.assets, work, out,
+                             report_doc, evalset.golden_prompts + evalset.prompts)  # fmt: skip
     model_bytes = _model_bytes(out)
     sizes: dict[str, float] = {
         "fp32_model_bytes": fp32_size,
@@ -318,19 +435,37 @@ def _run(
         "bundle_bytes": manifest.total_size,
         "model_size_ratio": round(model_bytes / fp32_size, 4) if fp32_size else 0.0,
     }
-    return ExportResult(
-        bundle_dir=out,
-        manifest=manifest,
-        report=result.report,
-        report_path=out / REPORT_NAME,
-        recipe=recipe.name,
-        attempts=attempts,
-        timings=dict(reporter.timings),
-        sizes=sizes,
-        validation=validation.as_dict(),
-        passed=True,
-        messages=[],
-    )
+    return ExportResult(bundle_dir=out, manifest=manifest, report=result.report, report_path=out / REPORT_NAME,
+                        recipe=recipe.name, attempts=attempts, timings=dict(reporter.timings), sizes=sizes,
+                        validation=validation, passed=True, messages=[])  # fmt: skip
+
+
+def _parameter_count(config: dict[str, Any]) -> int:
+    """Weights of a Llama-family checkpoint from its config (for the disk check and the fp32 size)."""
+    h, layers, inter, vocab = (int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                        "vocab_size"))  # fmt: skip
+    nq = int(config["num_attention_heads"])
+    nkv = int(config.get("num_key_value_heads") or nq)
+    hd = int(config.get("head_dim") or h // nq)
+    per_layer = h * (nq + 2 * nkv) * hd + nq * hd * h + 3 * h * inter + 2 * h
+    head = 0 if config.get("tie_word_embeddings") else vocab * h
+    return vocab * h + head + layers * per_layer + h
+
+
+def _bytes_per_weight(recipe: QuantRecipe) -> float:
+    if recipe.method != "matmulnbits" or not recipe.bits:
+        return 4.0
+    return recipe.bits / 8 + 4 / (recipe.block_size or 32) + 1.0  # + 1: the 8-bit head/table, generously
+
+
+def _check_space_for(work: Path, need_bytes: float) -> None:
+    need = int(need_bytes * 1.2) + 64 * 1024**2
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise OutOfSpaceError(
+            f"exporting this model needs about {need / 1e9:.2f} GB free in {work.parent}, only "
+            f"{free / 1e9:.2f} GB are; free space or pass --out/--work-dir on a larger disk"
+        )
 
 
 def _tk(assets: Path) -> Any:
@@ -341,17 +476,27 @@ def _tk(assets: Path) -> Any:
 
 def _check_space(work: Path, model: Any) -> None:
     """Fail early (before minutes of work) when the disk cannot hold fp32 + quantized + bundle."""
-    need = int(model.num_parameters() * 4 * 2.2)
-    free = shutil.disk_usage(work).free
-    if free < need:
-        raise OutOfSpaceError(
-            f"exporting this model needs about {need / 1e9:.2f} GB free in {work.parent}, only "
-            f"{free / 1e9:.2f} GB are; free space or pass --out/--work-dir on a larger disk"
-        )
+    _check_space_for(work, model.num_parameters() * 4 * 2.2 / 1.2)
 
 
 def _generation_dict(model: Any) -> dict[str, Any]:
-    gc_ = getattr(model, "generation_config", None)
+    return _generation_diff(getattr(model, "generation_config", None))
+
+
+def _generation_dict_from_source(src: ResolvedSource, config: Any) -> dict[str, Any]:
+    """What transformers would give the loaded model as its generation config, without loading the model: the
+    folder's generation_config.json, else one derived from the config (as from_pretrained does for a GGUF)."""
+    from transformers import GenerationConfig
+
+    if not src.gguf_file and (src.folder / GENERATION_CONFIG_FILE).is_file():
+        try:
+            return _generation_diff(GenerationConfig.from_pretrained(src.folder))
+        except Exception as exc:  # a malformed file: the traced path would fail on it too
+            raise CorruptSourceError(f"cannot read {src.folder / GENERATION_CONFIG_FILE}: {exc}") from exc
+    return _generation_diff(GenerationConfig.from_model_config(config))
+
+
+def _generation_diff(gc_: Any) -> dict[str, Any]:
     if gc_ is None:
         return {}
     d = gc_.to_diff_dict() if hasattr(gc_, "to_diff_dict") else {}
@@ -359,7 +504,7 @@ def _generation_dict(model: Any) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, int | float | str | bool | list) or v is None}
 
 
-def _write_assets(assets: Path, tokenizer: Any, model: Any, generation: dict[str, Any]) -> None:
+def _write_assets(assets: Path, tokenizer: Any, generation: dict[str, Any]) -> None:
     tokenizer.backend_tokenizer.save(str(assets / TOKENIZER_FILE))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the device uses the default one
@@ -484,10 +629,10 @@ def _assemble_into(
             shutil.copyfile(assets / fname, stage / fname)
             files.append(describe_file(stage, fname, role))
     cand = result.candidate
-    # candidates: the golden prompts (confident sequences) first, then the gate's prompts
-    cand_tokens = cand.golden_greedy + cand.greedy
+    # candidates: the golden prompts (confident sequences) first, then as many of the gate's prompts as needed
+    cand_tokens = cand.golden_greedy
     g_index, g_count, g_margin = gate_mod.robust_golden(
-        cand.golden_margins + cand.margins, GOLDEN_MIN_MARGIN, GOLDEN_MIN_TOKENS
+        cand.golden_margins, gate_mod.GOLDEN_MIN_MARGIN, gate_mod.GOLDEN_MIN_TOKENS
     )
     report_doc = {
         **report_doc,
@@ -495,10 +640,10 @@ def _assemble_into(
             "prompt_index": g_index,
             "tokens": g_count,
             "smallest_margin": round(g_margin, 3),
-            "min_margin": GOLDEN_MIN_MARGIN,
+            "min_margin": gate_mod.GOLDEN_MIN_MARGIN,
             "note": None
-            if g_count >= GOLDEN_MIN_TOKENS
-            else f"no golden prompt has {GOLDEN_MIN_TOKENS} greedy tokens clear of near-ties; kept {g_count}",
+            if g_count >= gate_mod.GOLDEN_MIN_TOKENS
+            else f"no golden prompt has {gate_mod.GOLDEN_MIN_TOKENS} greedy tokens clear of near-ties; kept {g_count}",
         },
     }
     atomic_write_text(stage / REPORT_NAME, json.dumps(report_doc, indent=2) + "\n")
@@ -526,7 +671,7 @@ def _assemble_into(
 
         quality, runtime = verify_on_targets(
             stage, req.verify_targets, req.eval_text, arch, graph, runtime, manifest_recipe, quality, golden,
-            prompts=req.prompts, greedy_tokens=req.thresholds.greedy_tokens, threads=req.threads,
+            threads=req.threads,
         )  # fmt: skip
     manifest = BundleManifest(
         name=name,

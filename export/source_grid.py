@@ -22,6 +22,7 @@ from fp16/bf16 sources miss that by orders of magnitude, so they are left to the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,52 @@ class GridRewrite:
     fp32_matmuls: list[str]
 
 
+class GridNodes:
+    """Emits the nodes of grid MatMuls (module doc) into one graph. The block-sum matrix E is shared by all
+    MatMuls of one K, and the block sums x @ E by all MatMuls reading the same x. ``add`` stores an initializer
+    (in the proto, or in external data) and returns its name."""
+
+    def __init__(self, block_size: int, accuracy_level: int | None, add: Callable[[str, np.ndarray], str]) -> None:
+        self.block_size = block_size
+        self.accuracy_level = accuracy_level
+        self._add = add
+        self._indicators: dict[int, str] = {}  # K -> name of the [K, K/B] 0/1 block-sum matrix
+        self._block_sums: dict[str, str] = {}  # input tensor -> its [.., K/B] block sums
+        self.fp32_matmuls: list[str] = []
+
+    def nodes(self, grid: Grid, weight_name: str, base: str, x: str, out: str) -> list[Any]:
+        """``out = x @ W`` for the weight W [K, N] that ``grid`` reproduces exactly; ``base`` names the nodes."""
+        from onnx import helper
+
+        n, nb, b = grid.q.shape
+        k = nb * b
+        replacement: list[Any] = []
+        if k not in self._indicators:
+            indicator = np.zeros((k, k // self.block_size), dtype=np.float32)
+            indicator[np.arange(k), np.arange(k) // self.block_size] = 1.0
+            self._indicators[k] = self._add(f"source_grid.block_sum_{k}x{self.block_size}", indicator)
+        if x not in self._block_sums:
+            self._block_sums[x] = f"{base}/block_sums"
+            replacement.append(
+                helper.make_node("MatMul", [x, self._indicators[k]], [self._block_sums[x]], name=f"{base}/BlockSums")
+            )
+            self.fp32_matmuls.append(f"{base}/BlockSums")
+        packed = self._add(f"{weight_name}.grid4_B", grid.packed())
+        scales = self._add(f"{weight_name}.grid4_scales", grid.scales.reshape(-1))
+        offsets = self._add(f"{weight_name}.grid4_offsets", grid.offsets)
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": GRID_BITS, "block_size": self.block_size}
+        if self.accuracy_level is not None:
+            attrs["accuracy_level"] = self.accuracy_level
+        replacement += [
+            helper.make_node("MatMulNBits", [x, packed, scales], [f"{base}/grid4"], name=f"{base}_Q4",
+                             domain="com.microsoft", **attrs),  # fmt: skip
+            helper.make_node("MatMul", [self._block_sums[x], offsets], [f"{base}/offset"], name=f"{base}/Offset"),
+            helper.make_node("Add", [f"{base}/grid4", f"{base}/offset"], [out], name=f"{base}/AddOffset"),
+        ]
+        self.fp32_matmuls.append(f"{base}/Offset")
+        return replacement
+
+
 def keep_source_grid(
     model: Any, block_size: int, accuracy_level: int | None, exclude: set[str] | frozenset[str] = frozenset()
 ) -> GridRewrite:
@@ -136,7 +183,7 @@ def keep_source_grid(
     Weights shared by several nodes, or still used elsewhere, are left alone (the rewrite removes the fp32
     initializer).
     """
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -145,10 +192,13 @@ def keep_source_grid(
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     graph_outputs = {o.name for o in g.output}
-    block_sums: dict[str, str] = {}  # input tensor -> its [.., K/B] block sums (shared by MatMuls on one input)
-    indicators: dict[int, str] = {}  # K -> name of the [K, K/B] 0/1 block-sum matrix
+
+    def add(name: str, array: np.ndarray) -> str:
+        g.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    emit = GridNodes(block_size, accuracy_level, add)
     rewritten: list[str] = []
-    fp32_matmuls: list[str] = []
     new_nodes: list[tuple[int, list[Any]]] = []
     for idx, node in enumerate(g.node):
         if node.op_type != "MatMul" or node.name in exclude:
@@ -156,53 +206,13 @@ def keep_source_grid(
         weight_name = node.input[1]
         if weight_name not in inits or uses.get(weight_name, 0) != 1 or weight_name in graph_outputs:
             continue
-        weight = numpy_helper.to_array(inits[weight_name])
-        grid = find_grid(weight, block_size)
+        grid = find_grid(numpy_helper.to_array(inits[weight_name]), block_size)
         if grid is None:
             continue
-        k, n = weight.shape
-        base = node.name or weight_name
-        replacement: list[Any] = []
-        if k not in indicators:
-            indicator = np.zeros((k, k // block_size), dtype=np.float32)
-            indicator[np.arange(k), np.arange(k) // block_size] = 1.0
-            indicators[k] = f"source_grid.block_sum_{k}x{block_size}"
-            g.initializer.append(numpy_helper.from_array(indicator, indicators[k]))
-        x = node.input[0]
-        if x not in block_sums:
-            block_sums[x] = f"{base}/block_sums"
-            replacement.append(
-                helper.make_node("MatMul", [x, indicators[k]], [block_sums[x]], name=f"{base}/BlockSums")
-            )
-            fp32_matmuls.append(f"{base}/BlockSums")
-        names = {s: f"{weight_name}.grid4_{s}" for s in ("B", "scales", "offsets")}
-        g.initializer.extend(
-            [
-                numpy_helper.from_array(grid.packed(), names["B"]),
-                numpy_helper.from_array(grid.scales.reshape(-1), names["scales"]),
-                numpy_helper.from_array(grid.offsets, names["offsets"]),
-            ]
-        )
-        attrs: dict[str, Any] = {"K": k, "N": n, "bits": GRID_BITS, "block_size": block_size}
-        if accuracy_level is not None:
-            attrs["accuracy_level"] = accuracy_level
-        replacement += [
-            helper.make_node(
-                "MatMulNBits",
-                [x, names["B"], names["scales"]],
-                [f"{base}/grid4"],
-                name=f"{base}_Q4",
-                domain="com.microsoft",
-                **attrs,
-            ),
-            helper.make_node("MatMul", [block_sums[x], names["offsets"]], [f"{base}/offset"], name=f"{base}/Offset"),
-            helper.make_node("Add", [f"{base}/grid4", f"{base}/offset"], [node.output[0]], name=f"{base}/AddOffset"),
-        ]
-        fp32_matmuls.append(f"{base}/Offset")
+        new_nodes.append((idx, emit.nodes(grid, weight_name, node.name or weight_name, node.input[0], node.output[0])))
         g.initializer.remove(inits.pop(weight_name))
-        new_nodes.append((idx, replacement))
         rewritten.append(node.name)
     splice_nodes(g, new_nodes)
     if rewritten:
         ensure_ms_domain(model)
-    return GridRewrite(kept=rewritten, fp32_matmuls=fp32_matmuls)
+    return GridRewrite(kept=rewritten, fp32_matmuls=emit.fp32_matmuls)

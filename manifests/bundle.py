@@ -149,7 +149,10 @@ class TeacherForced(_Model):
     log_ppl_ratio_se: float = Field(ge=0, description="standard error of log(ppl_ratio) (paired per-token NLL)")
     limits: TeacherForcedLimits
     passed: bool
-    messages: list[str] = Field(default_factory=list, description="why it failed, one line each")
+    failures: dict[str, str] = Field(
+        default_factory=dict,
+        description="each failed check ('kl_mean', 'top_token_match', 'ppl_ratio', 'finite') and why, one line",
+    )
 
 
 class TargetVerification(_Model):

@@ -7,13 +7,15 @@ it prints one line ``NANOFLEET_RESULT {json}`` on stdout, and exits 0 even on a 
 
 Modes:
   probe   versions, the machine, onnxruntime's CPU kernels; runs nothing else (a userland self-test)
-  verify  load the bundle with the engine, check runtime compatibility, then perplexity + greedy tokens
+  verify  load the bundle with the engine, check runtime compatibility, then the eval text teacher-forced
+          (perplexity; with logprobs_out, every position's log-softmax row to a .npy) and the golden check
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -119,39 +121,46 @@ def verify(job: dict[str, Any]) -> dict[str, Any]:
             if job.get("max_text_tokens"):
                 ids = ids[: int(job["max_text_tokens"])]
             t = time.monotonic()
-            result["perplexity"] = engine.perplexity(ids)
+            result.update(_teacher_forced(engine, ids, job.get("logprobs_out")))
             timings["perplexity_s"] = time.monotonic() - t
             result["eval_tokens"] = len(ids)
             result["text_ids_sha256"] = _ids_sha(ids)
-        n = int(job.get("new_tokens", 8))
         t = time.monotonic()
-        # Greedy decoding is prefix-consistent (the first k of N tokens are the k-token answer), so each
-        # distinct prompt is decoded once, to the longest length asked: emulation is slow.
-        asks: list[tuple[list[int], int]] = []
         golden = manifest.golden if manifest is not None else job.get("golden_check")
-        g = None
         if golden is not None and job.get("golden", True):
             g = golden if isinstance(golden, dict) else golden.model_dump()
-            asks.append((list(g["prompt_token_ids"]), len(g["expected_token_ids"])))
-        encoded = [(text, engine.encode(text, add_special_tokens=False)) for text in job.get("prompts", [])]
-        asks += [(pids, n) for _text, pids in encoded]
-        longest: dict[tuple[int, ...], int] = {}
-        for ids, k in asks:
-            longest[tuple(ids)] = max(k, longest.get(tuple(ids), 0))
-        decoded = {ids: engine.greedy(list(ids), k) for ids, k in longest.items()}
-        result["prompts"] = [
-            {"prompt": text, "prompt_ids_sha256": _ids_sha(pids), "tokens": decoded[tuple(pids)][:n]}
-            for text, pids in encoded
-        ]
-        if g is not None:
             k = len(g["expected_token_ids"])
             result["golden"] = {
                 "expected": list(g["expected_token_ids"]),
-                "tokens": decoded[tuple(g["prompt_token_ids"])][:k],
+                "tokens": engine.greedy(list(g["prompt_token_ids"]), k),
             }
         timings["greedy_s"] = time.monotonic() - t
     result["timings"] = timings
     return result
+
+
+def _teacher_forced(engine: Any, ids: list[int], out: str | None) -> dict[str, Any]:
+    """Perplexity of ``ids``; with ``out``, also every position's log-softmax row, written as ``out`` (float32
+    [positions, vocab]) and ``out``.targets.npy (int64 [positions]) for verify.py's teacher-forced comparison."""
+    import numpy as np
+
+    chunks = []
+    nll, count = 0.0, 0
+    for targets, logp in engine.log_probs(ids):
+        nll -= float(logp[np.arange(targets.shape[0]), targets].astype(np.float64).sum())
+        count += int(targets.shape[0])
+        if out:
+            chunks.append((targets, logp))
+    if out:
+        rows = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(count, chunks[0][1].shape[1]))
+        at = 0
+        for _targets, logp in chunks:
+            rows[at : at + logp.shape[0]] = logp
+            at += logp.shape[0]
+        rows.flush()
+        del rows
+        np.save(out + ".targets.npy", np.concatenate([t for t, _ in chunks]).astype(np.int64))
+    return {"perplexity": math.exp(nll / count) if math.isfinite(nll) else float("nan"), "positions": count}
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,8 @@ import typer
 
 from manifests.cli_output import console, emit_json, fail
 
+from .verify import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_DRIFT_PCT, DEFAULT_MIN_TOP_MATCH
+
 # Exit codes (also in docs/target-verification.md).
 EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
@@ -31,17 +33,10 @@ def verify_target_cmd(
     text: Path | None = typer.Option(
         None,
         "--text",
-        help="Eval text for perplexity. Default: the export gate's text (so the signed report's "
-        "fp32 reference applies too).",
+        help="Eval text, scored teacher-forced on both sides (any English text of a few hundred tokens). "
+        "Default: the export gate's text (so the signed report's fp32 reference applies too).",
         show_default=False,
     ),
-    prompts: Path | None = typer.Option(
-        None, "--prompts", help="JSON list of golden prompts. Default: the export gate's.", show_default=False
-    ),
-    max_prompts: int | None = typer.Option(
-        None, "--max-prompts", min=1, help="Use only the first N prompts."
-    ),
-    new_tokens: int = typer.Option(16, "--new-tokens", min=1, help="Greedy tokens per prompt."),
     max_text_tokens: int | None = typer.Option(
         None,
         "--max-text-tokens",
@@ -59,17 +54,25 @@ def verify_target_cmd(
         help="Trusted public key (repeatable): check the signature and files on the target too.",
     ),
     max_ppl_drift: float = typer.Option(
-        3.0,
+        DEFAULT_MAX_PPL_DRIFT_PCT,
         "--max-ppl-drift",
         min=0.0,
-        help="Largest allowed perplexity difference target vs build, in percent.",
+        help="Largest allowed perplexity difference target vs build, in percent (widened on short texts).",
     ),
-    min_agreement: float = typer.Option(
-        0.6,
-        "--min-agreement",
+    max_kl: float = typer.Option(
+        DEFAULT_MAX_KL,
+        "--max-kl",
+        min=0.0,
+        help="Largest allowed mean KL divergence of the target's next-token distributions from the build's, "
+        "teacher-forced over the text, in nats (widened on short texts).",
+    ),
+    min_top_match: float = typer.Option(
+        DEFAULT_MIN_TOP_MATCH,
+        "--min-top-match",
         min=0.0,
         max=1.0,
-        help="Smallest allowed greedy-token agreement target vs build.",
+        help="Smallest allowed fraction of the text's positions where the target's top token equals the "
+        "build's (widened on short texts).",
     ),
     no_golden: bool = typer.Option(False, "--no-golden", help="Do not require the manifest's golden tokens."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="onnxruntime threads (both runs)."),
@@ -81,13 +84,13 @@ def verify_target_cmd(
 ) -> None:
     """Prove a bundle on the boards' own CPU: the device engine under qemu-aarch64, on a Debian arm64 userland with aarch64 onnxruntime, numpy and tokenizers wheels, compared with the same run on this machine.
 
-    Checks, in order: can the target onnxruntime run the bundle at all (version, operators); perplexity on the eval text (vs this machine, and on the gate's own text vs the signed fp32 reference); greedy tokens on the golden prompts; the manifest's golden check.
+    Checks, in order: can the target onnxruntime run the bundle at all (version, operators); the eval text teacher-forced on both sides: mean KL divergence, same top token and perplexity of the target against this machine (and, on the gate's own text, perplexity against the signed fp32 reference); the manifest's golden check (the agent's activation test).
 
     Exit codes: 0 passed, 1 regression (named), 2 bad input, 3 bundle refused, 4 environment (qemu, debootstrap or downloads missing). The first run builds the cache (~/.cache/nanofleet/target, a few minutes).
     """  # noqa: E501
     from .errors import BadInputError, TargetError, TargetRefusedError, UnsupportedCpuError
     from .runner import prepare_target
-    from .verify import Thresholds, load_prompts, run_verification
+    from .verify import Thresholds, run_verification
     from .wheels import host_onnxruntime_version
 
     def progress(msg: str) -> None:
@@ -121,18 +124,15 @@ def verify_target_cmd(
                 as_json=as_json,
                 reason="bad_input",
             )
-        prompt_list = load_prompts(prompts, max_prompts) if (prompts or max_prompts) else None
         with _status(f"verifying on emulated {cpu}", as_json):
             outcome = run_verification(
                 bundle,
                 cpu,
                 text,
-                prompts=prompt_list,
-                new_tokens=new_tokens,
                 max_text_tokens=max_text_tokens,
                 onnxruntime=onnxruntime,
                 trusted_keys=trust or None,
-                thresholds=Thresholds(max_ppl_drift, min_agreement, not no_golden),
+                thresholds=Thresholds(max_ppl_drift, max_kl, min_top_match, not no_golden),
                 threads=threads,
                 timeout=timeout,
                 progress=progress,
@@ -171,7 +171,12 @@ def _print_human(d: dict[str, Any]) -> None:
     table.add_column(f"build (onnxruntime {d['host_onnxruntime']})")
     table.add_row("perplexity", _fmt(d["perplexity"], ".3f"), _fmt(d["host_perplexity"], ".3f"))
     table.add_row("eval tokens", str(d["eval_tokens"]), str(d["eval_tokens"]))
-    table.add_row("greedy agreement", f"{d['greedy_agreement']:.1%}", "reference")
+    if d["teacher_forced"]:
+        m = d["teacher_forced"]
+        table.add_row("mean KL to the build", f"{m['kl_mean']:.5f} (limit {m['limits']['kl_mean_limit']:.4f})", "0")
+        table.add_row(
+            "same top token", f"{m['top_token_match']:.1%} (floor {m['limits']['top_token_match_limit']:.1%})", "100%"
+        )
     if d["golden_match"] is not None:
         table.add_row("golden check", "match" if d["golden_match"] else "DIFFERENT", "")
     table.add_row("seconds", str(d["seconds"]["target"]), str(d["seconds"]["host"]))

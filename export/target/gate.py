@@ -15,7 +15,7 @@ from manifests import ArchConfig, GoldenCheck, GraphSpec, QualityReport, Recipe,
 
 from ..errors import ExportError, QualityGateError
 from .errors import TargetError, TargetRefusedError
-from .verify import DEFAULT_NEW_TOKENS, load_prompts, verify_target
+from .verify import verify_target
 
 
 def verify_on_targets(
@@ -29,18 +29,14 @@ def verify_on_targets(
     quality: QualityReport,
     golden: GoldenCheck | None,
     *,
-    prompts: Path | None = None,
-    greedy_tokens: int = DEFAULT_NEW_TOKENS,
     threads: int | None = None,
 ) -> tuple[QualityReport, Runtime]:
     results: list[TargetVerification] = []
-    prompt_list = load_prompts(prompts, None) if prompts else None
     for cpu in dict.fromkeys(cpus):  # each CPU once, in the order given
         try:
             tv = verify_target(
                 stage, cpu, eval_text, arch=arch, graph=graph, runtime=runtime, recipe=recipe,
-                quality=quality, golden=golden, prompts=prompt_list, new_tokens=greedy_tokens,
-                threads=threads,
+                quality=quality, golden=golden, threads=threads,
             )  # fmt: skip
         except TargetRefusedError as exc:
             raise QualityGateError(f"target verification on {cpu}: {exc.message}") from exc

@@ -1,17 +1,20 @@
 """Verify a bundle on the boards' CPU: run the device engine under qemu-aarch64 and compare it with the build.
 
 One run of ``_remote.py`` under emulation (the board: aarch64 onnxruntime, -cpu cortex-a76 etc.) and one on
-this machine (the build's onnxruntime), on the same eval text and golden prompts, then:
+this machine (the build's onnxruntime), on the same eval text, then a teacher-forced comparison of the two
+runs' next-token distributions at every position of the text (export/teacher_forced.py) and:
 
 =====================  =========================================================================
 regression             when
 =====================  =========================================================================
-tokenizer              the target tokenizes the text or a prompt differently from the build
-perplexity_invalid     the target's perplexity is NaN/inf
+tokenizer              the target tokenizes the text differently from the build
+perplexity_invalid     the target's perplexity (or a log-probability) is NaN/inf
+kl_divergence          mean KL(build || target) over the limit (widened for short texts)
+top_token_match        the target's top token equals the build's on too few positions
 perplexity_drift       target perplexity differs from the build's by more than ``max_ppl_drift_pct``
+                       (widened for short texts)
 perplexity_vs_fp32     (eval text = the signed report's) target perplexity over fp32's by more than
                        the report's ``max_ppl_increase_pct``
-greedy_agreement       position-wise greedy agreement with the build below ``min_agreement``
 golden                 the manifest's golden check (what the agent runs on activation) gives other
                        tokens on the target
 =====================  =========================================================================
@@ -22,14 +25,18 @@ A bundle the target cannot run at all (runtime incompatibility, bad signature) r
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from manifests import (
+    MANIFEST_NAME,
     ArchConfig,
     BundleManifest,
     GoldenCheck,
@@ -39,31 +46,41 @@ from manifests import (
     Recipe,
     Runtime,
     TargetVerification,
+    TeacherForced,
     read_manifest_unverified,
 )
 
+from .. import teacher_forced as tf
 from .errors import BadInputError, TargetRefusedError
 from .runner import RemoteResult, check_cpu, prepare_target, run_on_host, run_on_target
 from .wheels import host_onnxruntime_version
 
 EVAL_DIR = Path(__file__).resolve().parents[1] / "eval_text"
 DEFAULT_TEXT = EVAL_DIR / "default.txt"
-DEFAULT_PROMPTS = EVAL_DIR / "greedy_prompts.json"
 # Same weights, other kernels: FACTS.md measured +0.9% (MatMulNBits 8-bit, x86 1.32 vs aarch64 1.26) and
 # +4.6% (dynamic INT8); a broken kernel path is off by orders of magnitude.
 DEFAULT_MAX_PPL_DRIFT_PCT = 3.0
-# Greedy decoding flips for good at the first near-tie, so even equal weights on other kernels lose whole
-# tails: measured 0.76 for the default INT8 bundle, Cortex-A76 vs x86 (one prompt differs from its first
-# token). A broken kernel path agrees on almost none. Same floor as the export gate's.
-DEFAULT_MIN_AGREEMENT = 0.6
-DEFAULT_NEW_TOKENS = 16
+# Same weights, other kernels (x86 VNNI vs aarch64 dot product: other int8 rounding of the activations): the
+# distributions differ far less than quantization moves them from fp32 (the default bundle's KL to fp32 is
+# about 0.004, docs/export.md); a broken kernel path is off by whole nats.
+DEFAULT_MAX_KL = 0.01
+DEFAULT_MIN_TOP_MATCH = 0.90
+# Rows of the two runs' log-probabilities compared at a time (each row is one vocabulary of floats).
+COMPARE_ROWS = 128
 
 
 @dataclass(frozen=True)
 class Thresholds:
     max_ppl_drift_pct: float = DEFAULT_MAX_PPL_DRIFT_PCT
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_kl_mean: float = DEFAULT_MAX_KL
+    min_top_token_match: float = DEFAULT_MIN_TOP_MATCH
     check_golden: bool = True
+    z: float = tf.DEFAULT_Z
+
+    def limits(self) -> tf.Limits:
+        return tf.Limits(
+            self.max_kl_mean, self.min_top_token_match, self.max_ppl_drift_pct, ppl_two_sided=True, z=self.z
+        )
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class Outcome:
     perplexity: float | None
     host_perplexity: float | None
     ppl_drift_pct: float | None
-    greedy_agreement: float
+    teacher_forced: TeacherForced | None
     golden_match: bool | None
     signed_report_compared: bool
     regressions: list[Regression]
@@ -105,17 +122,20 @@ class Outcome:
             msg = f"passed on {self.cpu} (qemu {self.emulator}) vs build onnxruntime {self.host_onnxruntime}"
         else:
             msg = "; ".join(f"{r.name}: {r.message}" for r in self.regressions)
+        m = self.teacher_forced
         return TargetVerification(
             cpu=self.cpu,
             onnxruntime=self.onnxruntime,
             perplexity=self.perplexity if self.perplexity is not None else float("nan"),
-            greedy_agreement=self.greedy_agreement,
+            greedy_agreement=m.top_token_match if m is not None else 0.0,
             passed=self.passed,
             eval_tokens=self.eval_tokens,
             message=msg,
+            teacher_forced=m,
         )
 
     def to_dict(self) -> dict[str, Any]:
+        m = self.teacher_forced
         return {
             "ok": self.passed,
             "passed": self.passed,
@@ -128,40 +148,24 @@ class Outcome:
             "perplexity": self.perplexity,
             "host_perplexity": self.host_perplexity,
             "ppl_drift_pct": self.ppl_drift_pct,
-            "greedy_agreement": self.greedy_agreement,
+            "kl_mean": m.kl_mean if m else None,
+            "top_token_match": m.top_token_match if m else None,
+            "teacher_forced": m.model_dump(mode="json") if m else None,
             "golden_match": self.golden_match,
             "signed_report_compared": self.signed_report_compared,
             "regressions": [{"name": r.name, "message": r.message} for r in self.regressions],
             "warnings": self.warnings,
             "thresholds": {
                 "max_ppl_drift_pct": self.thresholds.max_ppl_drift_pct,
-                "min_agreement": self.thresholds.min_agreement,
+                "max_kl_mean": self.thresholds.max_kl_mean,
+                "min_top_token_match": self.thresholds.min_top_token_match,
+                "z": self.thresholds.z,
                 "check_golden": self.thresholds.check_golden,
             },
             "seconds": {"target": round(self.target_seconds, 1), "host": round(self.host_seconds, 1)},
             "verification": self.verification.model_dump(mode="json"),
             **self.details,
         }
-
-
-def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> float:
-    """Fraction of greedy tokens equal to the reference's at the same position, over all prompts."""
-    total = sum(len(r) for r in reference)
-    same = sum(
-        int(a == b) for r, c in zip(reference, candidate, strict=False) for a, b in zip(r, c, strict=False)
-    )
-    return same / total if total else 1.0
-
-
-def load_prompts(path: Path | None, limit: int | None) -> list[str]:
-    path = path or DEFAULT_PROMPTS
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot read the prompts file {path}: {exc}") from exc
-    if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
-        raise BadInputError(f"{path} must be a JSON list of non-empty strings")
-    return prompts[:limit] if limit is not None else prompts
 
 
 def load_text(text: str | Path | None) -> str:
@@ -187,8 +191,6 @@ def run_verification(
     cpu: str,
     text: str | Path | None = None,
     *,
-    prompts: Sequence[str] | None = None,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
     max_text_tokens: int | None = None,
     onnxruntime: str | None = None,
     trusted_keys: Sequence[str | Path] | None = None,
@@ -217,17 +219,14 @@ def run_verification(
     if not root.is_dir():
         raise BadInputError(f"{root} is not a folder")
     manifest: BundleManifest | None = None
-    if (root / "manifest.yaml").is_file():
+    if (root / MANIFEST_NAME).is_file():
         try:
             manifest = read_manifest_unverified(root)
         except ManifestError as exc:
-            raise TargetRefusedError(f"cannot read {root}/manifest.yaml: {exc}", reason=exc.reason) from exc
+            raise TargetRefusedError(f"cannot read {root}/{MANIFEST_NAME}: {exc}", reason=exc.reason) from exc
     elif arch is None or graph is None:
-        raise BadInputError(f"{root} has no manifest.yaml: pass arch and graph to verify a staging folder")
-    if new_tokens < 1:
-        raise BadInputError("new_tokens must be at least 1")
+        raise BadInputError(f"{root} has no {MANIFEST_NAME}: pass arch and graph to verify a staging folder")
     eval_text = load_text(text)
-    prompt_list = list(prompts) if prompts is not None else load_prompts(None, None)
     ort_version = onnxruntime or host_onnxruntime_version()
 
     job: dict[str, Any] = {
@@ -235,8 +234,6 @@ def run_verification(
         "dir": str(root),
         "text": eval_text,
         "max_text_tokens": max_text_tokens,
-        "prompts": prompt_list,
-        "new_tokens": new_tokens,
         "threads": threads,
         "golden": thresholds.check_golden,
     }
@@ -252,25 +249,48 @@ def run_verification(
         job["trusted_keys"] = [str(Path(k).resolve()) for k in trusted_keys]
 
     target_env = prepare_target(cpu, ort_version, progress)
-    progress(f"running the bundle on emulated {cpu} (onnxruntime {ort_version} aarch64, qemu "
-             f"{target_env.emulator.version_text}); emulation is slow: minutes for a long text")  # fmt: skip
-    target = run_on_target(target_env, job, timeout)
-    if not target.data.get("ok"):
-        if target.data.get("reason") == "crash":
-            from .errors import RemoteRunError
+    # Both runs write every position's log-softmax row here (vocab floats each: ~100 MB for the eval text).
+    rows_dir = Path(tempfile.mkdtemp(prefix="nanofleet-verify-"))
+    try:
+        progress(f"running the bundle on emulated {cpu} (onnxruntime {ort_version} aarch64, qemu "
+                 f"{target_env.emulator.version_text}); emulation is slow: minutes for a long text")  # fmt: skip
+        target = run_on_target(target_env, {**job, "logprobs_out": str(rows_dir / "target.npy")}, timeout)
+        if not target.data.get("ok"):
+            if target.data.get("reason") == "crash":
+                from .errors import RemoteRunError
 
-            raise RemoteRunError(
-                f"the emulated run crashed: {target.data.get('error')}", str(target.data.get("traceback", ""))
-            )
-        raise _refusal(f"the emulated {cpu} (onnxruntime {ort_version})", target.data)
-    progress("running the same program on this machine (the build's reference)")
-    host = run_on_host({**job, "trusted_keys": None}, timeout)
-    if not host.data.get("ok"):
-        raise _refusal("this (build) machine", host.data)
+                raise RemoteRunError(
+                    f"the emulated run crashed: {target.data.get('error')}", str(target.data.get("traceback", ""))
+                )
+            raise _refusal(f"the emulated {cpu} (onnxruntime {ort_version})", target.data)
+        progress("running the same program on this machine (the build's reference)")
+        host_job = {**job, "trusted_keys": None, "logprobs_out": str(rows_dir / "host.npy")}
+        host = run_on_host(host_job, timeout)
+        if not host.data.get("ok"):
+            raise _refusal("this (build) machine", host.data)
+        metrics = None
+        if eval_text and target.data.get("text_ids_sha256") == host.data.get("text_ids_sha256"):
+            metrics = compare_rows(rows_dir / "host.npy", rows_dir / "target.npy", thresholds.limits())
+    finally:
+        shutil.rmtree(rows_dir, ignore_errors=True)
     signed_quality = manifest.quality if manifest is not None else quality
     return compare(
-        root, signed_quality, cpu, target_env.emulator.version_text, eval_text, target, host, thresholds
+        root, signed_quality, cpu, target_env.emulator.version_text, eval_text, target, host, thresholds, metrics
     )
+
+
+def compare_rows(host_file: Path, target_file: Path, limits: tf.Limits) -> TeacherForced:
+    """The teacher-forced comparison of the two runs' log-probability rows (memory-mapped, a slice at a time)."""
+    host = np.load(host_file, mmap_mode="r")  # [positions, vocab]
+    target = np.load(target_file, mmap_mode="r")
+    targets = np.load(str(host_file) + ".targets.npy")  # [positions]
+    if host.shape != target.shape or not np.array_equal(targets, np.load(str(target_file) + ".targets.npy")):
+        raise BadInputError(f"the runs scored different positions: {host.shape} vs {target.shape}")
+    cmp = tf.Comparison()
+    for at in range(0, host.shape[0], COMPARE_ROWS):
+        end = at + COMPARE_ROWS
+        cmp.add(targets[at:end], np.asarray(host[at:end]), np.asarray(target[at:end]))
+    return cmp.result(limits, "build")
 
 
 def compare(
@@ -282,19 +302,16 @@ def compare(
     target: RemoteResult,
     host: RemoteResult,
     thresholds: Thresholds,
+    metrics: TeacherForced | None,
 ) -> Outcome:
+    """The named regressions of one verification, from both runs' results and their teacher-forced comparison
+    (``metrics``: None when the texts were tokenized differently, which is itself the regression)."""
     t, h = target.data, host.data
     regressions: list[Regression] = []
     warnings = list(t.get("warnings") or [])
 
     if t.get("text_ids_sha256") != h.get("text_ids_sha256"):
         regressions.append(Regression("tokenizer", "the target tokenizes the eval text differently"))
-    for tp, hp in zip(t.get("prompts", []), h.get("prompts", []), strict=False):
-        if tp["prompt_ids_sha256"] != hp["prompt_ids_sha256"]:
-            regressions.append(
-                Regression("tokenizer", f"the target tokenizes the prompt {tp['prompt']!r} differently")
-            )
-
     ppl, host_ppl = t.get("perplexity"), h.get("perplexity")
     drift: float | None = None
     if ppl is not None and host_ppl is not None:
@@ -302,14 +319,8 @@ def compare(
             regressions.append(Regression("perplexity_invalid", f"target perplexity is {ppl}"))
         else:
             drift = (ppl / host_ppl - 1.0) * 100.0
-            if abs(drift) > thresholds.max_ppl_drift_pct:
-                regressions.append(
-                    Regression(
-                        "perplexity_drift",
-                        f"target perplexity {ppl:.3f} vs build {host_ppl:.3f} ({drift:+.2f}%, limit "
-                        f"±{thresholds.max_ppl_drift_pct:g}%)",
-                    )
-                )
+    if metrics is not None:
+        regressions += _teacher_forced_regressions(metrics)
 
     compared_signed = False
     text_sha = hashlib.sha256(eval_text.encode()).hexdigest()
@@ -331,58 +342,16 @@ def compare(
                 "the eval text is not the one the signed quality report was measured on (or was cut): "
                 "compared with this machine's run only"
             )
+    if metrics is not None and metrics.limits.note:
+        warnings.append(metrics.limits.note)
 
-    host_tokens = [p["tokens"] for p in h.get("prompts", [])]
-    target_tokens = [p["tokens"] for p in t.get("prompts", [])]
-    agree = agreement(host_tokens, target_tokens)
-    if agree < thresholds.min_agreement:
-        regressions.append(
-            Regression(
-                "greedy_agreement",
-                f"greedy tokens agree with the build on {agree:.1%} of positions (minimum "
-                f"{thresholds.min_agreement:.0%})",
-            )
-        )
-
-    golden_match: bool | None = None
-    golden = t.get("golden")
-    if golden is not None:
-        golden_match = golden["tokens"] == golden["expected"]
-        if not golden_match and thresholds.check_golden:
-            first = next(
-                (
-                    i
-                    for i, (a, b) in enumerate(zip(golden["tokens"], golden["expected"], strict=False))
-                    if a != b
-                ),
-                min(len(golden["tokens"]), len(golden["expected"])),
-            )
-            host_golden = (h.get("golden") or {}).get("tokens")
-            note = "" if host_golden == golden["expected"] else " (this machine does not reproduce it either)"
-            regressions.append(
-                Regression(
-                    "golden",
-                    f"the golden check gives other tokens on the target from position {first}: the agent "
-                    f"would refuse this bundle on activation{note}",
-                )
-            )
-
+    golden_match, golden_regression = _golden(t, h, thresholds)
+    if golden_regression is not None:
+        regressions.append(golden_regression)
     details = {
         "target": {k: t.get(k) for k in ("machine", "python", "onnxruntime", "timings")},
         "host": {k: h.get(k) for k in ("machine", "python", "onnxruntime", "timings")},
-        "prompts": [
-            {
-                "prompt": tp["prompt"],
-                "first_difference": next(
-                    (i for i, (a, b) in enumerate(zip(tp["tokens"], hp["tokens"], strict=False)) if a != b),
-                    None,
-                ),
-                "target": tp["tokens"],
-                "host": hp["tokens"],
-            }
-            for tp, hp in zip(t.get("prompts", []), h.get("prompts", []), strict=False)
-        ],
-        "golden": golden,
+        "golden": t.get("golden"),
         "eval_text_sha256": text_sha,
     }
     return Outcome(
@@ -395,7 +364,7 @@ def compare(
         perplexity=ppl,
         host_perplexity=host_ppl,
         ppl_drift_pct=drift,
-        greedy_agreement=agree,
+        teacher_forced=metrics,
         golden_match=golden_match,
         signed_report_compared=compared_signed,
         regressions=regressions,
@@ -404,6 +373,40 @@ def compare(
         target_seconds=target.seconds,
         host_seconds=host.seconds,
         details=details,
+    )
+
+
+# teacher_forced check -> this module's regression name
+_REGRESSION_OF = {
+    tf.FINITE: "perplexity_invalid",
+    tf.KL_MEAN: "kl_divergence",
+    tf.TOP_TOKEN_MATCH: "top_token_match",
+    tf.PPL_RATIO: "perplexity_drift",
+}
+
+
+def _teacher_forced_regressions(m: TeacherForced) -> list[Regression]:
+    return [Regression(_REGRESSION_OF[check], msg) for check, msg in m.failures.items()]
+
+
+def _golden(t: dict[str, Any], h: dict[str, Any], thresholds: Thresholds) -> tuple[bool | None, Regression | None]:
+    golden = t.get("golden")
+    if golden is None:
+        return None, None
+    if golden["tokens"] == golden["expected"]:
+        return True, None
+    if not thresholds.check_golden:
+        return False, None
+    first = next(
+        (i for i, (a, b) in enumerate(zip(golden["tokens"], golden["expected"], strict=False)) if a != b),
+        min(len(golden["tokens"]), len(golden["expected"])),
+    )
+    host_golden = (h.get("golden") or {}).get("tokens")
+    note = "" if host_golden == golden["expected"] else " (this machine does not reproduce it either)"
+    return False, Regression(
+        "golden",
+        f"the golden check gives other tokens on the target from position {first}: the agent would refuse this "
+        f"bundle on activation{note}",
     )
 
 

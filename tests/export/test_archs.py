@@ -69,7 +69,7 @@ def test_reduced_tinyllama_exports_with_the_right_shapes(
 ) -> None:
     priv, pub = session_key
     out = tmp_path / "tl"
-    # Random weights: perplexity and greedy agreement say nothing here, so the gate is opened wide.
+    # Random weights: the quality metrics say nothing here, so the gate is opened wide.
     proc = run_cli(
         [
             "export",
@@ -82,7 +82,9 @@ def test_reduced_tinyllama_exports_with_the_right_shapes(
             "--json",
             "--max-ppl-increase",
             "100",
-            "--min-agreement",
+            "--max-kl",
+            "100",
+            "--min-top-match",
             "0",
         ]
     )

@@ -59,6 +59,13 @@ def test_quality_within_two_percent_and_size_under_030x(default_bundle, default_
     assert q.ppl_increase_pct <= 2.0, q
     assert q.greedy_agreement >= q.min_greedy_agreement
     assert q.eval_tokens >= 300
+    # teacher-forced against fp32 over the whole eval text (export/teacher_forced.py), stable field names
+    tf = q.teacher_forced
+    assert tf is not None and tf.passed and tf.reference == "fp32" and tf.tokens == q.eval_tokens - 1
+    assert 0 < tf.kl_mean <= tf.limits.kl_mean_limit and tf.top_token_match >= tf.limits.top_token_match_limit
+    assert tf.ppl_ratio == pytest.approx(1 + q.ppl_increase_pct / 100, abs=1e-4)
+    assert tf.limits.note is None  # 500+ tokens: the band is narrow
+    assert q.greedy_agreement == pytest.approx(tf.top_token_match, abs=1e-4)
     report = json.loads((bundle / "quality_report.json").read_text())
     assert report["report"]["ppl_quantized"] == q.ppl_quantized
     sizes = default_export_summary["sizes"]

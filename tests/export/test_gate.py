@@ -1,4 +1,5 @@
-"""The quality gate: unit tests of its arithmetic, and the real default model failing with dynamic INT8."""
+"""The quality gate: its defaults, the golden-check choice, and the real default model failing with dynamic INT8
+(the metrics' arithmetic: test_teacher_forced.py)."""
 
 from __future__ import annotations
 
@@ -7,41 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from export.gate import EvalSet, GateThresholds, ModelScore, agreement, judge, robust_golden
+from export.gate import PRECISION_DEFAULTS, GateThresholds, robust_golden
 from tests.export.conftest import run_cli
 
 
-def _evalset() -> EvalSet:
-    return EvalSet(text="x", text_sha256="0" * 64, token_ids=list(range(100)), prompts=[[1], [2]])
-
-
-def test_agreement_is_positionwise() -> None:
-    assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.75
-    assert agreement([[1, 2], [3, 4]], [[1, 2], [3, 4]]) == 1.0
-    assert agreement([[1, 2], [3, 4]], [[0, 0], [0, 0]]) == 0.0
-
-
-@pytest.mark.parametrize(
-    ("ppl", "greedy", "passed", "words"),
-    [
-        (10.15, [[1, 2], [3, 4]], True, []),
-        (10.5, [[1, 2], [3, 4]], False, ["perplexity rose +5.00%", "limit of 2.00%"]),
-        (10.1, [[9, 9], [9, 9]], False, ["greedy agreement 0.0%", "minimum of 50.0%"]),
-    ],
-)
-def test_judge_thresholds(ppl: float, greedy, passed: bool, words: list[str]) -> None:
-    ref = ModelScore(10.0, [[1, 2], [3, 4]], 1.0)
-    res = judge(ref, ModelScore(ppl, greedy, 1.0), _evalset(), GateThresholds(), eval_tokens=100)
-    assert res.passed is passed and res.report.passed is passed
-    text = " ".join(res.messages)
-    for w in words:
-        assert w in text
-
-
-def test_thresholds_are_configurable() -> None:
-    ref = ModelScore(10.0, [[1, 2]], 1.0)
-    loose = judge(ref, ModelScore(12.0, [[1, 2]], 1.0), _evalset(), GateThresholds(25.0, 0.5), eval_tokens=100)
-    assert loose.passed and loose.report.max_ppl_increase_pct == 25.0
+def test_precision_defaults_are_teacher_forced_limits() -> None:
+    int8, int4 = PRECISION_DEFAULTS["int8"], PRECISION_DEFAULTS["int4"]
+    assert int8 == GateThresholds()
+    assert int4.max_kl_mean > int8.max_kl_mean and int4.min_top_token_match < int8.min_top_token_match
+    assert int4.max_ppl_increase_pct > int8.max_ppl_increase_pct
+    limits = int8.limits()
+    assert (limits.max_kl_mean, limits.min_top_token_match, limits.max_ppl_change_pct) == (
+        int8.max_kl_mean, int8.min_top_token_match, int8.max_ppl_increase_pct,
+    )  # fmt: skip
+    assert not limits.ppl_two_sided  # vs fp32 only an increase counts
 
 
 @pytest.mark.parametrize(
@@ -79,4 +59,6 @@ def test_dynamic_int8_fails_the_gate_and_publishes_nothing(tmp_path: Path, sessi
     report = json.loads(Path(doc["report"]).read_text())
     assert report["report"]["passed"] is False
     assert report["report"]["ppl_increase_pct"] > 20  # FACTS.md: about +120%
+    tf = report["report"]["teacher_forced"]
+    assert tf["kl_mean"] > 0.1 and set(tf["failures"]) >= {"kl_mean", "ppl_ratio"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn.quality_report.json"]  # no temp folders left

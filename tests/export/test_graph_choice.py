@@ -1,5 +1,6 @@
 """`--graph auto` (the default): the fused gqa graph where the builder supports the architecture, optimum's
-graph otherwise, and a fallback with a note when the fused graph does not reproduce the validated one."""
+graph otherwise, and (traced builder) a fallback with a note when the fused graph does not reproduce the
+validated one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from export.gate import GateThresholds
 from export.pipeline import WORK_PREFIX, ExportRequest, run_export
 from manifests import SigningKey, read_manifest_unverified
 
-OPEN_GATE = GateThresholds(max_ppl_increase_pct=1000.0, min_greedy_agreement=0.0)
+OPEN_GATE = GateThresholds(max_ppl_increase_pct=1000.0, max_kl_mean=100.0, min_top_token_match=0.0)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,8 @@ def test_auto_falls_back_to_the_optimum_graph_when_the_fused_one_is_refused(
 
     monkeypatch.setattr(fuse_gqa, "fuse_for_export", _refuse)
     res = run_export(
-        ExportRequest(model=str(micro_llama_dir), key=SigningKey.generate(), out=tmp_path / "b", thresholds=OPEN_GATE)
+        ExportRequest(model=str(micro_llama_dir), key=SigningKey.generate(), out=tmp_path / "b", thresholds=OPEN_GATE,
+                      builder="traced")  # fmt: skip
     )
     assert res.passed and res.bundle_dir is not None
     assert read_manifest_unverified(res.bundle_dir).graph.kind == "optimum-kv"
@@ -63,6 +65,7 @@ def test_forced_gqa_fails_when_the_fused_graph_is_refused(tmp_path: Path, micro_
                 out=tmp_path / "b",
                 thresholds=OPEN_GATE,
                 graph="gqa",
+                builder="traced",
             )
         )
     assert "does not reproduce" in str(err.value)
