@@ -36,6 +36,7 @@ from device.engine.constraints import (  # noqa: E402
     JSON_FORMAT,
     Grammar,
     GrammarConstraint,
+    apply_mask,
     engine_lltokenizer,
     engine_token_table,
 )
@@ -212,7 +213,7 @@ class Timed:
 def _apply_bits(bits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     # the same bitmask -> logits step as GrammarConstraint.mask, so libraries differ only in their own work
     allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: logits.shape[0]].view(np.bool_)
-    return np.where(allowed, logits, np.float32(-np.inf))
+    return apply_mask(logits, allowed)
 
 
 class OutlinesConstraint:

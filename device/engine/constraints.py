@@ -294,6 +294,23 @@ def engine_lltokenizer(engine: Engine) -> Any:
 # ------------------------------------------------------------------------------------------ the hook
 
 
+def apply_mask(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """A copy of ``logits`` [vocab] with -inf where ``allowed`` [vocab] (bool) is False. Inside JSON
+    structure a handful of tokens is allowed (gather them: ~15 us here), inside a string nearly all (copy
+    and blank the rest); np.where costs ~80 us either way."""
+    n = int(np.count_nonzero(allowed))
+    if n == 0:
+        raise EngineError("the grammar allows no token here")
+    if n < logits.shape[0] // 8:
+        idx = np.flatnonzero(allowed)
+        out = np.full(logits.shape, -np.inf, dtype=logits.dtype)
+        out[idx] = logits[idx]
+        return out
+    out = logits.copy()
+    out[~allowed] = -np.inf
+    return out
+
+
 class GrammarConstraint:
     """One request's grammar state: ``mask`` before each sampling step, ``advance`` with the chosen token.
 
@@ -327,10 +344,8 @@ class GrammarConstraint:
         if m.is_error():
             raise EngineError(f"grammar matcher failed: {_first_line(m.get_error())}")
         allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: logits.shape[0]].view(np.bool_)
-        if not allowed.any():
-            raise EngineError("the grammar allows no token here")
         self.tokens_masked += 1
-        return np.where(allowed, logits, np.float32(-np.inf))
+        return apply_mask(logits, allowed)
 
     def advance(self, token_id: int) -> bool:
         """Feed the sampled token; False once the grammar is complete (nothing but EOS may follow)."""

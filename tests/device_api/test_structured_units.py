@@ -15,13 +15,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from device.api import tools as toolcalls
 from device.api.schemas import ChatCompletionRequest, CompletionRequest
 from device.api.structured import grammar_for
-from device.engine import SamplingParams
+from device.engine import EngineError, SamplingParams
 from device.engine.constraints import (
     ConstraintUnavailableError,
     Grammar,
     GrammarConstraint,
     TokenTable,
     UnsupportedSchemaError,
+    apply_mask,
     token_table,
 )
 from device.engine.sampling import Sampler, token_logprob
@@ -312,3 +313,16 @@ def test_json_object_and_text_formats() -> None:
 def test_table_text_replaces_partial_utf8() -> None:
     table = TokenTable((b"\xe2\x82", b"a"), frozenset())
     assert table.text(0) == "\ufffd" and table.text(1) == "a"
+
+
+@pytest.mark.parametrize("frac", [0.001, 0.5, 1.0])
+def test_apply_mask_blanks_exactly_the_forbidden_tokens(frac: float) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=5000).astype(np.float32)
+    allowed = rng.random(5000) < frac
+    allowed[7] = True
+    out = apply_mask(logits, allowed)
+    assert out.dtype == np.float32 and np.array_equal(out, np.where(allowed, logits, np.float32(-np.inf)))
+    assert out is not logits
+    with pytest.raises(EngineError):
+        apply_mask(logits, np.zeros(5000, dtype=bool))
