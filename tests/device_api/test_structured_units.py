@@ -28,8 +28,6 @@ from device.engine.constraints import (
 from device.engine.sampling import Sampler, token_logprob
 from manifests import ArchConfig
 
-JSON_TEXT = '{"name": "Ann", "tags": ["a", "b"], "n": -12.5, "ok": true, "x": null}\n\t{}[]:,0123456789'
-
 
 def byte_level_tokenizer() -> Tokenizer:
     """A GPT-2-style byte-level BPE: every byte is a token (plus a few merges), EOS id 0."""
