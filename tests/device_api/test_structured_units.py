@@ -324,3 +324,37 @@ def test_apply_mask_blanks_exactly_the_forbidden_tokens(frac: float) -> None:
     assert out is not logits
     with pytest.raises(EngineError):
         apply_mask(logits, np.zeros(5000, dtype=bool))
+
+
+def accepts(engine: FakeEngine, grammar: Grammar, text: str) -> bool:
+    """Whether the constraint lets every token of ``text`` through and then allows EOS."""
+    c = GrammarConstraint(engine, grammar)  # type: ignore[arg-type]
+    zeros = np.zeros(engine.arch.vocab_size, dtype=np.float32)
+    for tok in engine.tokenizer.encode(text, add_special_tokens=False).ids:
+        if c.mask(zeros)[tok] == -np.inf:
+            return False
+        if not c.advance(tok):
+            return True  # complete: only EOS could follow
+    return bool(c.mask(zeros)[0] != -np.inf)
+
+
+def test_auto_tools_with_a_response_format_allow_calls_or_schema_json_only() -> None:
+    engine = FakeEngine(byte_level_tokenizer())
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [tool("f", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}},
+        }
+    )
+    g = grammar_for(req.response_format, toolcalls.ToolPlan.of(req.tools, req.tool_choice, True))
+    assert g is not None
+    assert accepts(engine, g, '{"answer": "yes"}')
+    assert accepts(engine, g, toolcalls.format_call("f", '{"a": 3}'))
+    assert not accepts(engine, g, toolcalls.format_call("f", '{"a": "x"}'))
+    assert not accepts(engine, g, toolcalls.format_call("g", "{}"))
+    assert not accepts(engine, g, "free text")
+    plain = grammar_for(None, toolcalls.ToolPlan.of(req.tools, "auto", True))
+    assert plain is not None and accepts(engine, plain, "free text")
+    assert not accepts(engine, plain, "<tool_call>\nnot a call")
