@@ -2,10 +2,7 @@
 token; bundle files are public (they are signed: a device trusts the signature, not the transport).
 """
 
-import datetime as dt
 import hmac
-import secrets
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, BinaryIO
@@ -20,32 +17,25 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME, DeploymentManifest
-from manifests import mqtt as contract
 from manifests.signing import key_id_of
 
+from . import commands
 from . import schemas as S
-from .db import (
-    AuditEntry,
-    BundleRecord,
-    Deployment,
-    Device,
-    DeviceEvent,
-    EnrollmentToken,
-    TelemetryRollup,
-    TelemetrySample,
-    aware,
+from .credentials import DEVICE_TOKEN_PREFIX, hash_secret
+from .db import AuditEntry, BundleRecord, Deployment, Device, DeviceEvent
+from .errors import FleetError, InvalidBundleError, InvalidManifestError, NotFoundError
+from .registry import get_bundle
+from .rollout import ControlAction, get_deployment
+from .service import FleetService
+from .views import (
+    audit_out,
+    credentials_out,
+    deployment_out,
+    device_out,
+    event_out,
+    model_out,
+    telemetry_points,
 )
-from .errors import (
-    ConflictError,
-    EnrollmentError,
-    FleetError,
-    InvalidBundleError,
-    InvalidManifestError,
-    NotFoundError,
-)
-from .registry import delete_bundle, get_bundle, ingest_bundle, users_of
-from .rollout import apply_manifest, get_deployment
-from .service import FleetService, hash_secret
 
 bearer = HTTPBearer(auto_error=False)
 # Bundle versions are positive 32-bit integers everywhere (database columns included).
@@ -64,88 +54,6 @@ class Principal:
 
 def _unauthorized(msg: str = "missing or invalid bearer token") -> HTTPException:
     return HTTPException(401, msg, headers={"WWW-Authenticate": "Bearer"})
-
-
-def _pem(svc: FleetService) -> str:
-    return svc.signing_key.public_pem().decode()
-
-
-# --- serializers ------------------------------------------------------------------------------------
-
-
-def device_out(d: Device) -> S.DeviceOut:
-    rep = d.reported or {}
-    return S.DeviceOut(
-        id=d.id,
-        hardware_class=d.hardware_class,
-        cpu_arch=d.cpu_arch,
-        ram_bytes=d.ram_bytes,
-        tags=d.tags or {},
-        groups=d.groups or [],
-        enrolled_at=aware(d.enrolled_at),  # type: ignore[arg-type]
-        last_seen=aware(d.last_seen),
-        online=d.online,
-        agent_version=d.agent_version,
-        model=f"{d.current_name}@{d.current_version}" if d.current_name else None,
-        update_state=rep.get("state"),
-        reported=d.reported,
-        telemetry=d.telemetry,
-        desired=d.desired,
-    )
-
-
-def model_out(svc: FleetService, session: Session, b: BundleRecord) -> S.ModelOut:
-    return S.ModelOut(
-        name=b.name,
-        version=b.version,
-        manifest_sha256=b.manifest_sha256,
-        key_id=b.key_id,
-        total_size=b.total_size,
-        created_at=aware(b.created_at),
-        summary=b.summary or {},  # type: ignore[arg-type]
-        files=[S.BundleFileOut(path=f.path, size=f.size, sha256=f.sha256, role=f.role) for f in b.files],
-        base_url=f"{svc.public_url}/bundles/{b.name}/{b.version}",
-        in_use_by=users_of(session, b.name, b.version),
-    )
-
-
-def deployment_out(dep: Deployment, *, targets: bool = True) -> S.DeploymentOut:
-    counts: dict[str, int] = {}
-    for t in dep.targets:
-        counts[t.state] = counts.get(t.state, 0) + 1
-    counts["total"] = len(dep.targets)
-    return S.DeploymentOut(
-        id=dep.id,
-        name=dep.name,
-        generation=dep.generation,
-        bundle=f"{dep.bundle_name}@{dep.bundle_version}",
-        strategy=(dep.manifest.get("spec", {}).get("strategy", {}) or {}).get("type", "all-at-once"),
-        status=dep.status,
-        wave=dep.wave,
-        waves=dep.waves,
-        abort_reason=dep.abort_reason,
-        created_at=aware(dep.created_at),
-        updated_at=aware(dep.updated_at),  # type: ignore[arg-type]
-        finished_at=aware(dep.finished_at),
-        counts=counts,
-        manifest=dep.manifest,
-        targets=[
-            S.TargetOut(
-                device_id=t.device_id,
-                wave=t.wave,
-                state=t.state,
-                previous=f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
-                assigned_at=aware(t.assigned_at),
-                finished_at=aware(t.finished_at),
-                error=t.error,
-                baseline=t.baseline,
-                health=t.health,
-            )
-            for t in dep.targets
-        ]
-        if targets
-        else [],
-    )
 
 
 # --- the app ----------------------------------------------------------------------------------------
@@ -219,7 +127,7 @@ def create_app(
         token = cred.credentials
         if hmac.compare_digest(token.encode(), svc.admin_token.encode()):
             return Principal("admin")
-        if token.startswith("nfd_"):
+        if token.startswith(DEVICE_TOKEN_PREFIX):
             dev = session.scalar(select(Device).where(Device.secret_hash == hash_secret(token)))
             if dev is not None:
                 return Principal("device", dev.id)
@@ -250,40 +158,7 @@ def create_app(
     def create_enrollment_token(
         body: S.EnrollmentTokenRequest, session: Db, p: Admin
     ) -> S.EnrollmentTokenOut:
-        token = "nfe_" + secrets.token_urlsafe(24)
-        rec = EnrollmentToken(
-            id=uuid.uuid4().hex[:12],
-            token_hash=hash_secret(token),
-            expires_at=svc.now() + dt.timedelta(seconds=body.ttl_s),
-            uses_left=body.uses,
-            tags=body.tags,
-            groups=body.groups,
-            hardware_class=body.hardware_class,
-            used_by=[],
-        )
-        session.add(rec)
-        session.add(
-            AuditEntry(
-                actor=p.name, action="enrollment_token_created", details={"id": rec.id, "uses": body.uses}
-            )
-        )
-        session.commit()
-        return S.EnrollmentTokenOut(id=rec.id, token=token, expires_at=rec.expires_at, uses=body.uses)
-
-    def _mqtt(device_id: str, password: str | None) -> S.MqttCredentials:
-        return S.MqttCredentials(
-            url=svc.mqtt_url,
-            protocol="3.1.1" if svc.config.broker.embedded else None,
-            username=device_id,
-            password=password,
-            topics={
-                "desired": contract.desired_topic(device_id),
-                "reported": contract.reported_topic(device_id),
-                "telemetry": contract.telemetry_topic(device_id),
-                "events": contract.events_topic(device_id),
-                "status": contract.status_topic(device_id),
-            },
-        )
+        return svc.execute(commands.create_enrollment_token, body, actor=p.name).value
 
     @app.post(
         "/api/v1/enroll",
@@ -294,51 +169,7 @@ def create_app(
     )
     def enroll(body: S.EnrollRequest, session: Db) -> S.EnrollResponse:
         """Exchange a one-time enrolment token for this device's own credentials (no other auth)."""
-        rec = session.scalar(
-            select(EnrollmentToken)
-            .where(EnrollmentToken.token_hash == hash_secret(body.token))
-            .with_for_update()
-        )
-        if rec is None or rec.uses_left <= 0 or aware(rec.expires_at) <= svc.now():  # type: ignore[operator]
-            raise EnrollmentError("enrolment token unknown, used up or expired")
-        device_id = body.device_id or f"dev-{uuid.uuid4().hex[:10]}"
-        if session.get(Device, device_id) is not None:
-            raise ConflictError(f"device {device_id} is already enrolled")
-        token = "nfd_" + secrets.token_urlsafe(32)
-        tags = {**(rec.tags or {}), **body.tags}
-        groups = sorted(set(rec.groups or []) | set(body.groups))
-        session.add(
-            Device(
-                id=device_id,
-                hardware_class=body.hardware_class or rec.hardware_class,
-                cpu_arch=body.cpu_arch,
-                ram_bytes=body.ram_bytes,
-                tags=tags,
-                groups=groups,
-                secret_hash=hash_secret(token),
-                enrolled_at=svc.now(),
-                online=False,
-            )
-        )
-        rec.uses_left -= 1
-        rec.used_by = [*(rec.used_by or []), device_id]
-        session.add(
-            AuditEntry(
-                actor=f"device:{device_id}",
-                action="enrolled",
-                device_id=device_id,
-                details={"token_id": rec.id, "tags": tags, "groups": groups},
-            )
-        )
-        session.commit()
-        return S.EnrollResponse(
-            device_id=device_id,
-            device_token=token,
-            mqtt=_mqtt(device_id, token),
-            fleet_url=svc.public_url,
-            fleet_public_key=_pem(svc),
-            fleet_key_id=svc.signing_key.key_id,
-        )
+        return svc.execute(commands.enroll, body).value
 
     # Devices ------------------------------------------------------------------------------------
     @app.get("/api/v1/devices", response_model=list[S.DeviceOut], tags=["devices"])
@@ -369,13 +200,7 @@ def create_app(
         responses={404: {"model": S.ErrorBody}},
     )
     def patch_device(device_id: str, body: S.DevicePatch, session: Db, p: Admin) -> S.DeviceOut:
-        d = _device(session, device_id)
-        changes = body.model_dump(exclude_none=True)
-        for k, v in changes.items():
-            setattr(d, k, v)
-        session.add(AuditEntry(actor=p.name, action="device_updated", device_id=device_id, details=changes))
-        session.commit()
-        return device_out(d)
+        return svc.execute(commands.update_device, device_id, body, actor=p.name).value
 
     @app.delete(
         "/api/v1/devices/{device_id}",
@@ -384,9 +209,7 @@ def create_app(
         responses={404: {"model": S.ErrorBody}},
     )
     def delete_device(device_id: str, session: Db, p: Admin) -> Response:
-        session.delete(_device(session, device_id))
-        session.add(AuditEntry(actor=p.name, action="device_deleted", device_id=device_id, details={}))
-        session.commit()
+        svc.execute(commands.delete_device, device_id, actor=p.name)
         return Response(status_code=204)
 
     @app.get(
@@ -398,13 +221,7 @@ def create_app(
     def get_credentials(device_id: str, session: Db, p: SelfOrAdmin) -> S.CredentialsOut:
         """A device's connection details. The secret is never readable again (only its hash is kept)."""
         _device(session, device_id)
-        return S.CredentialsOut(
-            device_id=device_id,
-            mqtt=_mqtt(device_id, None),
-            fleet_url=svc.public_url,
-            fleet_public_key=_pem(svc),
-            fleet_key_id=svc.signing_key.key_id,
-        )
+        return credentials_out(svc, device_id)
 
     @app.post(
         "/api/v1/devices/{device_id}/credentials/rotate",
@@ -413,19 +230,7 @@ def create_app(
         responses={403: {"model": S.ErrorBody}, 404: {"model": S.ErrorBody}},
     )
     def rotate_credentials(device_id: str, session: Db, p: SelfOrAdmin) -> S.EnrollResponse:
-        d = _device(session, device_id)
-        token = "nfd_" + secrets.token_urlsafe(32)
-        d.secret_hash = hash_secret(token)
-        session.add(AuditEntry(actor=p.name, action="credentials_rotated", device_id=device_id, details={}))
-        session.commit()
-        return S.EnrollResponse(
-            device_id=device_id,
-            device_token=token,
-            mqtt=_mqtt(device_id, token),
-            fleet_url=svc.public_url,
-            fleet_public_key=_pem(svc),
-            fleet_key_id=svc.signing_key.key_id,
-        )
+        return svc.execute(commands.rotate_credentials, device_id, actor=p.name).value
 
     @app.get(
         "/api/v1/devices/{device_id}/desired",
@@ -447,45 +252,7 @@ def create_app(
     ) -> list[S.TelemetryPoint]:
         """Newest first: raw samples within the retention window, then downsampled rollups."""
         _device(session, device_id)
-        raw = session.scalars(
-            select(TelemetrySample)
-            .where(TelemetrySample.device_id == device_id)
-            .order_by(TelemetrySample.ts.desc())
-            .limit(limit)
-        ).all()
-        out = [
-            S.TelemetryPoint(
-                ts=aware(r.ts),
-                resolution="raw",
-                model_version=r.model_version,  # type: ignore[arg-type]
-                decode_tok_s=r.decode_tok_s,
-                ttft_p95_ms=r.ttft_p95_ms,
-                requests=r.requests,
-                errors=r.errors,
-            )
-            for r in raw
-        ]
-        if len(out) < limit:
-            rolls = session.scalars(
-                select(TelemetryRollup)
-                .where(TelemetryRollup.device_id == device_id)
-                .order_by(TelemetryRollup.bucket_start.desc())
-                .limit(limit - len(out))
-            ).all()
-            out += [
-                S.TelemetryPoint(
-                    ts=aware(r.bucket_start),
-                    resolution=f"{svc.config.telemetry.rollup_bucket_s}s",  # type: ignore[arg-type]
-                    model_version=r.model_version,
-                    decode_tok_s=r.decode_tok_s_avg,
-                    ttft_p95_ms=r.ttft_p95_ms_max,
-                    requests=r.requests,
-                    errors=r.errors,
-                    samples=r.samples,
-                )
-                for r in rolls
-            ]
-        return out
+        return telemetry_points(session, device_id, limit, svc.config.telemetry.rollup_bucket_s)
 
     @app.get(
         "/api/v1/devices/{device_id}/events",
@@ -503,16 +270,7 @@ def create_app(
             .order_by(DeviceEvent.seq.desc())
             .limit(limit)
         ).all()
-        return [
-            S.EventOut(
-                seq=r.seq,
-                ts=aware(r.ts),
-                kind=r.kind,
-                deployment_id=r.deployment_id,  # type: ignore[arg-type]
-                payload=r.payload,
-            )
-            for r in rows
-        ]
+        return [event_out(r) for r in rows]
 
     # Models ------------------------------------------------------------------------------------------
     @app.post(
@@ -539,23 +297,15 @@ def create_app(
             if f.filename in parts:
                 raise InvalidBundleError(f"{f.filename} uploaded twice")
             parts[f.filename] = f.file
-        rec, created = ingest_bundle(session, svc.blobs, svc.trust, parts)
-        if created:
-            session.add(
-                AuditEntry(
-                    actor=p.name,
-                    action="model_uploaded",
-                    details={"bundle": f"{rec.name}@{rec.version}", "size": rec.total_size},
-                )
-            )
-        session.commit()
-        response.status_code = 201 if created else 200
-        return model_out(svc, session, rec)
+        staged = commands.stage_upload(session, svc.blobs, svc.trust, parts)
+        uploaded = svc.execute(commands.upload_model, staged, actor=p.name).value
+        response.status_code = 201 if uploaded.created else 200
+        return uploaded.model
 
     @app.get("/api/v1/models", response_model=list[S.ModelOut], tags=["models"])
     def list_models(session: Db, p: Admin) -> list[S.ModelOut]:
         recs = session.scalars(select(BundleRecord).order_by(BundleRecord.name, BundleRecord.version)).all()
-        return [model_out(svc, session, b) for b in recs]
+        return [model_out(svc.public_url, session, b) for b in recs]
 
     @app.get("/api/v1/models/{name}/{version}", tags=["models"], responses={404: {"model": S.ErrorBody}})
     def inspect_model(name: str, version: Version, session: Db, p: Admin) -> dict[str, Any]:
@@ -563,7 +313,7 @@ def create_app(
         import yaml
 
         return {
-            **model_out(svc, session, b).model_dump(mode="json"),
+            **model_out(svc.public_url, session, b).model_dump(mode="json"),
             "manifest": yaml.safe_load(b.manifest_yaml),
         }
 
@@ -575,9 +325,7 @@ def create_app(
     )
     def remove_model(name: str, version: Version, session: Db, p: Admin) -> Response:
         """Delete a bundle; refused while a device runs it or is told to, or an active deployment uses it."""
-        delete_bundle(session, svc.blobs, name, version)
-        session.add(AuditEntry(actor=p.name, action="model_deleted", details={"bundle": f"{name}@{version}"}))
-        session.commit()
+        svc.execute(commands.delete_model, name, version, actor=p.name)
         return Response(status_code=204)
 
     # Artifacts ----------------------------------------------------------------------------------
@@ -645,12 +393,7 @@ def create_app(
     def apply(body: DeploymentManifest, p: Admin, response: Response) -> S.ApplyResult:
         """Make a deployment manifest true (idempotent, like `kubectl apply`)."""
 
-        def run(session: Session) -> S.ApplyResult:
-            dep, result = apply_manifest(session, body, p.name, svc.now())
-            session.info.setdefault("changed_devices", set()).update(svc.rollouts.tick(session))
-            return S.ApplyResult(result=result, deployment=deployment_out(dep))
-
-        out = svc.call(run)
+        out = svc.execute(commands.apply_deployment, body, actor=p.name).value
         response.status_code = 201 if out.result == "created" else 200
         return out
 
@@ -668,37 +411,23 @@ def create_app(
     def show_deployment(name: str, session: Db, p: Admin) -> S.DeploymentOut:
         return deployment_out(get_deployment(session, name))
 
-    def _control(name: str, action: str, actor: str) -> S.DeploymentOut:
-        def run(session: Session) -> S.DeploymentOut:
-            dep = get_deployment(session, name)
-            now = svc.now()
-            if action == "rollback":
-                changed = svc.rollouts.rollback(session, dep, actor, now)
-                session.info.setdefault("changed_devices", set()).update(changed)
-            else:
-                getattr(svc.rollouts, action)(session, dep, actor, now)
-            session.flush()
-            return deployment_out(dep)
+    for _action in ControlAction:
 
-        return svc.call(run)
-
-    for _action in ("pause", "resume", "abort", "rollback"):
-
-        def _make(action: str) -> Any:
+        def _make(action: ControlAction) -> Any:
             def control(name: str, p: Admin) -> S.DeploymentOut:
-                return _control(name, action, p.name)
+                return svc.execute(commands.control_deployment, name, action, actor=p.name).value
 
-            control.__name__ = f"{action}_deployment"
+            control.__name__ = f"{action.value}_deployment"
             control.__doc__ = {
                 "pause": "Stop starting devices; those in flight finish.",
                 "resume": "Continue a paused deployment; failed devices are tried again.",
                 "abort": "Stop for good; devices keep what they have.",
                 "rollback": "Send every device this deployment touched back to its previous model (signed).",
-            }[action]
+            }[action.value]
             return control
 
         app.post(
-            f"/api/v1/deployments/{{name}}/{_action}",
+            f"/api/v1/deployments/{{name}}/{_action.value}",
             response_model=S.DeploymentOut,
             tags=["deployments"],
             responses={404: {"model": S.ErrorBody}, 409: {"model": S.ErrorBody}},
@@ -711,14 +440,7 @@ def create_app(
         responses={404: {"model": S.ErrorBody}, 409: {"model": S.ErrorBody}},
     )
     def delete_deployment(name: str, p: Admin) -> Response:
-        def run(session: Session) -> None:
-            dep = get_deployment(session, name)
-            if dep.status in ("in_progress", "rolling_back"):
-                raise ConflictError(f"deployment {name} is {dep.status}; pause or abort it first")
-            session.delete(dep)
-            session.add(AuditEntry(actor=p.name, action="deployment_deleted", deployment=name, details={}))
-
-        svc.call(run)
+        svc.execute(commands.delete_deployment, name, actor=p.name)
         return Response(status_code=204)
 
     # Audit and status ---------------------------------------------------------------------------
@@ -732,18 +454,7 @@ def create_app(
         q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
         if deployment:
             q = q.where(AuditEntry.deployment == deployment)
-        return [
-            S.AuditOut(
-                id=a.id,
-                ts=aware(a.ts),
-                actor=a.actor,
-                action=a.action,  # type: ignore[arg-type]
-                deployment=a.deployment,
-                device_id=a.device_id,
-                details=a.details or {},
-            )
-            for a in session.scalars(q)
-        ]
+        return [audit_out(a) for a in session.scalars(q)]
 
     @app.get("/api/v1/status", response_model=S.StatusOut, tags=["service"])
     def status(session: Db, p: Admin) -> S.StatusOut:

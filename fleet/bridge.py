@@ -7,10 +7,10 @@ still ends up holding the truth.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -30,6 +30,12 @@ class Inbound:
     payload: bytes
 
 
+class Inbox(Protocol):
+    """Where the bridge hands incoming messages (the worker's ``WorkQueue``)."""
+
+    def put_message(self, msg: Inbound) -> None: ...
+
+
 def parse_mqtt_url(url: str) -> tuple[str, int]:
     u = urlparse(url)
     if u.scheme not in ("mqtt", "tcp") or not u.hostname:
@@ -41,7 +47,7 @@ class MqttBridge:
     def __init__(
         self,
         url: str,
-        inbox: queue.Queue,
+        inbox: Inbox,
         *,
         username: str | None = None,
         password: str | None = None,
@@ -84,7 +90,7 @@ class MqttBridge:
         for t in (contract.ALL_REPORTED, contract.ALL_TELEMETRY, contract.ALL_EVENTS, contract.ALL_STATUS):
             client.subscribe(t, qos=contract.QOS)
         self.connected.set()
-        self.inbox.put(Inbound(RECONNECTED, b""))
+        self.inbox.put_message(Inbound(RECONNECTED, b""))
         log.info("MQTT bridge connected to %s:%s", self.host, self.port)
 
     def _on_disconnect(
@@ -95,7 +101,7 @@ class MqttBridge:
             log.warning("MQTT bridge disconnected (%s); reconnecting", reason)
 
     def _on_message(self, _c: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
+        self.inbox.put_message(Inbound(msg.topic, bytes(msg.payload)))
 
     def publish_desired(self, device_id: str, payload: bytes) -> bool:
         """Publish retained; False when not connected (the reconnect republishes from the database)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,6 +24,20 @@ def _newer(incoming: dt.datetime | None, stored: dt.datetime | None) -> bool:
     if stored is None or incoming is None:
         return True
     return aware(incoming) >= aware(stored)  # type: ignore[operator]
+
+
+class Message(Protocol):
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+def ingest_messages(session: Session, messages: Sequence[Message]) -> None:
+    """Apply a batch of messages in arrival order, in the caller's transaction (the worker's ``Ingest``)."""
+    for m in messages:
+        handle_message(session, m.topic, m.payload)
 
 
 def handle_message(session: Session, topic: str, payload: bytes) -> str | None:

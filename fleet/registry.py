@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from sqlalchemy import or_, select
@@ -43,14 +44,19 @@ def summarize(manifest: BundleManifest) -> dict[str, Any]:
     }
 
 
-def ingest_bundle(
-    session: Session, blobs: BlobStore, trust: TrustStore, parts: dict[str, BinaryIO]
-) -> tuple[BundleRecord, bool]:
-    """Store an uploaded bundle. ``parts`` maps each bundle path to its content.
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """An uploaded manifest whose signature checked out against the trusted keys."""
 
-    Returns (record, created). Uploading the identical bundle again is a no-op; another bundle under
-    the same name and version is a conflict (versions are immutable: anti-rollback depends on it).
-    """
+    manifest: BundleManifest
+    manifest_bytes: bytes
+    signature: bytes
+    manifest_sha256: str
+
+
+def verify_upload(trust: TrustStore, parts: dict[str, BinaryIO]) -> VerifiedBundle:
+    """Check an upload's manifest signature before anything is read or stored. ``parts`` maps each
+    bundle path to its content."""
     for required in (MANIFEST_NAME, SIGNATURE_NAME):
         if required not in parts:
             raise InvalidBundleError(f"the upload has no {required}")
@@ -62,35 +68,54 @@ def ingest_bundle(
         raise InvalidBundleError(f"bundle refused ({exc.reason}): {exc.message}") from exc
     except ManifestError as exc:
         raise InvalidBundleError(exc.message) from exc
-    manifest_sha = hashlib.sha256(body).hexdigest()
+    return VerifiedBundle(manifest, body, sig, hashlib.sha256(body).hexdigest())
+
+
+def registered(session: Session, bundle: VerifiedBundle) -> BundleRecord | None:
+    """The record of this very bundle when it is registered already; a conflict when another bundle
+    holds its name and version (versions are immutable: anti-rollback depends on it)."""
+    m = bundle.manifest
     existing = session.scalar(
-        select(BundleRecord).where(
-            BundleRecord.name == manifest.name, BundleRecord.version == manifest.version
-        )
+        select(BundleRecord).where(BundleRecord.name == m.name, BundleRecord.version == m.version)
     )
-    if existing is not None:
-        if existing.manifest_sha256 == manifest_sha:
-            return existing, False
-        raise ConflictError(
-            f"{manifest.ref} is already registered with different content; bundle versions are immutable"
-        )
-    declared = {f.path for f in manifest.files}
+    if existing is None or existing.manifest_sha256 == bundle.manifest_sha256:
+        return existing
+    raise ConflictError(f"{m.ref} is already registered with different content; bundle versions are immutable")
+
+
+def store_files(blobs: BlobStore, bundle: VerifiedBundle, parts: dict[str, BinaryIO]) -> None:
+    """Stream every file the manifest lists into the blob store, checking size and sha256 on the way
+    (content-addressed: a file stored already is only checked). No database row is written."""
+    declared = {f.path for f in bundle.manifest.files}
     extra = set(parts) - declared - {MANIFEST_NAME, SIGNATURE_NAME}
     if extra:
         raise InvalidBundleError(f"files not listed in the manifest: {', '.join(sorted(extra))}")
-    for entry in manifest.files:
+    for entry in bundle.manifest.files:
         check_relative_path(entry.path)
         src = parts.get(entry.path)
         if src is None:
             raise InvalidBundleError(f"{entry.path} is listed in the manifest but missing from the upload")
         blobs.put_stream(src, expected_sha256=entry.sha256, expected_size=entry.size, name=entry.path)
+
+
+def register(session: Session, blobs: BlobStore, bundle: VerifiedBundle) -> tuple[BundleRecord, bool]:
+    """Record a verified bundle whose files are in the blob store. Returns (record, created): the same
+    bundle again is a no-op."""
+    existing = registered(session, bundle)
+    if existing is not None:
+        return existing, False
+    manifest = bundle.manifest
+    missing = [f.path for f in manifest.files if not blobs.has(f.sha256)]
+    if missing:
+        # Only when a delete of a bundle sharing these files raced the upload: nothing half-registered.
+        raise ConflictError(f"{manifest.ref}: {', '.join(missing)} left the blob store during the upload; retry")
     record = BundleRecord(
         name=manifest.name,
         version=manifest.version,
-        manifest_sha256=manifest_sha,
-        manifest_yaml=body.decode("utf-8"),
-        signature=sig.decode("utf-8"),
-        key_id=_key_id(sig),
+        manifest_sha256=bundle.manifest_sha256,
+        manifest_yaml=bundle.manifest_bytes.decode("utf-8"),
+        signature=bundle.signature.decode("utf-8"),
+        key_id=_key_id(bundle.signature),
         total_size=manifest.total_size,
         summary=summarize(manifest),
         files=[
@@ -149,7 +174,9 @@ def users_of(session: Session, name: str, version: int) -> list[str]:
     return users
 
 
-def delete_bundle(session: Session, blobs: BlobStore, name: str, version: int) -> None:
+def delete_bundle(session: Session, name: str, version: int) -> set[str]:
+    """Delete a bundle's record (refused while it is in use); returns the sha256 of each of its files
+    no other bundle shares, for the caller to remove from the blob store once the deletion is committed."""
     rec = get_bundle(session, name, version)
     users = users_of(session, name, version)
     if users:
@@ -160,5 +187,4 @@ def delete_bundle(session: Session, blobs: BlobStore, name: str, version: int) -
     still_used = set(
         session.scalars(select(BundleFileRecord.sha256).where(BundleFileRecord.sha256.in_(shas))).all()
     )
-    for sha in shas - still_used:
-        blobs.delete(sha)
+    return shas - still_used

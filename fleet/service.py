@@ -1,24 +1,21 @@
 """The fleet service's moving parts wired together: database, blob store, embedded broker, MQTT bridge
-and the worker thread that owns every rollout decision.
+and the worker thread that owns every write.
 
-One worker thread applies MQTT messages, runs the rollout engine and executes the REST API's rollout
-commands (apply, pause, rollback...), so rollout state is only ever written from one place.
+One worker thread (``fleet/worker.py``) applies MQTT messages, runs the rollout engine and executes every
+command (``fleet/commands/``: enrolment, uploads, apply, pause, rollback...), so state is only ever
+written from one place. Callers run a command with ``FleetService.execute`` and get its typed result.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
-import hashlib
 import hmac
 import json
 import logging
-import queue
 import secrets
-import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,32 +24,23 @@ from manifests import KeyFormatError, SigningKey, TrustStore, write_keypair
 from manifests.signing import PRIVATE_KEY_NAME
 
 from .blobs import BlobStore
-from .bridge import RECONNECTED, Inbound, MqttBridge
+from .bridge import MqttBridge
 from .broker import EmbeddedBroker
+from .commands.base import CommandContext, CommandResult
 from .config import FleetConfig
+from .credentials import hash_secret
 from .db import Device, make_engine, run_migrations, session_factory, utcnow
 from .errors import ConfigError
-from .ingest import handle_message
+from .ingest import ingest_messages
 from .retention import compact
 from .rollout import RolloutContext, RolloutEngine
+from .worker import CommandCall, Worker, WorkQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 SERVICE_USER = "nanofleet-fleet"
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-class _Call:
-    def __init__(self, fn: Callable[[Session], Any]) -> None:
-        self.fn = fn
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-
-def _describe(item: Inbound | _Call) -> str:
-    return f"MQTT message on {item.topic}" if isinstance(item, Inbound) else "API command"
+COMMAND_TIMEOUT_S = 30.0
 
 
 class FleetService:
@@ -68,7 +56,6 @@ class FleetService:
         self.trust = TrustStore.from_paths(list(config.trusted_keys))
         self.signing_key = self._load_signing_key()
         self.public_url = (config.public_url or f"http://{config.host}:{config.port}").rstrip("/")
-        self.inbox: queue.Queue[Inbound | _Call] = queue.Queue()
         self.rollouts = RolloutEngine(
             RolloutContext(
                 signing_key=self.signing_key,
@@ -77,12 +64,19 @@ class FleetService:
                 rollback_validity_s=config.rollback_validity_s,
             )
         )
+        self.inbox = WorkQueue()
+        self.worker = Worker(
+            self.inbox,
+            self.sessions,
+            ingest=ingest_messages,
+            tick=self._tick,
+            publish=self._publish,
+            tick_s=config.tick_s,
+        )
         self.broker: EmbeddedBroker | None = None
         self.bridge: MqttBridge | None = None
         self.mqtt_url: str = ""
         self._service_password = secrets.token_urlsafe(24)
-        self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
         self._last_compact = 0.0
 
     def _load_signing_key(self) -> SigningKey:
@@ -126,107 +120,53 @@ class FleetService:
             self.mqtt_url, self.inbox, username=user, password=password, keepalive=b.keepalive_s
         )
         self.bridge.start()
-        self._stop.clear()
-        self._worker = threading.Thread(target=self._work, name="fleet-worker", daemon=True)
-        self._worker.start()
+        self.worker.start()
         log.info("fleet service started: MQTT %s, public URL %s", self.mqtt_url, self.public_url)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(10)
+        self.worker.stop()
         if self.bridge is not None:
             self.bridge.stop()
         if self.broker is not None:
             self.broker.stop()
         self.engine.dispose()
 
-    # The worker ----------------------------------------------------------------------------------
-    def call(self, fn: Callable[[Session], T], timeout: float = 30.0) -> T:
-        """Run ``fn(session)`` on the worker thread, in its transaction; returns its result.
+    # Commands ------------------------------------------------------------------------------------
+    def execute(
+        self,
+        command: Callable[Concatenate[CommandContext, P], CommandResult[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> CommandResult[T]:
+        """Run ``command(ctx, *args, **kwargs)`` on the worker thread, in its transaction; returns its
+        result once committed (and its changed devices' desired states published). The command's own
+        errors are raised here."""
 
-        ``fn`` returns plain data (the session closes after), and adds the ids of devices whose desired
-        state it changed to ``session.info["changed_devices"]`` so they are published after the commit.
-        """
-        c = _Call(fn)
-        self.inbox.put(c)
-        return c.future.result(timeout)
+        def run(session: Session) -> CommandResult[T]:
+            return command(CommandContext(session, self.now(), self), *args, **kwargs)
 
-    def _work(self) -> None:
-        last_tick = 0.0
-        while not self._stop.is_set():
-            try:
-                first = self.inbox.get(timeout=self.config.tick_s)
-            except queue.Empty:
-                first = None
-            batch = [first] if first is not None else []
-            while len(batch) < 500:
-                try:
-                    batch.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            # The rollout engine runs at most every tick_s however busy MQTT is (API commands tick
-            # on their own).
-            tick = time.monotonic() - last_tick >= self.config.tick_s
-            if not batch and not tick:
-                continue
-            try:
-                self._process(batch, tick=tick)
-            except Exception:  # noqa: BLE001 - the worker must survive anything
-                log.exception("fleet worker batch failed; retrying its items one by one")
-                # One poison message must not take the rest of its batch down with it.
-                for item in batch:
-                    try:
-                        self._process([item], tick=False)
-                    except Exception as exc:  # noqa: BLE001
-                        log.error("dropped %s after an error: %s", _describe(item), exc)
-                        if isinstance(item, _Call) and not item.future.done():
-                            item.future.set_exception(exc)
-                time.sleep(0.2)
-            if tick:
-                last_tick = time.monotonic()
+        call = CommandCall(getattr(command, "__name__", "command"), run)
+        self.inbox.put_command(call)
+        return call.future.result(COMMAND_TIMEOUT_S)
 
-    def _process(self, batch: list[Inbound | _Call], *, tick: bool) -> None:
-        changed: set[str] = set()
-        republish = False
-        calls: list[tuple[_Call, Any, BaseException | None]] = []
-        with self.sessions() as session:
-            for item in batch:
-                if isinstance(item, _Call):
-                    # Each API command in its own savepoint: one failing command rolls back only itself.
-                    try:
-                        with session.begin_nested():
-                            result = item.fn(session)
-                        changed |= session.info.pop("changed_devices", set())
-                        calls.append((item, result, None))
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        session.info.pop("changed_devices", None)
-                        calls.append((item, None, exc))
-                elif item.topic == RECONNECTED:
-                    republish = True
-                else:
-                    handle_message(session, item.topic, item.payload)
-            if tick:
-                changed |= self.rollouts.tick(session)
-                if time.monotonic() - self._last_compact >= self.config.telemetry.compact_every_s:
-                    compact(session, self.config.telemetry, self.now())
-                    self._last_compact = time.monotonic()
-            session.commit()
-            # Publish only after the commit: the database is the truth the broker is made to match.
-            if republish:
-                devices = session.scalars(select(Device).where(Device.desired.is_not(None))).all()
-                for d in devices:
-                    self._publish(d)
-            elif changed:
-                for d in session.scalars(select(Device).where(Device.id.in_(changed))).all():
-                    self._publish(d)
-        for c, result, exc in calls:
-            if exc is not None:
-                c.future.set_exception(exc)
-            else:
-                c.future.set_result(result)
+    # The worker's hooks --------------------------------------------------------------------------
+    def _tick(self, session: Session) -> set[str]:
+        changed = self.rollouts.tick(session)
+        if time.monotonic() - self._last_compact >= self.config.telemetry.compact_every_s:
+            compact(session, self.config.telemetry, self.now())
+            self._last_compact = time.monotonic()
+        return changed
 
-    def _publish(self, device: Device) -> None:
+    def _publish(self, session: Session, device_ids: set[str] | None) -> None:
+        """Publish desired states (retained) of these devices, or of every device that has one."""
+        q = select(Device).where(Device.desired.is_not(None))
+        if device_ids is not None:
+            q = select(Device).where(Device.id.in_(device_ids))
+        for d in session.scalars(q).all():
+            self._publish_one(d)
+
+    def _publish_one(self, device: Device) -> None:
         if self.bridge is None or device.desired is None:
             return
         if not self.bridge.publish_desired(device.id, json.dumps(device.desired).encode("utf-8")):

@@ -1,6 +1,6 @@
-"""The dashboard's write side: every action runs on the fleet service's worker thread through
-``FleetService.call``, with the rollout engine's own functions (``apply_manifest``, ``RolloutEngine.pause``
-and friends), exactly as the REST API does. Nothing here decides anything about a rollout.
+"""The dashboard's forms: a pasted or composed deployment manifest, parsed and validated with errors
+that name each field. The pages then run the same commands as the REST API (``fleet.commands``, on the
+service's worker); nothing here writes or decides anything about a rollout.
 """
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
 
 from manifests import DeploymentManifest
 
 from ..errors import InvalidManifestError
-from ..rollout import apply_manifest, get_deployment
-from ..service import FleetService
+from ..rollout import ControlAction
 
 ACTOR = "admin (dashboard)"
-CONTROL_ACTIONS = ("pause", "resume", "abort", "rollback")
+CONTROL_ACTIONS = tuple(a.value for a in ControlAction)
 
 
 class ManifestInputError(InvalidManifestError):
@@ -113,33 +111,3 @@ def manifest_yaml(manifest: DeploymentManifest | dict[str, Any]) -> str:
     m = manifest if isinstance(manifest, DeploymentManifest) else DeploymentManifest.model_validate(manifest)
     data = m.model_dump(mode="json", exclude_defaults=True)
     return yaml.safe_dump({"apiVersion": m.apiVersion, "kind": m.kind, **data}, sort_keys=False)
-
-
-def apply(svc: FleetService, manifest: DeploymentManifest, actor: str = ACTOR) -> tuple[str, str]:
-    """Start (or re-apply) a rollout; returns (result, deployment name)."""
-
-    def run(session: Session) -> tuple[str, str]:
-        dep, result = apply_manifest(session, manifest, actor, svc.now())
-        session.info.setdefault("changed_devices", set()).update(svc.rollouts.tick(session))
-        return result, dep.name
-
-    return svc.call(run)
-
-
-def control(svc: FleetService, name: str, action: str, actor: str = ACTOR) -> str:
-    """pause | resume | abort | rollback a deployment; returns its new status."""
-    if action not in CONTROL_ACTIONS:
-        raise ValueError(f"unknown action {action!r}")
-
-    def run(session: Session) -> str:
-        dep = get_deployment(session, name)
-        now = svc.now()
-        if action == "rollback":
-            changed = svc.rollouts.rollback(session, dep, actor, now)
-            session.info.setdefault("changed_devices", set()).update(changed)
-        else:
-            getattr(svc.rollouts, action)(session, dep, actor, now)
-        session.flush()
-        return dep.status
-
-    return svc.call(run)

@@ -18,9 +18,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from .. import commands
 from ..db import aware
 from ..errors import FleetError, InvalidManifestError
 from ..registry import users_of
+from ..rollout import ControlAction
 from ..service import FleetService
 from . import actions, charts, queries
 from .auth import (
@@ -360,7 +362,10 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
                 _refused_page, request, s, 422, exc.message, exc.errors, form, manifest_text
             )
         try:
-            result, name = await run_in_threadpool(actions.apply, svc, manifest)
+            applied = await run_in_threadpool(
+                svc.execute, commands.apply_deployment, manifest, actor=actions.ACTOR
+            )
+            result, name = applied.value.result, applied.value.deployment.name
         except InvalidManifestError as exc:
             return await run_in_threadpool(
                 _refused_page, request, s, 422, exc.message, exc.errors, form, manifest_text
@@ -420,7 +425,9 @@ def build_router(svc: FleetService) -> tuple[APIRouter, dict[type[Exception], An
             # No script (or a hand-made request): ask on a page of its own.
             return render(request, "confirm.html", {"nav": "deployments", "name": name, "action": action}, s)
         try:
-            status = actions.control(svc, name, action)
+            status = svc.execute(
+                commands.control_deployment, name, ControlAction(action), actor=actions.ACTOR
+            ).value.status
         except FleetError as exc:
             ctx = _deployment_ctx(db, name)
             if ctx is None:

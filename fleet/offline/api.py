@@ -1,6 +1,6 @@
 """REST endpoints for offline media, mounted into the service's app by ``fleet.api.create_app``.
 
-Every write runs on the service's worker thread (``FleetService.call``), like the other rollout commands.
+Every write is a command (``fleet.commands.offline``) run on the service's worker, like the others.
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Admin`` dependency type.)
 """
 
@@ -8,12 +8,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from manifests.offline.format import MAX_TELEMETRY_FILE_BYTES
 
 from .. import schemas as S
+from ..commands import PackageOptions, import_telemetry_file, prepare_package
 from ..service import FleetService
-from .service import TelemetryImportError, import_telemetry_file, offline_devices, prepare_package
+from .service import TelemetryImportError, offline_devices
 
 
 class PackageRequest(BaseModel):
@@ -32,22 +34,13 @@ def mount(app: FastAPI, svc: FleetService, admin: Any) -> None:
     def offline_package(name: str, body: PackageRequest, p: admin) -> dict[str, Any]:  # type: ignore[valid-type]
         """Sign an offline update package document for this deployment's waiting devices (the CLI
         `nanofleet fleet export-update` then copies it and the bundle onto removable media)."""
-
-        def run(session: Any) -> dict[str, Any]:
-            return prepare_package(
-                session,
-                svc.rollouts,
-                svc.signing_key,
-                name,
-                actor=p.name,
-                now=svc.now(),
-                devices=body.devices,
-                all_waves=body.all_waves,
-                valid_for_s=body.valid_days * 86400,
-                dry_run=body.dry_run,
-            )
-
-        return svc.call(run)
+        options = PackageOptions(
+            devices=body.devices,
+            all_waves=body.all_waves,
+            valid_for_s=body.valid_days * 86400,
+            dry_run=body.dry_run,
+        )
+        return svc.execute(prepare_package, name, options, actor=p.name).value
 
     @app.post("/api/v1/offline/telemetry", tags=["offline"])
     async def offline_telemetry(request: Request, p: admin) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -58,15 +51,9 @@ def mount(app: FastAPI, svc: FleetService, admin: Any) -> None:
             if len(data) > MAX_TELEMETRY_FILE_BYTES:
                 raise TelemetryImportError(f"the export is over {MAX_TELEMETRY_FILE_BYTES} bytes")
         raw = bytes(data)
-
-        def run(session: Any) -> dict[str, Any]:
-            return import_telemetry_file(
-                session, raw, actor=p.name, now=svc.now(), pause_dir=svc.config.data_dir
-            )
-
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, svc.call, run)
+        # The worker runs the import; this event loop must not block while it waits.
+        result = await run_in_threadpool(svc.execute, import_telemetry_file, raw, actor=p.name)
+        return result.value
 
     @app.get("/api/v1/offline/devices", tags=["offline"])
     def offline_device_list(p: admin) -> list[dict[str, Any]]:  # type: ignore[valid-type]

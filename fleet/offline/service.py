@@ -1,5 +1,5 @@
 """The fleet's side of offline media, as functions of one database session (run on the service's worker
-thread through ``FleetService.call``, so rollout state keeps its one writer).
+thread by the commands in ``fleet.commands.offline``, so rollout state keeps its one writer).
 
 - ``prepare_package``: the signed package document for a deployment's devices that wait for it. Devices
   still ``pending`` are started exactly as the rollout engine starts them (same command id, desired state
@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from manifests.offline.format import (
 )
 
 from ..audit import audit
-from ..db import AuditEntry, Device, DeviceEvent, TelemetrySample, aware
+from ..db import AuditEntry, BundleRecord, Deployment, DeploymentTarget, Device, DeviceEvent, TelemetrySample, aware
 from ..errors import ConflictError, FleetError, NotFoundError
 from ..ingest import handle_message
 from ..registry import get_bundle
@@ -71,24 +72,19 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def prepare_package(
-    session: Session,
-    rollouts: RolloutEngine,
-    signing_key: SigningKey,
-    deployment_name: str,
-    *,
-    actor: str,
-    now: dt.datetime,
-    devices: list[str] | None = None,
-    all_waves: bool = False,
-    valid_for_s: float = 30 * 24 * 3600,
-    dry_run: bool = False,
-) -> dict[str, Any]:
-    dep = get_deployment(session, deployment_name)
+@dataclass(frozen=True)
+class PreparedPackage:
+    """The package (or, for a dry run, only its plan) as the REST API answers it, and the devices whose
+    desired state changed because it started them."""
+
+    body: dict[str, Any]
+    changed_devices: frozenset[str] = frozenset()
+
+
+def _waiting_targets(dep: Deployment, devices: list[str] | None, all_waves: bool) -> list[DeploymentTarget]:
     if dep.status != DeploymentStatus.IN_PROGRESS:
-        hint = " (resume it first)" if dep.status == "paused" else ""
+        hint = " (resume it first)" if dep.status == DeploymentStatus.PAUSED else ""
         raise ConflictError(f"deployment {dep.name} is {dep.status}, not in_progress{hint}")
-    manifest = DeploymentManifest.model_validate(dep.manifest)
     if devices:
         unknown = set(devices) - {t.device_id for t in dep.targets}
         if unknown:
@@ -96,15 +92,17 @@ def prepare_package(
     chosen = [
         t
         for t in dep.targets
-        if t.state in WAITING
-        and (all_waves or t.wave <= dep.wave)
-        and (not devices or t.device_id in devices)
+        if t.state in WAITING and (all_waves or t.wave <= dep.wave) and (not devices or t.device_id in devices)
     ]
     if not chosen:
         later = sum(1 for t in dep.targets if t.state == TargetState.PENDING and t.wave > dep.wave)
         hint = f"; {later} wait in later waves (use --all-waves)" if later else ""
         raise ConflictError(f"no device of deployment {dep.name} is waiting for its update{hint}")
-    bundle = get_bundle(session, dep.bundle_name, dep.bundle_version)
+    return chosen
+
+
+def _expiry(bundle: BundleRecord, now: dt.datetime, valid_for_s: float) -> dt.datetime:
+    """The package expires after ``valid_for_s``, and never after its bundle."""
     bmanifest = BundleManifest.from_yaml(bundle.manifest_yaml)
     expires = now + dt.timedelta(seconds=valid_for_s)
     if bmanifest.expires_at is not None:
@@ -113,9 +111,11 @@ def prepare_package(
         if bexp <= now:
             raise ConflictError(f"bundle {bmanifest.ref} expired at {bexp.isoformat()}")
         expires = min(expires, bexp)
-    bpath = f"bundles/{bundle.name}-{bundle.version}"
-    dep_yaml = manifest.to_yaml().encode("utf-8")
-    files = [
+    return expires
+
+
+def _package_files(bpath: str, dep_yaml: bytes, bundle: BundleRecord) -> list[PackageFile]:
+    return [
         PackageFile(path=DEPLOYMENT_DOC, size=len(dep_yaml), sha256=_sha(dep_yaml)),
         PackageFile(
             path=f"{bpath}/{MANIFEST_NAME}",
@@ -129,14 +129,18 @@ def prepare_package(
         ),
         *(PackageFile(path=f"{bpath}/{f.path}", size=f.size, sha256=f.sha256) for f in bundle.files),
     ]
-    plan = {
-        "deployment": dep.name,
-        "bundle": f"{bundle.name}@{bundle.version}",
-        "devices": [t.device_id for t in chosen],
-        "total_size": sum(f.size for f in files),
-    }
-    if dry_run:
-        return plan
+
+
+def _start_targets(
+    session: Session,
+    rollouts: RolloutEngine,
+    dep: Deployment,
+    manifest: DeploymentManifest,
+    chosen: list[DeploymentTarget],
+    now: dt.datetime,
+) -> tuple[dict[str, PackageTarget], set[str]]:
+    """Start the chosen devices still pending exactly as the rollout would (same command id, desired
+    state and audit entry), and give each its command id and signed rollback authorisation."""
     device_rows = {
         d.id: d for d in session.scalars(select(Device).where(Device.id.in_([t.device_id for t in chosen])))
     }
@@ -148,11 +152,41 @@ def prepare_package(
         assert t.command_id is not None
         rollback = None
         if manifest.spec.rollback:
-            rollback = rollouts.sign_rollback(
-                t.command_id, dep.bundle_name, dep.bundle_version, t.device_id, now
-            )
+            rollback = rollouts.sign_rollback(t.command_id, dep.bundle_name, dep.bundle_version, t.device_id, now)
         targets[t.device_id] = PackageTarget(command_id=t.command_id, rollback=rollback)
-    session.info.setdefault("changed_devices", set()).update(changed)
+    return targets, changed
+
+
+def prepare_package(
+    session: Session,
+    rollouts: RolloutEngine,
+    signing_key: SigningKey,
+    deployment_name: str,
+    *,
+    actor: str,
+    now: dt.datetime,
+    devices: list[str] | None = None,
+    all_waves: bool = False,
+    valid_for_s: float = 30 * 24 * 3600,
+    dry_run: bool = False,
+) -> PreparedPackage:
+    dep = get_deployment(session, deployment_name)
+    chosen = _waiting_targets(dep, devices, all_waves)
+    manifest = DeploymentManifest.model_validate(dep.manifest)
+    bundle = get_bundle(session, dep.bundle_name, dep.bundle_version)
+    expires = _expiry(bundle, now, valid_for_s)
+    bpath = f"bundles/{bundle.name}-{bundle.version}"
+    dep_yaml = manifest.to_yaml().encode("utf-8")
+    files = _package_files(bpath, dep_yaml, bundle)
+    plan = {
+        "deployment": dep.name,
+        "bundle": f"{bundle.name}@{bundle.version}",
+        "devices": [t.device_id for t in chosen],
+        "total_size": sum(f.size for f in files),
+    }
+    if dry_run:
+        return PreparedPackage(plan)
+    targets, changed = _start_targets(session, rollouts, dep, manifest, chosen, now)
     update = OfflineUpdate(
         package_id=f"{dep.name}-g{dep.generation}-{uuid.uuid4().hex[:8]}",
         deployment=dep.name,
@@ -178,7 +212,7 @@ def prepare_package(
         devices=sorted(targets),
         expires_at=expires.isoformat(),
     )
-    return {
+    body = {
         **plan,
         "package_id": update.package_id,
         "expires_at": expires.isoformat(),
@@ -197,6 +231,7 @@ def prepare_package(
         "manifest_yaml": bundle.manifest_yaml,
         "signature": bundle.signature,
     }
+    return PreparedPackage(body, frozenset(changed))
 
 
 def _counts(session: Session, device_id: str) -> tuple[int, int]:
