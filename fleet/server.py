@@ -12,8 +12,8 @@ import uvicorn
 
 from manifests import atomic_write_text
 
-from .api import create_app
 from .config import FleetConfig
+from .http import create_app
 from .service import FleetService
 
 INFO_FILE = "service.json"

@@ -1,0 +1,62 @@
+"""Artifacts: bundle files for devices, with Range, an ETag (the sha256) and X-Checksum-Sha256. No auth:
+bundles are signed, so devices trust the signature, not the transport."""
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import FileResponse
+
+from manifests import MANIFEST_NAME, SIGNATURE_NAME
+
+from .. import schemas as S
+from ..errors import NotFoundError
+from ..registry import get_bundle
+from .deps import Db, Svc, Version
+
+router = APIRouter(tags=["artifacts"])
+IMMUTABLE = "public, max-age=31536000, immutable"  # a name@version never changes (versions are immutable)
+
+
+def _headers(sha: str) -> dict[str, str]:
+    return {"etag": f'"{sha}"', "x-checksum-sha256": sha, "cache-control": IMMUTABLE}
+
+
+@router.head("/bundles/{name}/{version}/{path:path}", include_in_schema=False)
+@router.get(
+    "/bundles/{name}/{version}/{path:path}",
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        304: {},
+        206: {},
+        404: {"model": S.ErrorBody},
+        416: {},
+    },
+)
+def bundle_file(
+    name: str,
+    version: Version,
+    path: str,
+    session: Db,
+    svc: Svc,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """A bundle file, with Range, an ETag (its sha256) and X-Checksum-Sha256. No auth: bundles are
+    signed, so devices trust the signature, not the transport."""
+    b = get_bundle(session, name, version)
+    if path in (MANIFEST_NAME, SIGNATURE_NAME):
+        data = (b.manifest_yaml if path == MANIFEST_NAME else b.signature).encode("utf-8")
+        sha = hashlib.sha256(data).hexdigest()
+        if if_none_match and sha in if_none_match:
+            return Response(status_code=304, headers=_headers(sha))
+        media_type = "application/yaml" if path == MANIFEST_NAME else "application/json"
+        return Response(data, media_type=media_type, headers=_headers(sha))
+    entry = next((f for f in b.files if f.path == path), None)
+    if entry is None:
+        raise NotFoundError(f"{name}@{version} has no file {path!r}")
+    if if_none_match and entry.sha256 in if_none_match:
+        return Response(status_code=304, headers=_headers(entry.sha256))
+    blob = svc.blobs.path(entry.sha256)
+    if not blob.is_file():
+        raise NotFoundError(f"{path} of {name}@{version} is missing from the blob store")
+    return FileResponse(blob, headers=_headers(entry.sha256), media_type="application/octet-stream")

@@ -1,0 +1,22 @@
+"""Enrolment: tokens made by an admin, exchanged once by a device for its own credentials."""
+
+from fastapi import APIRouter
+
+from .. import commands
+from .. import schemas as S
+from .deps import Admin, Svc
+
+router = APIRouter(tags=["devices"])
+
+
+@router.post("/api/v1/enrollment-tokens", response_model=S.EnrollmentTokenOut, status_code=201)
+def create_enrollment_token(body: S.EnrollmentTokenRequest, svc: Svc, p: Admin) -> S.EnrollmentTokenOut:
+    return svc.execute(commands.create_enrollment_token, body, actor=p.name).value
+
+
+@router.post(
+    "/api/v1/enroll", response_model=S.EnrollResponse, status_code=201, responses={409: {"model": S.ErrorBody}}
+)
+def enroll(body: S.EnrollRequest, svc: Svc) -> S.EnrollResponse:
+    """Exchange a one-time enrolment token for this device's own credentials (no other auth)."""
+    return svc.execute(commands.enroll, body).value
