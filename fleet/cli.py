@@ -22,7 +22,6 @@ fleet_app = typer.Typer(
 models_app = typer.Typer(help="Signed model bundles in the registry (no sub-command: list them).")
 deployments_app = typer.Typer(help="Deployments and their rollouts (no sub-command: list them).")
 
-TERMINAL = ("completed", "aborted", "rolled_back", "paused")
 
 
 class Conn:
@@ -450,11 +449,14 @@ def deployments(
 
 
 def _watch_deployment(ctx: typer.Context, name: str) -> None:
+    from .rollout.states import DeploymentStatus as D  # here: the rest of the CLI stays light to import
+
+    resting = {D.COMPLETED, D.ABORTED, D.ROLLED_BACK, D.PAUSED}  # nothing moves until someone acts
     _live(
         ctx,
         lambda c: deployment_detail(c.deployment(name)),
         True,
-        done=lambda c: c.deployment(name)["status"] in TERMINAL,
+        done=lambda c: c.deployment(name)["status"] in resting,
     )
 
 

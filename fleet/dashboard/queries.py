@@ -26,6 +26,7 @@ from ..db import (
     TelemetrySample,
     aware,
 )
+from ..rollout.states import SETTLED, TargetState
 from .charts import Series
 
 ONLINE, OFFLINE = "online", "offline"
@@ -199,10 +200,7 @@ def device_detail(session: Session, device_id: str) -> DeviceDetail | None:
         return None
     metrics, n = telemetry_metrics(session, device_id)
     events = session.scalars(
-        select(DeviceEvent)
-        .where(DeviceEvent.device_id == device_id)
-        .order_by(DeviceEvent.seq.desc())
-        .limit(100)
+        select(DeviceEvent).where(DeviceEvent.device_id == device_id).order_by(DeviceEvent.seq.desc()).limit(100)
     ).all()
     history = []
     for e in reversed(events):
@@ -294,9 +292,7 @@ def bundle_choices(session: Session) -> list[str]:
     return [
         f"{n}@{v}"
         for n, v in session.execute(
-            select(BundleRecord.name, BundleRecord.version).order_by(
-                BundleRecord.name, BundleRecord.version.desc()
-            )
+            select(BundleRecord.name, BundleRecord.version).order_by(BundleRecord.name, BundleRecord.version.desc())
         )
     ]
 
@@ -323,10 +319,12 @@ class DeploymentView:
 
 TARGET_ROWS = 300
 # Rows that need a look come first in the per-device table.
-TARGET_ORDER = {"failed": 0, "rollback_failed": 0, "in_flight": 1, "rolling_back": 1}
-
-
-TERMINAL = ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed")
+TARGET_ORDER = {
+    TargetState.FAILED.value: 0,
+    TargetState.ROLLBACK_FAILED.value: 0,
+    TargetState.IN_FLIGHT.value: 1,
+    TargetState.ROLLING_BACK.value: 1,
+}
 
 
 def deployment_view(dep: Deployment) -> DeploymentView:
@@ -335,9 +333,7 @@ def deployment_view(dep: Deployment) -> DeploymentView:
         waves[w] = Counter()
     for t in dep.targets:
         waves.setdefault(t.wave, Counter())[t.state] += 1
-    views = [
-        WaveView(i, dict(c), sum(c.values()), sum(c[k] for k in TERMINAL)) for i, c in sorted(waves.items())
-    ]
+    views = [WaveView(i, dict(c), sum(c.values()), sum(c[k.value] for k in SETTLED)) for i, c in sorted(waves.items())]
     counts = dict(Counter(t.state for t in dep.targets))
     strategy = ((dep.manifest.get("spec") or {}).get("strategy") or {}).get("type", "all-at-once")
     rows = sorted(dep.targets, key=lambda t: (TARGET_ORDER.get(t.state, 2), t.position))[:TARGET_ROWS]
@@ -363,7 +359,11 @@ class BeforeAfter:
     error_rate_overall: tuple[float | None, float | None]
 
 
-UPDATED = ("succeeded", "rolling_back", "rolled_back", "rollback_failed")
+# Devices that were given the deployment's bundle and finished with it (or are being sent back).
+UPDATED = tuple(
+    s.value
+    for s in (TargetState.SUCCEEDED, TargetState.ROLLING_BACK, TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED)
+)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -386,12 +386,10 @@ def counter_increments(device_ids: Any) -> Any:
             s.model_name,
             s.model_version,
             s.decode_tok_s,
-            case(
-                (prev_req.is_(None), 0), (s.requests < prev_req, s.requests), else_=s.requests - prev_req
-            ).label("d_requests"),
-            case((prev_err.is_(None), 0), (s.errors < prev_err, s.errors), else_=s.errors - prev_err).label(
-                "d_errors"
+            case((prev_req.is_(None), 0), (s.requests < prev_req, s.requests), else_=s.requests - prev_req).label(
+                "d_requests"
             ),
+            case((prev_err.is_(None), 0), (s.errors < prev_err, s.errors), else_=s.errors - prev_err).label("d_errors"),
         )
         .where(s.device_id.in_(device_ids))
         .subquery()
