@@ -36,7 +36,9 @@ class FleetClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _req(self, method: str, path: str, **kw: Any) -> Any:
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        """Any API call: the decoded JSON answer (None for 204); FleetAPIError for a 4xx/5xx, FleetError
+        when the service cannot be reached."""
         try:
             r = self.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
@@ -53,19 +55,19 @@ class FleetClient:
 
     # devices
     def enrollment_token(self, **kw: Any) -> dict[str, Any]:
-        return self._req("POST", "/api/v1/enrollment-tokens", json=kw)
+        return self.request("POST", "/api/v1/enrollment-tokens", json=kw)
 
     def enroll(self, token: str, **kw: Any) -> dict[str, Any]:
-        return self._req("POST", "/api/v1/enroll", json={"token": token, **kw})
+        return self.request("POST", "/api/v1/enroll", json={"token": token, **kw})
 
     def devices(self) -> list[dict[str, Any]]:
-        return self._req("GET", "/api/v1/devices")
+        return self.request("GET", "/api/v1/devices")
 
     def device(self, device_id: str) -> dict[str, Any]:
-        return self._req("GET", f"/api/v1/devices/{device_id}")
+        return self.request("GET", f"/api/v1/devices/{device_id}")
 
     def telemetry(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        return self._req("GET", f"/api/v1/devices/{device_id}/telemetry", params={"limit": limit})
+        return self.request("GET", f"/api/v1/devices/{device_id}/telemetry", params={"limit": limit})
 
     # models
     def upload_bundle(self, bundle_dir: str | Path) -> dict[str, Any]:
@@ -75,38 +77,55 @@ class FleetClient:
         handles = [(p, open(root / p, "rb")) for p in paths]  # noqa: SIM115 - closed below
         try:
             files = [("files", (p, fh, "application/octet-stream")) for p, fh in handles]
-            return self._req("POST", "/api/v1/models", files=files)
+            return self.request("POST", "/api/v1/models", files=files)
         finally:
             for _, fh in handles:
                 fh.close()
 
     def models(self) -> list[dict[str, Any]]:
-        return self._req("GET", "/api/v1/models")
+        return self.request("GET", "/api/v1/models")
 
     def model(self, name: str, version: int) -> dict[str, Any]:
-        return self._req("GET", f"/api/v1/models/{name}/{version}")
+        return self.request("GET", f"/api/v1/models/{name}/{version}")
 
     def delete_model(self, name: str, version: int) -> None:
-        self._req("DELETE", f"/api/v1/models/{name}/{version}")
+        self.request("DELETE", f"/api/v1/models/{name}/{version}")
 
     # deployments
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return self._req("POST", "/api/v1/deployments", json=manifest)
+        return self.request("POST", "/api/v1/deployments", json=manifest)
 
     def deployments(self) -> list[dict[str, Any]]:
-        return self._req("GET", "/api/v1/deployments")
+        return self.request("GET", "/api/v1/deployments")
 
     def deployment(self, name: str) -> dict[str, Any]:
-        return self._req("GET", f"/api/v1/deployments/{name}")
+        return self.request("GET", f"/api/v1/deployments/{name}")
 
     def control(self, name: str, action: str) -> dict[str, Any]:
-        return self._req("POST", f"/api/v1/deployments/{name}/{action}")
+        return self.request("POST", f"/api/v1/deployments/{name}/{action}")
 
     def audit(self, deployment: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if deployment:
             params["deployment"] = deployment
-        return self._req("GET", "/api/v1/audit", params=params)
+        return self.request("GET", "/api/v1/audit", params=params)
 
     def status(self) -> dict[str, Any]:
-        return self._req("GET", "/api/v1/status")
+        return self.request("GET", "/api/v1/status")
+
+    # offline media
+    def offline_package(self, deployment: str, **request: Any) -> dict[str, Any]:
+        """The signed package document (``dry_run=True``: only the devices and size it would take)."""
+        return self.request("POST", f"/api/v1/deployments/{deployment}/offline-package", json=request)
+
+    def import_telemetry(self, data: bytes) -> dict[str, Any]:
+        """Import one telemetry export file (its raw bytes)."""
+        return self.request(
+            "POST",
+            "/api/v1/offline/telemetry",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def offline_devices(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/offline/devices")

@@ -129,7 +129,7 @@ def offline_devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--j
 
     try:
         with ctx.obj.client() as client:
-            rows: list[dict[str, Any]] = client._req("GET", "/api/v1/offline/devices")
+            rows: list[dict[str, Any]] = client.offline_devices()
     except FleetError as exc:
         fail(exc.message, as_json=as_json, reason=exc.reason)
     if as_json:

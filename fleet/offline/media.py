@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from manifests import atomic_write_bytes
 from manifests.offline.errors import MediaError, OfflineError
@@ -28,6 +28,9 @@ from manifests.offline.media import (
     temp_dir_in,
     write_synced,
 )
+
+if TYPE_CHECKING:
+    from ..client import FleetClient
 
 PAUSE_ENV = "NANOFLEET_OFFLINE_PAUSE_IN"  # test hook: "export-update" pauses half-way through the copy
 CHUNK = 1 << 20
@@ -65,7 +68,7 @@ def clean_stale_temp(out_dir: Path) -> list[str]:
 
 
 def write_package(
-    client: Any,
+    client: FleetClient,
     deployment: str,
     out_dir: Path,
     *,
@@ -76,13 +79,11 @@ def write_package(
 ) -> PackageWritten:
     out_dir = Path(out_dir)
     request = {"devices": devices or None, "all_waves": all_waves, "valid_days": valid_days}
-    plan = client._req(
-        "POST", f"/api/v1/deployments/{deployment}/offline-package", json={**request, "dry_run": True}
-    )
+    plan = client.offline_package(deployment, **request, dry_run=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temp(out_dir)
     check_room(out_dir, int(plan["total_size"]) + 64 * 1024)
-    resp = client._req("POST", f"/api/v1/deployments/{deployment}/offline-package", json=request)
+    resp = client.offline_package(deployment, **request)
     total = int(resp["total_size"])
     tmp = temp_dir_in(out_dir)
     done = 0
@@ -116,7 +117,7 @@ def write_package(
 
 
 def _download(
-    client: Any,
+    client: FleetClient,
     f: dict[str, Any],
     dest: Path,
     done: int,
@@ -163,7 +164,7 @@ def telemetry_files(path: Path) -> list[Path]:
     return found
 
 
-def import_files(client: Any, path: Path) -> list[dict[str, Any]]:
+def import_files(client: FleetClient, path: Path) -> list[dict[str, Any]]:
     """POST each export file; one refused file is reported and the others still import."""
     results = []
     files = telemetry_files(path)
@@ -173,12 +174,7 @@ def import_files(client: Any, path: Path) -> list[dict[str, Any]]:
 
     for f in files:
         try:
-            res = client._req(
-                "POST",
-                "/api/v1/offline/telemetry",
-                content=f.read_bytes(),
-                headers={"Content-Type": "application/octet-stream"},
-            )
+            res = client.import_telemetry(f.read_bytes())
             results.append({"file": str(f), "ok": True, **res})
         except FleetError as exc:
             results.append({"file": str(f), "ok": False, "error": exc.message, "reason": exc.reason})

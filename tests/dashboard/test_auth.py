@@ -167,7 +167,7 @@ def test_bad_manifest_is_reported_field_by_field(dash_fleet: DashFleet) -> None:
 def test_html_in_device_data_is_escaped(dash_fleet: DashFleet) -> None:
     evil = '<img src=x onerror="alert(1)">'
     with dash_fleet.admin() as admin:
-        admin._req("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab", "note": evil}})
+        admin.request("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab", "note": evil}})
     try:
         with signed_in_client(dash_fleet) as client:
             for path in ("/", "/devices/pi-lab-02", "/ui/fragments/overview"):
@@ -176,7 +176,7 @@ def test_html_in_device_data_is_escaped(dash_fleet: DashFleet) -> None:
                 assert "&lt;img src=x onerror=" in html, path
     finally:
         with dash_fleet.admin() as admin:
-            admin._req("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab"}})
+            admin.request("PATCH", "/api/v1/devices/pi-lab-02", json={"tags": {"site": "lab"}})
 
 
 def test_edit_prefills_the_manifest_of_a_deployment(dash_fleet: DashFleet) -> None:

@@ -49,7 +49,7 @@ def test_round_trip_through_a_stick(
         assert [p.name for p in stick.iterdir()] == [pkg.name]  # no temp folder left behind
         command = json.loads((pkg / PACKAGE_DOC).read_text())["payload"]["targets"]["field-1"]["command_id"]
         with fleet.admin() as c:  # the fleet lists the board as served by a stick, not yet back
-            row = next(r for r in c._req("GET", "/api/v1/offline/devices") if r["device_id"] == "field-1")
+            row = next(r for r in c.offline_devices() if r["device_id"] == "field-1")
         assert row["last_package"] == res["package_id"] and row["last_import"] is None
 
         # 2. The stick is plugged into the board: the running agent (no broker) picks it up and installs.
