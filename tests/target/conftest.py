@@ -3,6 +3,12 @@
 The first run builds ~/.cache/nanofleet/target (Debian arm64 root, aarch64 wheels, qemu 10 from Debian
 trixie): a few minutes and network access to the Debian mirror and PyPI. Missing qemu/debootstrap is a
 failure with the install command, never a skip (scripts/ensure_services.sh installs them).
+
+Everything the emulation tests share is built once per machine under file locks (the board's pieces by
+export/target, the default bundle by tests/export/bundle_cache.py) and started as soon as the session
+knows it needs them: right after collection, in background threads, so the default bundle's export and the
+download of the second onnxruntime's wheels overlap the first emulated tests instead of waiting for the
+test that needs them first.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 
@@ -37,12 +45,82 @@ REPO = Path(__file__).resolve().parents[2]
 OLD_ORT = "1.26.0"
 
 
+CPU = "cortex-a76"
+T = TypeVar("T")
+
+
+class Prefetch(Generic[T]):
+    """One piece of shared set-up running in a daemon thread; ``result`` waits for it (and re-raises)."""
+
+    def __init__(self, name: str, build: Callable[[], T]) -> None:
+        self._done = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._build = build
+        threading.Thread(target=self._run, name=f"prefetch-{name}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._build()
+        except BaseException as exc:  # handed to the test that needs it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self) -> T:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+_PREFETCH: dict[str, Prefetch[Any]] = {}
+
+
+def _start(name: str, build: Callable[[], Any]) -> Prefetch[Any]:
+    if name not in _PREFETCH:
+        _PREFETCH[name] = Prefetch(name, build)
+    return _PREFETCH[name]
+
+
+def _board(ort_version: str) -> Callable[[], TargetEnv]:
+    return lambda: prepare_target(CPU, ort_version)
+
+
+def _default_bundle() -> tuple[Path, Path]:
+    from tests.export.bundle_cache import cached_bundle
+
+    bundle, pub, _summary = cached_bundle("int8", [])
+    return bundle, pub
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After collection and -m/-k selection: start what the selected emulation tests will need."""
+    if session.config.option.collectonly:
+        return
+    here = Path(__file__).parent
+    mine = [i for i in session.items if here in Path(str(i.path)).parents]
+    if not any(i.get_closest_marker("slow") for i in mine):
+        return  # only the fast tests: nothing is emulated
+    _start(f"board-{host_onnxruntime_version()}", _board(host_onnxruntime_version()))
+    _start(f"board-{OLD_ORT}", _board(OLD_ORT))  # the runtime-incompatibility test's older onnxruntime
+    if any("default_bundle" in getattr(i, "fixturenames", ()) for i in mine):
+        _start("default-bundle", _default_bundle)
+
+
 @pytest.fixture(scope="session")
 def target_env() -> TargetEnv:
+    version = host_onnxruntime_version()
     try:
-        return prepare_target("cortex-a76", host_onnxruntime_version())
+        return _start(f"board-{version}", _board(version)).result()
     except TargetError as exc:
         pytest.fail(f"cannot build the emulated target: {exc}")
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> tuple[Path, Path]:
+    """tests/conftest.py's default bundle (same cache, same lock), started at collection time."""
+    return _start("default-bundle", _default_bundle).result()
 
 
 def run_cli(*args: str, timeout: float = 900) -> tuple[int, dict[str, Any], str]:
