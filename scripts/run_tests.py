@@ -1,4 +1,4 @@
-"""Run the test suite one tests/<part>/ folder per pytest process, N processes at a time, then print one
+"""Run the test suite one tests/<part>/ folder per pytest process, a few processes at a time, then print one
 overall summary.
 
 Why separate processes: the parts load heavy native libraries (torch, onnxruntime, a browser driver, an
@@ -6,11 +6,17 @@ in-process MQTT broker) and patch global state (ansible patches sys.intern, whic
 optimum patches model classes while exporting); a process per part keeps one part's leftovers from failing
 another's tests, as each part runs on its own in real use.
 
-Why two at a time by default: much of the suite waits (MQTT round trips, real processes starting and being
-killed, a browser, qemu), so a second part overlaps that waiting even on 2 cores. Parts share only build-once
-caches under .cache/ (the default bundle, the emulated board), and those are built under a file lock. The
-longest parts start first (measured durations are kept in .cache/test-durations.json; a fresh checkout uses
-the static estimates below). Each part's output is printed whole when it ends, so logs never interleave.
+Why several at a time: much of the suite waits (MQTT round trips, real processes starting and being killed,
+a browser), so parts overlap that waiting even on 2 cores. Parts share only build-once caches under .cache/
+(the default bundle, the emulated board), and those are built under a file lock.
+
+Scheduling: each part has a wall time and a CPU load (CPU seconds / wall seconds), measured by the last whole
+run (.cache/test-durations.json) or, on a fresh checkout such as CI, the ESTIMATES below. The longest part
+starts first (the emulated-board part, qemu, is the critical path), and a part starts only while the CPU
+loads of the running parts leave room for it on this machine's cores (OVERCOMMIT): the single-core qemu
+part runs from the start beside two others, and parts that mostly wait fill the gaps, but no three
+CPU-bound parts share two cores. Each part's output is printed whole when it ends, so logs never
+interleave; the summary gives every part's wall and CPU time.
 
     python scripts/run_tests.py [--jobs N] [pytest args...]      e.g. -m "not slow"
     NANOFLEET_TEST_JOBS=1 python scripts/run_tests.py              one part at a time
@@ -26,25 +32,32 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DURATIONS = REPO / ".cache" / "test-durations.json"
-# Seconds per part on the 2-core CI machine, run alone (the start order on a fresh checkout).
-ESTIMATES = {
-    "export": 420,
-    "target": 400,
-    "ansible": 300,
-    "device_agent": 240,
-    "device_engine": 200,
-    "fleet": 170,
-    "offline": 150,
-    "dashboard": 120,
-    "device_api": 100,
-    "manifests": 20,
+DEFAULT_JOBS = 3
+# Running parts may ask for this many times the machine's cores in CPU load: parts that mostly wait leave
+# room, but three CPU-bound parts at once only slow each other (and make timeouts flaky).
+OVERCOMMIT = 1.3
+# (wall seconds, CPU load) per part, measured in a whole run on a 2-core machine (2026-12-01, two parts at a
+# time, other users' load about 1): the start order and the admission rule on a fresh checkout such as CI.
+# target's wall includes waiting for the default bundle, which the export part usually builds.
+ESTIMATES: dict[str, tuple[float, float]] = {
+    "target": (1350, 0.95),
+    "export": (900, 0.55),
+    "ansible": (320, 0.8),
+    "fleet": (170, 0.55),
+    "device_engine": (160, 1.0),
+    "device_agent": (140, 0.5),
+    "device_api": (130, 1.0),
+    "dashboard": (115, 0.45),
+    "offline": (75, 0.8),
+    "manifests": (10, 0.7),
+    "tooling": (10, 0.7),
 }
+UNKNOWN = (60.0, 1.0)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class PartResult:
     errors: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     problem: str = ""  # "" when the part passed
 
 
@@ -62,13 +76,77 @@ def parts() -> list[Path]:
     return sorted(p for p in (REPO / "tests").iterdir() if p.is_dir() and any(p.glob("test_*.py")))
 
 
-def longest_first(found: list[Path]) -> list[Path]:
-    known: dict[str, float] = {}
+def known_profiles() -> dict[str, tuple[float, float]]:
+    """(wall, CPU load) per part: the last whole run's measurements over the static estimates."""
+    profiles = dict(ESTIMATES)
     try:
-        known = {k: float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
+        for name, v in json.loads(DURATIONS.read_text()).items():
+            if isinstance(v, dict):  # {"seconds": wall, "cpu_seconds": cpu}
+                wall = float(v["seconds"])
+                profiles[name] = (wall, max(0.1, float(v.get("cpu_seconds", wall)) / max(wall, 1.0)))
+            else:  # an older file: wall seconds only
+                profiles[name] = (float(v), profiles.get(name, UNKNOWN)[1])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
-    return sorted(found, key=lambda p: -known.get(p.name, ESTIMATES.get(p.name, 60)))
+    return profiles
+
+
+def longest_first(found: list[Path], profiles: dict[str, tuple[float, float]] | None = None) -> list[Path]:
+    profiles = profiles if profiles is not None else known_profiles()
+    return sorted(found, key=lambda p: -profiles.get(p.name, UNKNOWN)[0])
+
+
+class Scheduler:
+    """Hands out parts longest first, at most ``jobs`` at once, their CPU loads within ``capacity``.
+
+    A part whose load does not fit beside the running ones waits, and a shorter one that fits goes first;
+    with nothing running, the next part starts whatever its load (a part alone may use every core).
+    """
+
+    def __init__(self, todo: list[Path], profiles: dict[str, tuple[float, float]], jobs: int, capacity: float):
+        self.todo = list(todo)
+        self.profiles = profiles
+        self.jobs = jobs
+        self.capacity = capacity
+        self.running: dict[str, float] = {}
+        self.cond = threading.Condition()
+
+    def load(self, part: Path) -> float:
+        return self.profiles.get(part.name, UNKNOWN)[1]
+
+    def next_fit(self) -> Path | None:
+        """The part that would start now (None: none fits, or no slot is free); call with ``cond`` held."""
+        if len(self.running) >= self.jobs:
+            return None
+        busy = sum(self.running.values())
+        for part in self.todo:
+            if not self.running or busy + self.load(part) <= self.capacity:
+                return part
+        return None
+
+    def take(self) -> Path | None:
+        """The next part to run (blocking until one fits), or None when every part has been handed out."""
+        with self.cond:
+            while self.todo:
+                part = self.next_fit()
+                if part is not None:
+                    self.todo.remove(part)
+                    self.running[part.name] = self.load(part)
+                    return part
+                self.cond.wait()
+            return None
+
+    def done(self, part: Path) -> None:
+        with self.cond:
+            self.running.pop(part.name, None)
+            self.cond.notify_all()
+
+
+def _wait_with_usage(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
+    """Exit code and CPU seconds (user + system) of the process and every descendant it waited for."""
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def run_part(part: Path, argv: list[str], tmp: Path, print_lock: threading.Lock) -> PartResult:
@@ -78,8 +156,8 @@ def run_part(part: Path, argv: list[str], tmp: Path, print_lock: threading.Lock)
         print(f"... {part.name} started", flush=True)
     start = time.monotonic()
     with open(log, "wb") as out:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    res = PartResult(part.name, seconds=time.monotonic() - start)
+        rc, cpu = _wait_with_usage(subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+    res = PartResult(part.name, seconds=time.monotonic() - start, cpu_seconds=cpu)
     if rc == 5:  # every test of this part deselected (e.g. -m "not slow"): not a failure
         pass
     elif not xml.is_file():
@@ -98,29 +176,56 @@ def run_part(part: Path, argv: list[str], tmp: Path, print_lock: threading.Lock)
         status = "no tests selected" if rc == 5 else (
             f"{res.passed} passed, {res.failed} failed, {res.errors} errors, {res.skipped} skipped"
         )
-        print(f"--- {part.name}: {status} ({res.seconds:.0f}s)", flush=True)
+        print(f"--- {part.name}: {status} ({res.seconds:.0f}s, cpu {res.cpu_seconds:.0f}s)", flush=True)
     return res
 
 
 def main(argv: list[str]) -> int:
-    jobs = int(os.environ.get("NANOFLEET_TEST_JOBS", "2"))
+    jobs = int(os.environ.get("NANOFLEET_TEST_JOBS", str(DEFAULT_JOBS)))
     if argv[:1] == ["--jobs"]:
         jobs, argv = int(argv[1]), argv[2:]
     jobs = max(1, jobs)
-    todo = longest_first(parts())
-    print(f"running {len(todo)} parts, {jobs} at a time: {', '.join(p.name for p in todo)}", flush=True)
+    cores = float(os.environ.get("NANOFLEET_TEST_CORES") or os.cpu_count() or 2)
+    profiles = known_profiles()
+    todo = longest_first(parts(), profiles)
+    print(f"running {len(todo)} parts, up to {jobs} at a time, CPU load up to {cores * OVERCOMMIT:g} "
+          f"({cores:g} cores): {', '.join(p.name for p in todo)}", flush=True)  # fmt: skip
     t0 = time.monotonic()
     lock = threading.Lock()
-    with tempfile.TemporaryDirectory(prefix="nanofleet-tests-") as tmp, ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda p: run_part(p, argv, Path(tmp), lock), todo))
-    if not argv:  # a whole run: remember how long each part took, to start the longest first next time
+    sched = Scheduler(todo, profiles, jobs, cores * OVERCOMMIT)
+    results: list[PartResult] = []
+
+    def worker(tmp: Path) -> None:
+        while (part := sched.take()) is not None:
+            try:
+                results.append(run_part(part, argv, tmp, lock))
+            finally:
+                sched.done(part)
+
+    with tempfile.TemporaryDirectory(prefix="nanofleet-tests-") as tmp:
+        threads = [threading.Thread(target=worker, args=(Path(tmp),)) for _ in range(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    results.sort(key=lambda r: -r.seconds)
+    if not argv:  # a whole run: remember each part's wall and CPU time, to schedule the next run by them
         DURATIONS.parent.mkdir(exist_ok=True)
-        DURATIONS.write_text(json.dumps({r.name: round(r.seconds) for r in results}, indent=1) + "\n")
+        DURATIONS.write_text(
+            json.dumps(
+                {r.name: {"seconds": round(r.seconds), "cpu_seconds": round(r.cpu_seconds)} for r in results},
+                indent=1,
+            )
+            + "\n"
+        )
     bad = [r.problem for r in results if r.problem]
     minutes = (time.monotonic() - t0) / 60
+    print("\npart            wall s   cpu s   cpu load")
+    for r in results:
+        print(f"{r.name:<15} {r.seconds:>6.0f}  {r.cpu_seconds:>6.0f}   {r.cpu_seconds / max(r.seconds, 1):>6.2f}")
     if bad:
         print(f"\nparts with failures: {', '.join(bad)}")
-    print(f"\nwhole suite in {minutes:.1f} min ({jobs} parts at a time)")
+    print(f"\nwhole suite in {minutes:.1f} min (up to {jobs} parts at a time)")
     passed = sum(r.passed for r in results)
     failed = sum(r.failed + r.errors for r in results)
     print(f"{passed} passed, {failed} failed, {sum(r.skipped for r in results)} skipped")
