@@ -123,7 +123,7 @@ class Deployment(Base):
     spec_sha256: Mapped[str] = mapped_column(String(64))
     bundle_name: Mapped[str] = mapped_column(String(128))
     bundle_version: Mapped[int] = mapped_column(Integer)
-    # pending -> in_progress -> completed | paused | aborted | rolled_back | superseded
+    # a fleet.rollout.DeploymentStatus value; moves only through fleet/rollout/states.py's table
     status: Mapped[str] = mapped_column(String(32), default="in_progress")
     wave: Mapped[int] = mapped_column(Integer, default=0)
     waves: Mapped[int] = mapped_column(Integer, default=1)
@@ -147,7 +147,7 @@ class DeploymentTarget(Base):
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     position: Mapped[int] = mapped_column(Integer)
     wave: Mapped[int] = mapped_column(Integer)
-    # pending -> in_flight -> succeeded | failed ; rollback: rolling_back -> rolled_back | rollback_failed
+    # a fleet.rollout.TargetState value; moves only through fleet/rollout/states.py's table
     state: Mapped[str] = mapped_column(String(32), default="pending")
     command_id: Mapped[str | None] = mapped_column(String(160))
     previous_name: Mapped[str | None] = mapped_column(String(128))
@@ -218,15 +218,6 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class ServiceState(Base):
-    """Small key/value facts the service keeps across restarts (e.g. its own MQTT password)."""
-
-    __tablename__ = "service_state"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
 def make_engine(url: str, schema: str | None = None) -> Engine:
     kwargs: dict[str, Any] = {"future": True}
     if url.startswith("sqlite"):
@@ -251,8 +242,8 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
     return engine
 
 
-def run_migrations(engine: Engine) -> None:
-    """Bring the schema to the newest revision (run on every service start)."""
+def run_migrations(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision``, the newest by default (run on every service start)."""
     from alembic import command
     from alembic.config import Config
 
@@ -260,7 +251,7 @@ def run_migrations(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def session_factory(engine: Engine) -> sessionmaker:
