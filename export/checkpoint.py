@@ -36,7 +36,11 @@ class Checkpoint(Protocol):
 
 
 class SafetensorsReader:
-    """The ``*.safetensors`` files of a Hugging Face folder, opened lazily (each tensor read when asked for)."""
+    """The ``*.safetensors`` files of a Hugging Face folder, each tensor read when asked for.
+
+    Each read opens its file and closes it again: a handle kept open maps the whole file, and every page a read
+    touched stays in this process's resident set (measured: 1.3 GB after reading half of TinyLlama-1.1B), which
+    would put the whole checkpoint back into the export's peak memory. Opening costs a header parse."""
 
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -45,14 +49,12 @@ class SafetensorsReader:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise CorruptSourceError(f"{folder} has no *.safetensors weights (the direct builder reads those)")
-        self._handles: list[Any] = []
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, Path] = {}
         try:
             for f in files:
-                h = safe_open(str(f), framework="pt")  # pt: bf16 has no numpy dtype
-                self._handles.append(h)
-                for k in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                    self._where[k] = h
+                with safe_open(str(f), framework="pt") as h:  # pt: bf16 has no numpy dtype
+                    for k in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                        self._where[k] = f
         except Exception as exc:  # a truncated or foreign file
             raise CorruptSourceError(f"cannot read the safetensors weights in {folder}: {exc}") from exc
 
@@ -61,14 +63,20 @@ class SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         import torch
+        from safetensors import safe_open
 
-        h = self._where.get(name)
-        if h is None:
+        f = self._where.get(name)
+        if f is None:
             raise MissingTensorError(f"the checkpoint in {self.folder} has no tensor {name}")
-        return h.get_tensor(name).to(torch.float32).numpy()
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return h.get_tensor(name).to(torch.float32).numpy()
+        except OSError:
+            raise
+        except Exception as exc:
+            raise CorruptSourceError(f"cannot read {name} from {f}: {exc}") from exc
 
     def close(self) -> None:
-        self._handles.clear()
         self._where.clear()
 
 
@@ -111,10 +119,26 @@ class GGUFCheckpoint:
         if t is None:
             raise MissingTensorError(f"the GGUF file {self.path} has no tensor for {name} ({mapped})")
         w = np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: the data is memory-mapped
+        self._release(t)
         kind = mapped.split(".")[2] if mapped and mapped.count(".") >= 3 else ""
         if self._permute and kind in self._heads and w.ndim >= 1:
             w = _unpermute(w, self._heads[kind])
         return w
+
+    def _release(self, t: Any) -> None:
+        """Drop the file pages this read touched from the resident set (the reader maps the whole file; they
+        stay cached by the kernel, but no longer count as this process's memory)."""
+        import mmap
+
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = int(t.data_offset) + int(t.n_bytes) - start
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         self._tensors.clear()

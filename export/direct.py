@@ -26,7 +26,7 @@ import numpy as np
 
 from manifests import MODEL_DATA_FILE, MODEL_FILE
 
-from .fuse_gqa import Observer, build_gqa_graph
+from .fuse_gqa import Observer, build_gqa_graph, contiguous
 from .graph_edit import ensure_ms_domain
 from .quantize import QuantOutcome, QuantRecipe
 from .source_grid import GridNodes, find_grid
@@ -48,7 +48,7 @@ class ExternalData:
     def tensor(self, name: str, array: np.ndarray) -> Any:
         from onnx import TensorProto, helper, numpy_helper
 
-        a = np.ascontiguousarray(array)
+        a = contiguous(array)
         if a.nbytes < INLINE_BYTES:
             return numpy_helper.from_array(a, name)
         pad = -self._offset % ALIGN
@@ -87,7 +87,7 @@ def _block_quant(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
     )
 
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
-    packed, scales, _zero_points = DefaultWeightOnlyQuantizer(cfg).qbits_block_quant(np.ascontiguousarray(weight))
+    packed, scales, _zero_points = DefaultWeightOnlyQuantizer(cfg).qbits_block_quant(contiguous(weight))
     return packed, scales
 
 
@@ -139,7 +139,7 @@ class QuantizingSink:
         if r is None:
             return [helper.make_node("MatMul", [x, self._add(weight_name, weight)], [out], name=name)]
         if self._grid is not None:
-            grid = find_grid(np.ascontiguousarray(weight, dtype=np.float32), r.block_size or 32)
+            grid = find_grid(weight, r.block_size or 32)  # the view: no copy unless it is a grid
             if grid is not None:
                 self.grid_kept.append(name)
                 return self._grid.nodes(grid, weight_name, name, x, out)

@@ -91,10 +91,11 @@ class StreamedReference:
             norm.weight.copy_(torch.from_numpy(final_norm))
             h = norm(self._h)[0, :-1]  # [n - 1, hidden]: position j predicts token j + 1
             w = self._table if weight is None else torch.from_numpy(weight)  # [vocab, hidden]
-            logits = (h @ w.T).double()  # [n - 1, vocab]
-            logp = torch.log_softmax(logits, dim=-1).float()
+            logits = h @ w.T  # [n - 1, vocab]
+            for at in range(0, logits.shape[0], 128):  # float64 softmax, a slice at a time, in place
+                logits[at : at + 128] = torch.log_softmax(logits[at : at + 128].double(), dim=-1).float()
         self.targets = self._ids[1:].numpy().astype(np.int64)
-        self.log_probs = logp.numpy()
+        self.log_probs = logits.numpy()
         self._table = self._h = None
         self.seconds += time.perf_counter() - t0
 

@@ -101,12 +101,18 @@ def find_grid(weight: np.ndarray, block_size: int) -> Grid | None:
     k, n = weight.shape
     if k % block_size or block_size % 2:
         return None
-    blocks = weight.T.reshape(n * (k // block_size), block_size)  # [N·K/B, B], block-major per column
+    nb = k // block_size
+    # The sample first, gathered without touching the rest (a full pass, or the copy a transposed weight's
+    # reshape makes, costs seconds per weight on a 1B model that has no grid at all).
+    picks = np.linspace(0, n * nb - 1, min(SAMPLE_BLOCKS, n * nb)).astype(np.int64)  # block j: column j // nb
+    rows = (picks % nb)[:, None] * block_size + np.arange(block_size)[None, :]  # [S, B]
+    sampled = np.asarray(weight[rows, (picks // nb)[:, None]], dtype=np.float32)
+    s_mins = sampled.min(axis=1)
+    if _steps_in_span(sampled, s_mins, sampled.max(axis=1) - s_mins) is None:
+        return None
+    blocks = weight.T.reshape(n * nb, block_size)  # [N·K/B, B], block-major per column
     mins = blocks.min(axis=1)
     spans = blocks.max(axis=1) - mins
-    sample = np.linspace(0, blocks.shape[0] - 1, min(SAMPLE_BLOCKS, blocks.shape[0])).astype(np.int64)
-    if _steps_in_span(blocks[sample], mins[sample], spans[sample]) is None:
-        return None
     steps_in_span = _steps_in_span(blocks, mins, spans)
     if steps_in_span is None:
         return None
