@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlparse
 
@@ -28,6 +29,7 @@ RECONNECTED = "__reconnected__"
 class Inbound:
     topic: str
     payload: bytes
+    received_at: float = field(default_factory=time.time)  # for the ingest-lag metric and ts clamping
 
 
 class Inbox(Protocol):

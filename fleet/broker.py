@@ -3,6 +3,20 @@ authentication (per-device credentials) and topic ACL (a device touches only its
 
 amqtt loads plugins by dotted path and hands each a dataclass ``Config``; the plugins find the live
 fleet-side ``BrokerAuthority`` through a process-wide registry keyed by ``Config.registry_key``.
+
+What amqtt 0.12.1 does not do safely on its own, and ``_FleetBroker`` / the plugins fix (each has a case
+in tests/security/test_broker_attacks.py, run against Mosquitto as the ansible role configures it too):
+- it publishes a client's last will without asking the topic ACL: a device could mark another offline
+  or forge its reported state. A CONNECT whose will topic the device may not publish to is refused.
+- it looks a client id up (and takes the old session over) before authenticating: anyone knowing a
+  device's client id could kick it off with a wrong password. Here the login is checked first, and a
+  device's client id is namespaced by its username (``<device id>/<client id>``), so no device can
+  take over another's session (its own, yes: one connection replaces its previous one).
+- it reads any packet up to MQTT's 256 MB limit into memory: packets over ``max_packet_bytes`` close
+  the connection before their body is read.
+- it iterates its subscription table while awaiting (``Broker._run_broadcast``): a client subscribing
+  meanwhile raised ``RuntimeError: dictionary changed size during iteration`` and lost that broadcast.
+- refused logins and ACL denials leave no trace: here each is logged and counted (fleet/metrics.py).
 """
 
 from __future__ import annotations
@@ -13,15 +27,20 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action, BaseContext
+from amqtt.contexts import Action, BaseContext, ListenerConfig
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from manifests import mqtt as topics
 
+from . import metrics
 from .errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -47,16 +66,51 @@ def device_topic_allowed(device_id: str, topic: str, action: str) -> bool:
     return "/" not in leaf or leaf == "#"
 
 
+# Large enough for any desired state the fleet publishes (a signed rollback included) and far below what
+# would hurt: the per-kind payload caps at ingest (fleet/validation.py) are lower still.
+MAX_PACKET_BYTES = 256 * 1024
+
+
+def _peer(session: Session) -> str:
+    return f"{session.remote_address}:{session.remote_port}"
+
+
 class FleetAuthPlugin(BaseAuthPlugin):
+    """Per-device credentials; a device's last will only on a topic it may publish to; a device's client id
+    namespaced by its username so it cannot collide with another device's."""
+
     @dataclass
     class Config:
         registry_key: str = field(default="")
 
     async def authenticate(self, *, session: Session) -> bool | None:
         authority = _REGISTRY.get(self.config.registry_key)
+        user = session.username
         if authority is None:
-            return False
-        return authority.authenticate(session.username, session.password)
+            return self._refuse(session, "no_authority", "the fleet service is not running")
+        if not user or not session.password:
+            return self._refuse(session, "no_credentials", "no username or password")
+        if not authority.authenticate(user, session.password):
+            return self._refuse(session, "bad_credentials", f"wrong password or unknown user {user[:64]!r}")
+        if authority.is_service(user):
+            return True
+        if session.will_flag and not device_topic_allowed(user, session.will_topic or "", "publish"):
+            return self._refuse(session, "will_denied", f"{user} asked for a last will on {session.will_topic!r}")
+        # Like mosquitto's use_username_as_clientid, but a device may still hold several connections.
+        session.client_id = f"{user}/{session.client_id or gen_client_id()}"
+        return True
+
+    @staticmethod
+    def _refuse(session: Session, reason: str, detail: str) -> bool:
+        metrics.login_refused(reason)
+        log.warning(
+            "MQTT login refused (%s) from %s, client id %r: %s",
+            reason,
+            _peer(session),
+            (session.client_id or "")[:80],
+            detail,
+        )
+        return False
 
 
 class FleetTopicPlugin(BaseTopicPlugin):
@@ -75,19 +129,146 @@ class FleetTopicPlugin(BaseTopicPlugin):
             return False
         if authority.is_service(session.username):
             return True
-        if not session.username:
-            return False
-        return device_topic_allowed(session.username, topic, str(action.value if action else ""))
+        what = str(action.value if action else "")
+        if session.username and device_topic_allowed(session.username, topic, what):
+            return True
+        if what != Action.RECEIVE.value:  # a receive check is the broker filtering a broadcast, not a request
+            metrics.acl_denied(what)
+            log.warning(
+                "MQTT %s of %r denied to %r (client %r)",
+                what,
+                topic[:200],
+                session.username,
+                (session.client_id or "")[:80],
+            )
+        return False
+
+
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """amqtt's subscription table. Broker code iterates it across ``await``s (``_run_broadcast`` awaits the
+    topic filter for each subscriber), so iteration goes over a snapshot: a client subscribing meanwhile
+    no longer breaks the loop with "dictionary changed size during iteration"."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return [(k, list(v)) for k, v in super().items()]
+
+
+class _CappedReader(ReaderAdapter):
+    """Follows MQTT's framing on the bytes read and fails the read of any packet whose remaining length is
+    over ``cap`` before its body is read (amqtt would read it whole into memory)."""
+
+    def __init__(self, inner: ReaderAdapter, cap: int, peer: str) -> None:
+        self._inner, self._cap, self._peer = inner, cap, peer
+        self._body_left = 0  # bytes of the current packet's body not read yet
+        self._header: list[int] | None = None  # the fixed header read so far (None: in a body)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._inner.read(n)
+        self._follow(data)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def _follow(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - i)
+                self._body_left -= step
+                i += step
+                continue
+            header = self._header if self._header is not None else []
+            header.append(data[i])
+            i += 1
+            if len(header) >= 2 and not header[-1] & 0x80:  # the last byte of the remaining length
+                length = sum((b & 0x7F) << (7 * k) for k, b in enumerate(header[1:]))
+                self._header = None
+                if length > self._cap:
+                    metrics.message_dropped("packet_too_large")
+                    log.warning(
+                        "MQTT packet of %d bytes from %s is over the %d-byte cap; closing the connection",
+                        length,
+                        self._peer,
+                        self._cap,
+                    )
+                    raise asyncio.IncompleteReadError(b"", length)  # amqtt reads it as a dropped connection
+                self._body_left = length
+            else:
+                self._header = header
 
 
 class _FleetBroker(Broker):
-    """amqtt's Broker with its retained-message delivery fixed.
+    """amqtt's Broker with its retained-message delivery, its login order and its subscription iteration
+    fixed, and a packet size cap.
 
     amqtt 0.12.1, on every connect, sends the new client the retained messages matching *every
     client's* subscriptions (``for topic in self._subscriptions``), and never asks the topic ACL. With
     retained desired states that hands each device every other device's commands. Here a retained
     message goes only to a session that holds the matching subscription and may receive the topic.
     """
+
+    def __init__(self, *args: Any, max_packet_bytes: int = MAX_PACKET_BYTES, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotDict()
+        self._max_packet_bytes = max_packet_bytes
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        peer = writer.get_peer_info()
+        where = f"{peer[0]}:{peer[1]}" if peer else "?"
+        await super()._client_connected(listener_name, _CappedReader(reader, self._max_packet_bytes, where), writer)
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's, with the login checked *before* the client id is looked up: amqtt deleted (clean session)
+        or reused (persistent session) the session of that client id first and took it over even when
+        the login then failed, so a wrong password with a device's client id kicked the device off."""
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            log.warning("MQTT connection from %s:%s refused before CONNECT: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+        if not await super()._authenticate(session, None):  # type: ignore[arg-type]
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            raise AMQTTError("login refused")
+        if not session.client_id:
+            session.client_id = gen_client_id()
+        if session.clean_session:
+            await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            # A persistent session of this (namespaced, so the same user's) client id: resume it.
+            existing, _ = self._sessions[session.client_id]
+            for attr in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+            ):
+                setattr(existing, attr, getattr(session, attr))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        session._nanofleet_authenticated = True  # type: ignore[attr-defined]
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _authenticate(self, session: Session, _listener: ListenerConfig) -> bool:
+        # Checked already in _initialize_client_session (a refused login never gets this far).
+        return bool(getattr(session, "_nanofleet_authenticated", False))
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -107,9 +288,7 @@ class _FleetBroker(Broker):
                 continue
             tasks.append(
                 asyncio.ensure_future(
-                    handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
-                    )
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
                 )
             )
         if tasks:

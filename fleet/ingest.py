@@ -12,10 +12,10 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manifests import ManifestError
 from manifests import mqtt as contract
 
 from .db import Device, DeviceEvent, TelemetrySample, aware, utcnow
+from .validation import Dropped, DropReason, admit, record_drop
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +37,29 @@ class Message(Protocol):
 def ingest_messages(session: Session, messages: Sequence[Message]) -> None:
     """Apply a batch of messages in arrival order, in the caller's transaction (the worker's ``Ingest``)."""
     for m in messages:
-        handle_message(session, m.topic, m.payload)
+        handle_message(session, m.topic, m.payload, received_at=getattr(m, "received_at", None))
 
 
-def handle_message(session: Session, topic: str, payload: bytes) -> str | None:
+def handle_message(session: Session, topic: str, payload: bytes, *, received_at: float | None = None) -> str | None:
     """Apply one message; returns the device id it concerned (None when ignored)."""
-    try:
-        device_id, leaf = contract.parse_device_topic(topic)
-    except ValueError:
+    # The edge check first (fleet/validation.py): identity from the topic, bounded sizes, strings,
+    # integers, ts clamped to the receive time; a drop is logged and counted with its reason.
+    accepted = admit(topic, payload, received_at)
+    if accepted is None:
         return None
+    device_id, msg = accepted.device_id, accepted.message
     device = session.get(Device, device_id)
     if device is None:
-        log.info("message on %s from an unknown device; ignored", topic)
+        record_drop(topic, Dropped(DropReason.UNKNOWN_DEVICE, "no such device (deleted or never enrolled)"))
         return None
-    try:
-        if leaf == "reported":
-            _reported(device, contract.ReportedState.from_bytes(payload))
-        elif leaf == "telemetry":
-            _telemetry(session, device, contract.Telemetry.from_bytes(payload))
-        elif leaf == "events":
-            _event(session, device, contract.Event.from_bytes(payload))
-        elif leaf == "status":
-            _status(device, contract.Status.from_bytes(payload))
-        else:
-            return None
-    except ManifestError as exc:
-        log.warning("bad %s payload from %s: %s", leaf, device_id, exc.message)
-        return None
+    if isinstance(msg, contract.ReportedState):
+        _reported(device, msg)
+    elif isinstance(msg, contract.Telemetry):
+        _telemetry(session, device, msg)
+    elif isinstance(msg, contract.Event):
+        _event(session, device, msg)
+    else:
+        _status(device, msg)
     return device_id
 
 

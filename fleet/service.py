@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from manifests import KeyFormatError, SigningKey, TrustStore, write_keypair
 from manifests.signing import PRIVATE_KEY_NAME
 
+from . import metrics
 from .blobs import BlobStore
 from .bridge import MqttBridge
 from .broker import EmbeddedBroker
@@ -65,6 +66,7 @@ class FleetService:
             )
         )
         self.inbox = WorkQueue()
+        metrics.watch_queue(self.inbox)
         self.worker = Worker(
             self.inbox,
             self.sessions,
@@ -152,6 +154,7 @@ class FleetService:
 
     # The worker's hooks --------------------------------------------------------------------------
     def _tick(self, session: Session) -> set[str]:
+        metrics.rollout_tick()
         changed = self.rollouts.tick(session)
         if time.monotonic() - self._last_compact >= self.config.telemetry.compact_every_s:
             compact(session, self.config.telemetry, self.now())

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .. import metrics
 from .. import schemas as S
 from ..dashboard import mount_dashboard
 from ..service import FleetService
@@ -48,6 +49,7 @@ def create_app(
     )
     app.state.service = svc
     errors.install(app)
+    metrics.install(app)  # GET /metrics and the API latency timer
     for router in ROUTERS:
         app.include_router(router)
     mount_dashboard(app, svc)  # the web UI at / (fleet/dashboard/)
