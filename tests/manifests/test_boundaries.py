@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,17 +18,12 @@ EXPECTED = {
 }
 
 
-def test_the_contracts_are_declared() -> None:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
-    assert {c["name"] for c in config["contracts"]} == EXPECTED
-
-
 def test_import_contracts_hold() -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     assert lint.exists(), "import-linter is not installed: pip install -e '.[dev]'"
-    proc = subprocess.run(
-        [str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report
+    for name in EXPECTED:  # each one declared and checked
+        assert f"{name} KEPT" in report, report
     assert f"Contracts: {len(EXPECTED)} kept, 0 broken." in report, report
