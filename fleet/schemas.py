@@ -60,6 +60,27 @@ class EnrollResponse(BaseModel):
     fleet_key_id: str
 
 
+class BrokerInfo(BaseModel):
+    url: str = Field(description="mqtt://host:port as the fleet knows its broker")
+    protocol: str | None = Field(None, description="'3.1.1' for the embedded broker; null: the broker decides")
+
+
+class TrustedKeyOut(BaseModel):
+    key_id: str
+    pem: str = Field(description="PEM ed25519 public key")
+
+
+class EnrollInfo(BaseModel):
+    """What a board needs before it enrols (public: no secrets), for `nanofleet device enroll`."""
+
+    fleet_url: str
+    mqtt: BrokerInfo
+    artifacts_base_url: str = Field(description="base for relative bundle URLs (rollouts send absolute ones)")
+    trusted_keys: list[TrustedKeyOut] = Field(description="the keys whose bundle signatures the fleet accepts")
+    fleet_public_key: str = Field(description="PEM ed25519 key that signs rollback authorisations")
+    fleet_key_id: str
+
+
 class CredentialsOut(BaseModel):
     device_id: str
     mqtt: MqttCredentials

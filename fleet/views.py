@@ -6,7 +6,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from manifests import load_public_key
 from manifests import mqtt as contract
+from manifests.signing import key_id_of, public_pem
 
 from . import schemas as S
 from .db import (
@@ -186,6 +188,22 @@ def enroll_response(env: FleetEnv, device_id: str, token: str) -> S.EnrollRespon
         device_token=token,
         mqtt=mqtt_credentials(env, device_id, token),
         fleet_url=env.public_url,
+        fleet_public_key=env.signing_key.public_pem().decode(),
+        fleet_key_id=env.signing_key.key_id,
+    )
+
+
+def enroll_info(env: FleetEnv) -> S.EnrollInfo:
+    """The public half of an enrolment: where the broker and the artifacts are, which keys to trust."""
+    keys = []
+    for path in env.config.trusted_keys:
+        key = load_public_key(path)
+        keys.append(S.TrustedKeyOut(key_id=key_id_of(key), pem=public_pem(key).decode()))
+    return S.EnrollInfo(
+        fleet_url=env.public_url,
+        mqtt=S.BrokerInfo(url=env.mqtt_url, protocol="3.1.1" if env.config.broker.embedded else None),
+        artifacts_base_url=f"{env.public_url}/bundles/",
+        trusted_keys=keys,
         fleet_public_key=env.signing_key.public_pem().decode(),
         fleet_key_id=env.signing_key.key_id,
     )

@@ -25,5 +25,6 @@ def fail(message: str, *, code: int = 1, as_json: bool = False, reason: str | No
     if as_json:
         emit_json({"ok": False, "error": message, "reason": reason, **extra})
     else:
-        console.print(f"[bold red]error:[/] {message}")
+        # soft_wrap: one error is one line (the terminal wraps it, not rich), so scripts can grep it.
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
