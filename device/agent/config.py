@@ -106,6 +106,25 @@ class ArtifactsConfig(_Strict):
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(5, ge=0, description="download attempts per file after a dropped connection")
     ca: Path | None = None
+    # timeout_s bounds one read, not a download: these bound a server that trickles (docs/ota.md).
+    min_rate_bytes_s: int = Field(
+        1024,
+        ge=0,
+        description="a connection slower than this over a whole rate_window_s is cut and resumed with "
+        "Range (counts as an attempt); 0: no minimum",
+    )
+    rate_window_s: float = Field(60.0, gt=0, description="the window over which min_rate_bytes_s is measured")
+    max_download_s: float | None = Field(
+        6 * 3600.0,
+        gt=0,
+        description="each file must be complete within this many seconds, all its attempts together "
+        "(else the update fails: download_timeout); null: no bound",
+    )
+
+    @field_validator("min_rate_bytes_s", mode="before")
+    @classmethod
+    def _rate(cls, v: int | str) -> int:
+        return parse_size(v)
 
     @field_validator("base_url")
     @classmethod

@@ -52,6 +52,18 @@ class DownloadError(UpdateError):
     reason = "download"
 
 
+class TooSlowError(DownloadError):
+    """A connection stayed under ``artifacts.min_rate_bytes_s`` for a whole window (cut, then resumed)."""
+
+    reason = "too_slow"
+
+
+class DownloadTimeoutError(DownloadError):
+    """A file was not complete within ``artifacts.max_download_s``: the update fails."""
+
+    reason = "download_timeout"
+
+
 class DiskFullError(UpdateError):
     reason = "disk_full"
 

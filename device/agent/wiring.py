@@ -17,7 +17,7 @@ from manifests.mqtt import Event, ReportedState, SlotInfo, events_topic
 
 from .config import AgentConfig
 from .disk import Disk
-from .fetch import Fetcher, HttpFetcher
+from .fetch import DownloadLimits, Fetcher, HttpFetcher
 from .outbox import Outbox
 from .runtime import ModelRuntime
 from .store import UpdateRecord
@@ -41,7 +41,10 @@ def agent_version() -> str:
 
 def make_fetcher(cfg: AgentConfig) -> HttpFetcher:
     a = cfg.artifacts
-    return HttpFetcher(timeout_s=a.timeout_s, retries=a.retries, ca=a.ca)
+    limits = DownloadLimits(
+        min_rate_bytes_s=a.min_rate_bytes_s, rate_window_s=a.rate_window_s, max_download_s=a.max_download_s
+    )
+    return HttpFetcher(timeout_s=a.timeout_s, retries=a.retries, ca=a.ca, limits=limits)
 
 
 def open_outbox(cfg: AgentConfig) -> Outbox:

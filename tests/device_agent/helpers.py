@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,6 +139,12 @@ class ArtifactServer:
     # path -> byte count: the first GET of that path sends only that many bytes, then drops the connection
     truncate_once: dict[str, int] = field(default_factory=dict)
     ignore_range: bool = False
+    # path -> (bytes per second, n): the next n GETs of that path send their body at that rate
+    throttle: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # path -> extra bytes: the body is the file plus that many more (Content-Length says so too)
+    oversize: dict[str, int] = field(default_factory=dict)
+    # paths whose GETs never end: the file, then junk forever (chunked, no Content-Length)
+    endless: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         server = self
@@ -166,7 +174,10 @@ class ArtifactServer:
                             self.end_headers()
                             server.log.append(ServedRequest(rel, rng, 416, 0))
                             return
-                body = data[start:]
+                if rel in server.endless:
+                    self._endless(rel, rng, data[start:])
+                    return
+                body = data[start:] + b"\xee" * server.oversize.get(rel, 0)
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 if status == 206:
@@ -180,8 +191,41 @@ class ArtifactServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                self.wfile.write(body)
+                rate, left = server.throttle.get(rel, (0.0, 0))
+                if left > 0:
+                    server.throttle[rel] = (rate, left - 1)
+                    self._trickle(rel, rng, status, body, rate)
+                    return
+                try:
+                    self.wfile.write(body)
+                except OSError:  # the client hung up (e.g. it stopped reading at the signed size)
+                    self.close_connection = True
                 server.log.append(ServedRequest(rel, rng, status, len(body)))
+
+            def _trickle(self, rel: str, rng: str | None, status: int, body: bytes, rate: float) -> None:
+                sent = 0
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        sent += 1
+                        time.sleep(1.0 / rate)
+                except OSError:  # the client gave up on us: what it got is logged
+                    self.close_connection = True
+                server.log.append(ServedRequest(rel, rng, status, sent))
+
+            def _endless(self, rel: str, rng: str | None, first: bytes) -> None:
+                self.send_response(206 if rng else 200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                sent = 0
+                try:
+                    for piece in itertools.chain([first], itertools.repeat(b"\xee" * 65536)):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        sent += len(piece)
+                except OSError:
+                    self.close_connection = True
+                server.log.append(ServedRequest(rel, rng, 206 if rng else 200, sent))
 
             def log_message(self, *args: Any) -> None:
                 pass
