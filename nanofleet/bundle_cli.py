@@ -99,3 +99,53 @@ def inspect(
         t.add_row(f"file {f.role}", f"{f.path}  {f.size:,} B  {f.sha256[:16]}…")
     t.add_row("total size", f"{m.total_size:,} B")
     out.print(t)
+
+
+@bundle_app.command("resign")
+def resign(
+    bundle: Path = typer.Argument(..., help="The bundle folder whose files the new version reuses."),
+    key: Path = typer.Option(..., "--key", help="Private signing key (PEM, from `nanofleet keygen`)."),
+    version: int = typer.Option(..., "--version", min=1, help="The new version number."),
+    out_dir: Path = typer.Option(..., "--out", help="New folder for the signed bundle (must not exist)."),
+    expires: str = typer.Option(
+        "keep", "--expires", help="never, keep (the source's), a duration (90d, 12h, 2w) or a date (2027-06-30)."
+    ),
+    pubkey: list[Path] = typer.Option(
+        [], "--pubkey", help="Also check the source's signature against these keys; repeatable."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Sign the same files again as a new version (a re-release, a new expiry): no re-export. The files
+    are checked against the source manifest first; --out appears whole, or not at all."""
+    from manifests import KeyFormatError, SigningKey
+
+    from .resign import parse_expiry, resign_bundle
+
+    try:
+        signing_key = SigningKey.load(key)
+        trust = TrustStore.from_paths(list(pubkey)) if pubkey else None
+        m = resign_bundle(
+            bundle, out_dir, signing_key, version=version, expires_at=parse_expiry(expires), trust=trust
+        )
+    except KeyFormatError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
+    except VerificationError as exc:
+        fail(f"{bundle}: {exc.message} (nothing was signed)", as_json=as_json, reason=exc.reason)
+    except ManifestError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "bundle": str(out_dir),
+                "name": m.name,
+                "version": m.version,
+                "expires_at": m.expires_at.isoformat() if m.expires_at else None,
+                "key_id": signing_key.key_id,
+            }
+        )
+    else:
+        out.print(
+            f"[green]signed[/] {m.ref} into {out_dir} (key {signing_key.key_id}, "
+            f"expires {m.expires_at.isoformat() if m.expires_at else 'never'})"
+        )
