@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -135,8 +136,6 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 def install(app: Any) -> None:
     """Mount ``GET /metrics`` and the request timer on a FastAPI app (before its first request)."""
-    from fastapi import Response
-
     @app.get(
         "/metrics",
         tags=["service"],

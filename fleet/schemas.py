@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
+# Device ids end up in MQTT topics, file names and database keys: one level of a topic (no / + # $),
+# no dot first (a hidden file), at most 64 characters (the column).
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Names the fleet's own MQTT accounts use (the embedded broker's service user "nanofleet-fleet", the
+# ansible role's default superuser, and its agents' client ids "nanofleet-agent-..."): never a device's.
+RESERVED_ID_PREFIX = "nanofleet"
+TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
+GROUP_PATTERN = DEVICE_ID_PATTERN
+MAX_TAGS = 64
+MAX_GROUPS = 64
+MAX_TAG_VALUE = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _text(value: str) -> str:
+    """Text that every later reader can encode: valid Unicode (no unpaired surrogate: JSON bodies may
+    escape one, and every response holding it would fail with 500), no control characters (PostgreSQL
+    refuses NUL in text)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds an unpaired UTF-16 surrogate (not valid Unicode)") from None
+    if _CONTROL.search(value):
+        raise ValueError("holds a control character")
+    return value
+
+
+def _device_id(value: str) -> str:
+    if value.lower().startswith(RESERVED_ID_PREFIX):
+        raise ValueError(f"ids starting with {RESERVED_ID_PREFIX!r} are reserved for the fleet's own accounts")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+ShortText = Annotated[str, Field(max_length=64), AfterValidator(_text)]
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN), AfterValidator(_device_id)]
+TagKey = Annotated[str, Field(pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE), AfterValidator(_text)]
+Tags = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
+Group = Annotated[str, Field(pattern=GROUP_PATTERN)]
+Groups = Annotated[list[Group], Field(max_length=MAX_GROUPS)]
 
 
 class ErrorBody(BaseModel):
@@ -19,9 +60,9 @@ class ErrorBody(BaseModel):
 class EnrollmentTokenRequest(BaseModel):
     uses: int = Field(1, ge=1, le=100000, description="how many devices may enrol with it")
     ttl_s: float = Field(24 * 3600, gt=0, le=365 * 24 * 3600)
-    tags: dict[str, str] = Field(default_factory=dict, description="given to every device that enrols")
-    groups: list[str] = Field(default_factory=list)
-    hardware_class: str | None = None
+    tags: Tags = Field(default_factory=dict, description="given to every device that enrols")
+    groups: Groups = Field(default_factory=list)
+    hardware_class: ShortText | None = None
 
 
 class EnrollmentTokenOut(BaseModel):
@@ -32,13 +73,13 @@ class EnrollmentTokenOut(BaseModel):
 
 
 class EnrollRequest(BaseModel):
-    token: str = Field(min_length=1, max_length=200)
-    device_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN, description="default: generated")
-    hardware_class: str | None = Field(None, max_length=64)
-    cpu_arch: str | None = Field(None, max_length=32)
+    token: Text = Field(min_length=1, max_length=200)
+    device_id: DeviceId | None = Field(None, description="default: generated")
+    hardware_class: ShortText | None = None
+    cpu_arch: Text | None = Field(None, max_length=32)
     ram_bytes: int | None = Field(None, ge=0, le=2**50)
-    tags: dict[str, str] = Field(default_factory=dict)
-    groups: list[str] = Field(default_factory=list)
+    tags: Tags = Field(default_factory=dict)
+    groups: Groups = Field(default_factory=list)
 
 
 class MqttCredentials(BaseModel):
@@ -90,9 +131,9 @@ class CredentialsOut(BaseModel):
 
 
 class DevicePatch(BaseModel):
-    tags: dict[str, str] | None = None
-    groups: list[str] | None = None
-    hardware_class: str | None = Field(None, max_length=64)
+    tags: Tags | None = None
+    groups: Groups | None = None
+    hardware_class: ShortText | None = None
 
 
 class DeviceOut(BaseModel):
