@@ -33,6 +33,7 @@ from .errors import AgentError
 from .fetch import Fetcher
 from .mqtt_link import Link, LinkFactory, MqttLink
 from .runtime import ModelRuntime, make_runtime
+from .states import RESTING
 from .store import UpdateRecord
 from .telemetry import Sampler
 from .updater import Hooks
@@ -98,7 +99,12 @@ class Agent:
         self._events(kind, message, **fields)
 
     def reported(self, rec: UpdateRecord | None = None) -> ReportedState:
-        return reported_state(self.config, rec or self.updater.snapshot(), version=self.version, ts=now_utc())
+        rec = rec or self.updater.snapshot()
+        problem = self.updater.serving_error
+        if problem is not None and rec.error is None and rec.state in RESTING:
+            # The committed slot does not serve (e.g. its key was revoked): say so beside the record.
+            rec = rec.model_copy(update={"error": f"{problem.reason}: {problem.message}"})
+        return reported_state(self.config, rec, version=self.version, ts=now_utc())
 
     def _publish_reported(self, rec: UpdateRecord) -> None:
         self.link.publish_reported(self.reported(rec).to_bytes())

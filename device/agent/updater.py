@@ -154,6 +154,10 @@ class Updater:
         self.record = self.store.load()
         self._lock = threading.Lock()
         self._manifest: BundleManifest | None = None  # the in-flight target's verified manifest
+        # Why the committed slot does not serve (it no longer verifies or loads), until one serves again:
+        # reported with the state (the record itself still says what is committed) and it keeps a
+        # desired state for that same bundle from being taken as already in service.
+        self.serving_error: UpdateError | None = None
 
     # ---- the one place a state changes -------------------------------------------------------------
     def _fire(self, event: Event, **changes: Any) -> State:
@@ -204,6 +208,7 @@ class Updater:
         try:
             self.ensure_serving()
         except UpdateError as exc:
+            self.serving_error = exc
             log.error("the committed model does not load: %s", exc.message)
             self._emit(
                 "error",
@@ -276,11 +281,13 @@ class Updater:
             )
         except VerificationError as exc:
             if exc.reason != "expired":
-                self._emit(
-                    "error",
-                    f"active slot {slot} does not verify: {exc.message}",
-                    details={"reason": exc.reason, "slot": slot},
-                )
+                # E.g. its signing key was removed from trusted_keys (a revocation: docs/ota.md) or a file
+                # changed on disk. It is not loaded, and nothing else is: serving the other slot instead
+                # would be a rollback nobody signed.
+                message = f"active slot {slot} ({info.name}@{info.version}) does not verify: {exc.message}"
+                log.error("%s", message)
+                self.serving_error = RefusedError(message, reason=exc.reason)
+                self._emit("error", message, details={"reason": exc.reason, "slot": slot})
                 return None
             # An installed model that expires keeps serving: expiry gates installs, not service.
             manifest = verify_bundle(
@@ -298,6 +305,7 @@ class Updater:
             raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc
         sinfo = ServingInfo(manifest.name, manifest.version, slot, info.manifest_sha256 or "")
         self.runtime.serve(model, sinfo)
+        self.serving_error = None
         return sinfo
 
     # ---- commands ----------------------------------------------------------------------------------
@@ -307,6 +315,7 @@ class Updater:
         if desired.device_id != self.device_id:
             return "not_for_me"
         if desired.deployment_id in rec.seen_deployments or desired.deployment_id == rec.deployment_id:
+            self._report_replayed_rollback(desired)
             return "duplicate"  # QoS 1 redelivery or the retained message again
         if rec.state not in RESTING:
             raise AgentError(f"an update is in flight ({rec.state.value}); finish or resume it first")
@@ -318,6 +327,7 @@ class Updater:
         active = rec.committed
         if (
             active
+            and self.serving_error is None
             and active.name == ref.name
             and active.version == ref.version
             and (ref.manifest_sha256 is None or ref.manifest_sha256 == active.manifest_sha256)
@@ -374,6 +384,23 @@ class Updater:
             self._fail(RefusedError(refusal, reason="bad_rollback_authorization"))
         self._run()
         return self.record.state.value
+
+    def _report_replayed_rollback(self, desired: DesiredState) -> None:
+        """An old deployment delivered again (a replayed retained message) that asks for a version below
+        the committed one: ignored like any duplicate, and reported, since it is what an attacker holding
+        old fleet messages would send."""
+        ref = desired.bundle
+        highest = self.record.highest_committed.get(ref.name, 0) if ref else 0
+        if ref is None or desired.deployment_id == self.record.deployment_id or ref.version >= highest:
+            return
+        self._emit(
+            "refused",
+            f"replayed deployment {desired.deployment_id} asks for {ref.name}@{ref.version}, below the "
+            f"committed version {highest}: ignored",
+            deployment_id=desired.deployment_id,
+            bundle=f"{ref.name}@{ref.version}",
+            details={"reason": "anti_rollback", "replayed": True},
+        )
 
     def _check_rollback_authorization(self, desired: DesiredState) -> bool:
         assert desired.rollback is not None and desired.bundle is not None
@@ -596,6 +623,7 @@ class Updater:
         self.runtime.serve(
             model, ServingInfo(manifest.name, manifest.version, slot, info.manifest_sha256 or "")
         )
+        self.serving_error = None
         highest = dict(self.record.highest_committed)
         highest[manifest.name] = max(highest.get(manifest.name, 0), manifest.version)
         self._fire(

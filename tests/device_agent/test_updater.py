@@ -23,6 +23,13 @@ def h(tmp_path: Path, release_key: SigningKey, trust: TrustStore, artifacts: Art
     return Harness(tmp_path, release_key, trust, artifacts)
 
 
+def flip_one_byte(path: Path, offset: int) -> None:
+    """Corrupt a file the least possible way: one byte, at ``offset``, XOR 0x01; the size stays."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def committed(h: Harness, version: int) -> None:
     ref = h.publish(version)
     assert h.deploy(ref) == "committed"
@@ -62,7 +69,7 @@ def test_same_bundle_again_is_in_service(h: Harness) -> None:
 def test_corrupt_file_refused_old_keeps_serving(h: Harness) -> None:
     committed(h, 1)
     ref = h.publish(2)
-    (h.artifacts.root / ref.base_url / "weights.bin").write_bytes(b"\x00" * 4096)  # same size, wrong bytes
+    flip_one_byte(h.artifacts.root / ref.base_url / "weights.bin", 2048)  # same size, one bit pattern off
     assert h.deploy(ref) == "failed"
     rec = h.updater.record
     assert rec.last_result == "refused" and rec.error_reason == "tampered_file"
@@ -334,7 +341,7 @@ def _older_refused(h: Harness) -> str:
 
 def _corrupt_refused(h: Harness) -> str:
     ref = h.publish(3)
-    (h.artifacts.root / ref.base_url / "weights.bin").write_bytes(b"\x00" * 4096)
+    flip_one_byte(h.artifacts.root / ref.base_url / "weights.bin", 4095)  # the very last byte
     assert h.deploy(ref) == "failed"  # refused in verifying
     return "verifying"
 
@@ -411,3 +418,39 @@ def test_desired_same_version_while_committed_stays_committed(h: Harness) -> Non
     assert rec.state is State.COMMITTED and rec.last_result == "committed" and rec.error_state is None
     moves = [(f["from_state"], f["to_state"]) for k, _, f in h.events[n:] if k == "transition"]
     assert moves == [("committed", "committed")]
+
+
+def test_removed_key_the_committed_bundle_is_not_served_nor_taken_as_in_service(
+    h: Harness, release_key: SigningKey
+) -> None:
+    """In process (the real-process row is test_fault_matrix.py): after a restart without the key that
+    signed the committed bundle, nothing serves, the reason is kept, and that bundle is not 'in service'."""
+    ref = h.publish(1)
+    assert h.deploy(ref) == "committed"
+    new_key = SigningKey.generate()
+    h.trust = TrustStore([new_key.public_key])  # release_key removed from the trusted set
+    h.restart()
+    assert h.serving() is None
+    assert h.updater.serving_error is not None and h.updater.serving_error.reason == "unknown_key"
+    assert "unknown_key" in h.reasons()
+    assert h.deploy(ref.model_copy(update={"manifest_sha256": None})) == "failed"  # fetched, then refused
+    assert h.updater.record.error_reason == "unknown_key" and h.serving() is None
+    assert h.deploy(h.publish(2, key=new_key)) == "committed"
+    assert h.serving() == ("tiny", 2) and h.updater.serving_error is None
+    h.assert_serving_verifies()
+
+
+def test_a_replayed_older_deployment_is_ignored_and_reported(h: Harness) -> None:
+    v2 = h.desired(h.publish(2))
+    assert h.updater.handle_desired(v2) == "committed"
+    assert h.deploy(h.publish(3)) == "committed"
+    h.restart()
+    n = len(h.events)
+    assert h.updater.handle_desired(v2) == "duplicate"
+    (kind, message, fields), *rest = h.events[n:]
+    assert not rest and kind == "refused" and fields["details"] == {"reason": "anti_rollback", "replayed": True}
+    assert "below the committed version 3" in message
+    assert h.serving() == ("tiny", 3) and h.state is State.COMMITTED
+    # the current deployment delivered again (the retained message on every reconnect) stays silent
+    current = h.desired(None, deployment_id=h.updater.record.deployment_id)
+    assert h.updater.handle_desired(current) == "duplicate" and len(h.events) == n + 1
