@@ -83,19 +83,32 @@ def registered(session: Session, bundle: VerifiedBundle) -> BundleRecord | None:
     raise ConflictError(f"{m.ref} is already registered with different content; bundle versions are immutable")
 
 
-def store_files(blobs: BlobStore, bundle: VerifiedBundle, parts: dict[str, BinaryIO]) -> None:
-    """Stream every file the manifest lists into the blob store, checking size and sha256 on the way
-    (content-addressed: a file stored already is only checked). No database row is written."""
+def check_parts(bundle: VerifiedBundle, parts: dict[str, BinaryIO]) -> None:
+    """Refuse an upload holding a part its signed manifest does not list (also when the bundle is
+    registered already: the same bundle again may repeat its files, never add one)."""
     declared = {f.path for f in bundle.manifest.files}
     extra = set(parts) - declared - {MANIFEST_NAME, SIGNATURE_NAME}
     if extra:
-        raise InvalidBundleError(f"files not listed in the manifest: {', '.join(sorted(extra))}")
+        raise InvalidBundleError(f"files not listed in the manifest: {', '.join(sorted(extra)[:20])}")
+
+
+def store_files(
+    blobs: BlobStore, bundle: VerifiedBundle, parts: dict[str, BinaryIO], new_blobs: set[str] | None = None
+) -> None:
+    """Stream every file the manifest lists into the blob store, checking size and sha256 on the way
+    (content-addressed: a file stored already is only checked). No database row is written. The sha256
+    of each blob this call added goes into ``new_blobs``, so a refused upload can take them away again
+    (``commands.discard_blobs``)."""
+    check_parts(bundle, parts)
     for entry in bundle.manifest.files:
         check_relative_path(entry.path)
         src = parts.get(entry.path)
         if src is None:
             raise InvalidBundleError(f"{entry.path} is listed in the manifest but missing from the upload")
+        existed = blobs.has(entry.sha256)
         blobs.put_stream(src, expected_sha256=entry.sha256, expected_size=entry.size, name=entry.path)
+        if not existed and new_blobs is not None:
+            new_blobs.add(entry.sha256)
 
 
 def register(session: Session, blobs: BlobStore, bundle: VerifiedBundle) -> tuple[BundleRecord, bool]:
@@ -141,7 +154,15 @@ def get_bundle(session: Session, name: str, version: int) -> BundleRecord:
         select(BundleRecord).where(BundleRecord.name == name, BundleRecord.version == version)
     )
     if rec is None:
-        raise NotFoundError(f"no bundle {name}@{version} in the registry")
+        # Say what is there: the usual cause is a name that differs from what export wrote.
+        have = session.execute(
+            select(BundleRecord.name, BundleRecord.version).order_by(BundleRecord.name, BundleRecord.version)
+        ).all()
+        listed = ", ".join(f"{n}@{v}" for n, v in have[:10]) + (f" and {len(have) - 10} more" if len(have) > 10 else "")
+        raise NotFoundError(
+            f"no bundle {name}@{version} in the registry; it holds "
+            + (listed if have else "no bundles yet (push one with `nanofleet fleet models push BUNDLE`)")
+        )
     return rec
 
 

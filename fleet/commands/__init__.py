@@ -13,7 +13,7 @@ To add one: write it in the module of its resource, export it here, and call it 
 from .base import CommandContext, CommandResult
 from .deployments import apply_deployment, control_deployment, delete_deployment
 from .devices import create_enrollment_token, delete_device, enroll, rotate_credentials, update_device
-from .models import UploadedModel, delete_model, stage_upload, upload_model
+from .models import UploadedModel, delete_model, discard_blobs, stage_upload, upload_model
 from .offline import PackageOptions, import_telemetry_file, prepare_package
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "import_telemetry_file",
     "prepare_package",
     "rotate_credentials",
+    "discard_blobs",
     "stage_upload",
     "update_device",
     "upload_model",

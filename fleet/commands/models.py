@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from manifests import TrustStore
@@ -15,6 +16,7 @@ from .. import registry
 from .. import schemas as S
 from ..audit import audit
 from ..blobs import BlobStore
+from ..db import BundleFileRecord
 from ..views import model_out
 from .base import CommandContext, CommandResult
 
@@ -26,14 +28,31 @@ class UploadedModel:
 
 
 def stage_upload(
-    session: Session, blobs: BlobStore, trust: TrustStore, parts: dict[str, BinaryIO]
+    session: Session,
+    blobs: BlobStore,
+    trust: TrustStore,
+    parts: dict[str, BinaryIO],
+    new_blobs: set[str] | None = None,
 ) -> registry.VerifiedBundle:
     """Verify an upload and put its files in the blob store (``session`` is only read). Refuses a
-    bundle that conflicts with a registered one before reading its files."""
+    bundle that conflicts with a registered one, or holds a part its manifest does not list, before
+    reading its files. Blobs it adds go into ``new_blobs``: if the upload is refused after all, the caller
+    runs ``discard_blobs`` with them."""
     bundle = registry.verify_upload(trust, parts)
+    registry.check_parts(bundle, parts)
     if registry.registered(session, bundle) is None:
-        registry.store_files(blobs, bundle, parts)
+        registry.store_files(blobs, bundle, parts, new_blobs)
     return bundle
+
+
+def discard_blobs(ctx: CommandContext, shas: set[str]) -> CommandResult[None]:
+    """Remove the blobs a refused upload stored, except those a registered bundle lists. Deleted here and
+    not after the commit: on the writer, before any later command of the batch can record a bundle that
+    needs one (such an upload then finds its file gone and is told to retry)."""
+    used = set(ctx.session.scalars(select(BundleFileRecord.sha256).where(BundleFileRecord.sha256.in_(shas))))
+    for sha in shas - used:
+        ctx.env.blobs.delete(sha)
+    return CommandResult(None)
 
 
 def upload_model(

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse
+from starlette.responses import MalformedRangeHeader
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME
 
@@ -20,6 +21,34 @@ IMMUTABLE = "public, max-age=31536000, immutable"  # a name@version never change
 
 def _headers(sha: str) -> dict[str, str]:
     return {"etag": f'"{sha}"', "x-checksum-sha256": sha, "cache-control": IMMUTABLE}
+
+
+def _not_modified(if_none_match: str | None, sha: str) -> bool:
+    """RFC 9110 13.1.2: ``*`` matches any current representation; otherwise a comma-separated list of
+    entity tags compared weakly (``W/"x"`` matches ``"x"``)."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == f'"{sha}"':
+            return True
+    return False
+
+
+class _BundleFileResponse(FileResponse):
+    """A bundle file. A ``Range`` header that is malformed or names a unit other than bytes is ignored
+    (RFC 9110 14.2: the whole file, 200), where Starlette answers 400; an unsatisfiable one is still 416."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # Starlette sends the whole file for no range
 
 
 @router.head("/bundles/{name}/{version}/{path:path}", include_in_schema=False)
@@ -47,16 +76,16 @@ def bundle_file(
     if path in (MANIFEST_NAME, SIGNATURE_NAME):
         data = (b.manifest_yaml if path == MANIFEST_NAME else b.signature).encode("utf-8")
         sha = hashlib.sha256(data).hexdigest()
-        if if_none_match and sha in if_none_match:
+        if _not_modified(if_none_match, sha):
             return Response(status_code=304, headers=_headers(sha))
         media_type = "application/yaml" if path == MANIFEST_NAME else "application/json"
         return Response(data, media_type=media_type, headers=_headers(sha))
     entry = next((f for f in b.files if f.path == path), None)
     if entry is None:
         raise NotFoundError(f"{name}@{version} has no file {path!r}")
-    if if_none_match and entry.sha256 in if_none_match:
+    if _not_modified(if_none_match, entry.sha256):
         return Response(status_code=304, headers=_headers(entry.sha256))
     blob = svc.blobs.path(entry.sha256)
     if not blob.is_file():
         raise NotFoundError(f"{path} of {name}@{version} is missing from the blob store")
-    return FileResponse(blob, headers=_headers(entry.sha256), media_type="application/octet-stream")
+    return _BundleFileResponse(blob, headers=_headers(entry.sha256), media_type="application/octet-stream")

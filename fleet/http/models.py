@@ -39,9 +39,16 @@ def upload_model(
         if f.filename in parts:
             raise InvalidBundleError(f"{f.filename} uploaded twice")
         parts[f.filename] = f.file
-    # The files stream into the blob store here, in the request's thread; the record is a command.
-    staged = commands.stage_upload(session, svc.blobs, svc.trust, parts)
-    uploaded = svc.execute(commands.upload_model, staged, actor=p.name).value
+    # The files stream into the blob store here, in the request's thread; the record is a command. A
+    # refused upload takes the blobs it added away again (no orphan files).
+    new_blobs: set[str] = set()
+    try:
+        staged = commands.stage_upload(session, svc.blobs, svc.trust, parts, new_blobs)
+        uploaded = svc.execute(commands.upload_model, staged, actor=p.name).value
+    except BaseException:
+        if new_blobs:
+            svc.execute(commands.discard_blobs, new_blobs)
+        raise
     response.status_code = 201 if uploaded.created else 200
     return uploaded.model
 
