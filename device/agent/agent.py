@@ -141,10 +141,17 @@ class Agent:
         self._desired.put(desired)
 
     def _on_desired(self, payload: bytes) -> None:
+        """A message on our desired topic (paho's thread): checked at the edge, queued or refused.
+
+        A refused one never reaches the update worker, so it never touches state.json; it is logged and
+        queued as an ``error`` event with ``details.reason`` (``too_large``, ``schema``,
+        ``not_for_this_device``). Whatever the bytes, nothing raises out of here."""
         try:
-            desired = DesiredState.from_bytes(payload)
-        except SchemaError as exc:
-            self.emit("error", f"desired state refused: {exc.message}", details={"reason": "schema"})
+            desired = check_desired(payload, self.config.device_id)
+        except DesiredRefused as exc:
+            message = _printable(f"desired state refused: {exc.message}")
+            log.warning("%s", message)
+            self.emit("error", message, details={"reason": exc.reason})
             return
         self._desired.put(desired)
 
@@ -212,6 +219,45 @@ class Agent:
         self.runtime.stop()
         self._write_status()
         return 1 if self._fatal else 0
+
+
+MAX_DESIRED_BYTES = 256 * 1024  # a desired state is a few hundred bytes; with a rollback document, a few KB
+MAX_ID_CHARS = 256
+
+
+class DesiredRefused(AgentError):
+    """A desired-state message refused at the edge (the reason says why)."""
+
+    reason = "schema"
+
+
+def _printable(text: str, limit: int = 1000) -> str:
+    """An error message that always serializes: lone surrogates escaped, and cut to a readable length."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_desired(payload: bytes, device_id: str) -> DesiredState:
+    """The desired state in ``payload``, or DesiredRefused: over the size cap, not the schema, not
+    serializable back (e.g. lone UTF-16 surrogates, which state.json could not hold), ids over the length
+    cap, or addressed to another device."""
+    if len(payload) > MAX_DESIRED_BYTES:
+        raise DesiredRefused(f"{len(payload)} bytes, over the cap of {MAX_DESIRED_BYTES}", reason="too_large")
+    try:
+        desired = DesiredState.from_bytes(payload)
+        desired.to_bytes()  # everything we keep of it must be writable as UTF-8 JSON
+    except SchemaError as exc:
+        raise DesiredRefused(exc.message) from exc
+    except (ValueError, UnicodeError) as exc:  # pydantic's serialization error is a ValueError
+        raise DesiredRefused(f"not valid UTF-8 text: {exc}") from exc
+    for what, value in (("deployment_id", desired.deployment_id), ("device_id", desired.device_id)):
+        if not value or len(value) > MAX_ID_CHARS:
+            raise DesiredRefused(f"{what} must have 1 to {MAX_ID_CHARS} characters")
+    if desired.device_id != device_id:
+        raise DesiredRefused(
+            f"addressed to device {desired.device_id!r}, not {device_id!r}", reason="not_for_this_device"
+        )
+    return desired
 
 
 def read_status(data_dir: Path) -> dict[str, Any] | None:
