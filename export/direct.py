@@ -17,7 +17,7 @@ the reference that validates this builder and the fallback for families without 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,16 +230,19 @@ def build_direct(
     max_seq: int,
     observer: Observer | None = None,
     on_layer_done: Callable[[int], None] | None = None,
+    lora_sites: Sequence[str] = (),
 ) -> DirectBuild:
     """Write ``out_dir/model.onnx`` + ``model.onnx_data``: the fused graph, each weight quantized by ``recipe``
-    (None: fp32) as the checkpoint streams past. Nothing but one layer's tensors is held at a time."""
+    (None: fp32) as the checkpoint streams past. Nothing but one layer's tensors is held at a time.
+    ``lora_sites``: the projections that get LoRA adapter slots (fuse_gqa.lora_slots)."""
     import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / MODEL_DATA_FILE)
     sink = QuantizingSink(data, recipe)
     try:
-        model = build_gqa_graph(config, get, has, sink, max_seq, observer=observer, on_layer_done=on_layer_done)
+        model = build_gqa_graph(config, get, has, sink, max_seq, observer=observer, on_layer_done=on_layer_done,
+                                lora_sites=lora_sites)  # fmt: skip
     finally:
         data.close()
     if sink.recipe is not None:

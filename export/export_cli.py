@@ -88,6 +88,13 @@ def export(
         "'traced' (optimum's torch export, then fused and proven equal to it: holds the model several times "
         "over), or 'auto' (direct where the architecture has a direct builder, else traced).",
     ),
+    lora_sites: str = typer.Option(
+        "qkv,o,gate_up,down",
+        "--lora-sites",
+        help="LoRA adapter slots in the gqa graph, comma-separated: qkv (q/k/v_proj), o (o_proj), gate_up "
+        "(gate/up_proj), down (down_proj); 'none' for a graph that cannot take adapters. With no adapter active "
+        "a slot costs a rank-0 MatMul pair and an Add (docs/benchmarks.md, 'LoRA adapters').",
+    ),
     verify_target: list[str] = typer.Option(
         [],
         "--verify-target",
@@ -119,6 +126,12 @@ def export(
             reason="bad_argument",
         )
     defaults = PRECISION_DEFAULTS[precision]
+    sites = tuple(s.strip() for s in lora_sites.split(",") if s.strip() and s.strip() != "none")
+    from manifests import LORA_SITES
+
+    if any(s not in LORA_SITES for s in sites):
+        fail(f"--lora-sites takes {', '.join(LORA_SITES)} or none, not {lora_sites!r}", as_json=as_json,
+             reason="bad_argument")  # fmt: skip
     # Ctrl-C and SIGTERM both unwind through the pipeline's cleanup.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -151,6 +164,7 @@ def export(
             verify_targets=tuple(verify_target),
             graph=graph,  # type: ignore[arg-type]
             builder=builder,  # type: ignore[arg-type]
+            lora_sites=sites,
         )
         with Reporter(enabled=not as_json) as reporter:
             result = run_export(req, reporter)

@@ -15,6 +15,7 @@ I/O (batch 1 is what the device engine drives, but the graph is batch-generic):
     total_sequence_length  int32 []             past + seq
     logits_index           int64 [k]            which of the seq positions get logits (e.g. [seq - 1])
     past_key_values.{i}.key/value  float [batch, kv_heads, max_seq, head_dim]   the shared buffer
+    lora.{i}.{site}.a / .b float [in, rank] / [rank, out]   optional LoRA slots (``lora_sites``): rank 0 = none
     -> logits [batch, k, vocab], present.{i}.key/value (same shape, bound to the same buffer)
 
 Weights are plain fp32 MatMul/Gather initializers laid out like optimum's (a tied LM head is
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from manifests import MODEL_FILE, ArchConfig, GraphSpec
+from manifests import LORA_SITES, MODEL_FILE, ArchConfig, GraphSpec, LoraSite, LoraSlots, lora_input_names
 
 from .errors import ExportError
 
@@ -45,16 +46,49 @@ class FuseGqaError(ExportError):
     reason = "fuse_gqa"
 
 
-def gqa_graph_spec(num_layers: int, model_file: str = MODEL_FILE) -> GraphSpec:
+# Which checkpoint roles (archs.TensorNames) each packed projection holds, in output order: a LoRA slot on a
+# site serves every module packed into it (an adapter on q and v fills the q and v columns of the qkv slot).
+SITE_ROLES: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"),
+                                          "down": ("down",)}  # fmt: skip
+# What `nanofleet export` gives a gqa graph unless told otherwise (--lora-sites): every projection, so any
+# peft target_modules choice fits; their cost with no adapter active is measured in docs/benchmarks.md.
+DEFAULT_LORA_SITES: tuple[str, ...] = LORA_SITES
+
+
+def lora_slots(config: Mapping[str, Any], sites: Sequence[str]) -> LoraSlots | None:
+    """The manifest's description of the LoRA slots the builder adds for ``sites`` (None for none)."""
+    if not sites:
+        return None
+    bad = sorted(set(sites) - set(LORA_SITES))
+    if bad:
+        raise FuseGqaError(f"unknown LoRA site(s) {', '.join(bad)}; known: {', '.join(LORA_SITES)}")
+    H = int(config["hidden_size"])
+    nq = int(config["num_attention_heads"])
+    nkv = int(config.get("num_key_value_heads") or nq)
+    hd = int(config.get("head_dim") or H // nq)
+    inter = int(config["intermediate_size"])
+    width = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "o": H, "gate": inter, "up": inter, "down": H}
+    fan_in = {"qkv": H, "o": nq * hd, "gate_up": H, "down": inter}
+    out = []
+    for site in (s for s in LORA_SITES if s in sites):  # graph order, each once
+        splits = [width[r] for r in SITE_ROLES[site]]
+        out.append(LoraSite(name=site, in_features=fan_in[site], out_features=sum(splits),  # type: ignore[arg-type]
+                            modules=[f"{r}_proj" for r in SITE_ROLES[site]], splits=splits))  # fmt: skip
+    return LoraSlots(sites=out)
+
+
+def gqa_graph_spec(num_layers: int, model_file: str = MODEL_FILE, lora: LoraSlots | None = None) -> GraphSpec:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    slots = [n for i in range(num_layers) for s in (lora.sites if lora else ()) for n in lora_input_names(i, s.name)]
     return GraphSpec(
         kind=GRAPH_KIND,
         model_file=model_file,
-        input_names=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *past],
+        input_names=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *past, *slots],
         output_names=["logits", *present],
         kv_dtype="float32",
         shared_kv_buffer=True,
+        lora=lora,
     )
 
 
@@ -213,10 +247,14 @@ class Observer(Protocol):
 
 
 def build_gqa_model(
-    config: Mapping[str, Any], weights: Mapping[str, np.ndarray], max_seq: int | None = None
+    config: Mapping[str, Any],
+    weights: Mapping[str, np.ndarray],
+    max_seq: int | None = None,
+    lora_sites: Sequence[str] = (),
 ) -> Any:
     """The fused graph as an onnx.ModelProto with fp32 weights inside (from an in-memory weights dict)."""
-    return build_gqa_graph(config, weights.__getitem__, weights.__contains__, InlineWeights(), max_seq)
+    return build_gqa_graph(config, weights.__getitem__, weights.__contains__, InlineWeights(), max_seq,
+                           lora_sites=lora_sites)  # fmt: skip
 
 
 def build_gqa_graph(
@@ -227,9 +265,11 @@ def build_gqa_graph(
     max_seq: int | None = None,
     observer: Observer | None = None,
     on_layer_done: Callable[[int], None] | None = None,
+    lora_sites: Sequence[str] = (),
 ) -> Any:
     """The fused graph as an onnx.ModelProto. Weights are fetched with ``get`` (checkpoint name -> fp32 array in
-    HF layout) one layer at a time, handed to ``observer`` and to ``sink``, and dropped before the next layer."""
+    HF layout) one layer at a time, handed to ``observer`` and to ``sink``, and dropped before the next layer.
+    ``lora_sites`` (of LORA_SITES) get LoRA slots in every layer (``lora_slots`` describes them)."""
     from onnx import TensorProto, helper
 
     direct, reason = _direct_spec(config)
@@ -255,9 +295,31 @@ def build_gqa_graph(
         return get(name)
 
     nodes: list[Any] = []
+    slots = lora_slots(config, lora_sites)
+    lora_inputs: list[Any] = []
 
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+
+    def project(i: int, site: str, name: str, weight_name: str, x: str, weight: np.ndarray, out: str) -> None:
+        """``out = x @ weight``, plus ``(x @ A) @ B`` from the layer's LoRA slot when ``site`` has one."""
+        if slots is None or slots.site(site) is None:
+            nodes.extend(sink.matmul(name, weight_name, x, weight, out))
+            return
+        nodes.extend(sink.matmul(name, weight_name, x, weight, out + "/base"))
+        a, b = lora_input_names(i, site)
+        rank = f"lora_rank_{i}_{site}"  # one symbol per slot: an adapter's rank may differ per layer
+        k, n = weight.shape
+        lora_inputs.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [k, rank]),
+                            helper.make_tensor_value_info(b, TensorProto.FLOAT, [rank, n])])  # fmt: skip
+        # rank-0 defaults (an overridable initializer of the same name): a run that feeds nothing gets the base
+        # model, and onnxruntime's own RunOptions.add_active_adapter can fill the slots in a plain Run
+        sink.constant(a, np.zeros((k, 0), dtype=np.float32))
+        sink.constant(b, np.zeros((0, n), dtype=np.float32))
+        lp = name.rsplit("/", 1)[0]
+        node("MatMul", [x, a], [f"{lp}/lora/down"], f"{lp}/lora/MatMul_a")  # [b, s, rank]
+        node("MatMul", [f"{lp}/lora/down", b], [f"{lp}/lora/delta"], f"{lp}/lora/MatMul_b")  # [b, s, out]
+        node("Add", [out + "/base", f"{lp}/lora/delta"], [out], f"{lp}/lora/Add")
 
     table = w(names.embed)  # [vocab, H]
     if observer:
@@ -288,7 +350,7 @@ def build_gqa_graph(
         # packed QKV: [H, (nq + 2 nkv) hd]
         qkv = f"{lp}/attn/qkv_proj/output_0"
         wqkv = np.concatenate([t["q"], t["k"], t["v"]], axis=0).T  # rows packed (a memcpy), then a [K, N] view
-        nodes.extend(sink.matmul(f"{lp}/attn/qkv_proj/MatMul", f"{p}.self_attn.qkv_proj.weight", x, wqkv, qkv))
+        project(i, "qkv", f"{lp}/attn/qkv_proj/MatMul", f"{p}.self_attn.qkv_proj.weight", x, wqkv, qkv)
         del wqkv
         if "q_bias" in t:
             b = sink.constant(
@@ -307,7 +369,7 @@ def build_gqa_graph(
              [attn, f"present.{i}.key", f"present.{i}.value"], f"{lp}/attn/GroupQueryAttention",
              domain="com.microsoft", **gqa_attrs)  # fmt: skip
         o = f"{lp}/attn/o_proj/output_0"
-        nodes.extend(sink.matmul(f"{lp}/attn/o_proj/MatMul", f"{p}.self_attn.o_proj.weight", attn, t["o"].T, o))
+        project(i, "o", f"{lp}/attn/o_proj/MatMul", f"{p}.self_attn.o_proj.weight", attn, t["o"].T, o)
         ln2 = sink.constant(f"{p}.post_attention_layernorm.weight", t["post_norm"])
         x2, res2 = f"{lp}/post_attention_layernorm/output_0", f"{lp}/post_attention_layernorm/residual"
         node("SkipSimplifiedLayerNormalization", [o, residual, ln2], [x2, "", "", res2],
@@ -315,7 +377,7 @@ def build_gqa_graph(
         residual = res2
         gu, gate, up = (f"{lp}/mlp/{n}" for n in ("gate_up", "gate", "up"))
         wgu = np.concatenate([t["gate"], t["up"]], axis=0).T  # packed gate|up: [H, 2 inter] (a view)
-        nodes.extend(sink.matmul(f"{lp}/mlp/gate_up_proj/MatMul", f"{p}.mlp.gate_up_proj.weight", x2, wgu, gu))
+        project(i, "gate_up", f"{lp}/mlp/gate_up_proj/MatMul", f"{p}.mlp.gate_up_proj.weight", x2, wgu, gu)
         del wgu
         split = sink.constant(f"{lp}/mlp/split_sizes", np.array([inter, inter], dtype=np.int64))
         node("Split", [gu, split], [gate, up], f"{lp}/mlp/Split", axis=-1)
@@ -324,7 +386,7 @@ def build_gqa_graph(
         node("Mul", [gate, sig], [act], f"{lp}/mlp/SiLU")
         node("Mul", [act, up], [prod], f"{lp}/mlp/Mul")
         pending = f"{lp}/mlp/down_proj/output_0"
-        nodes.extend(sink.matmul(f"{lp}/mlp/down_proj/MatMul", f"{p}.mlp.down_proj.weight", prod, t["down"].T, pending))
+        project(i, "down", f"{lp}/mlp/down_proj/MatMul", f"{p}.mlp.down_proj.weight", prod, t["down"].T, pending)
         del t
         if on_layer_done:
             on_layer_done(i)
@@ -355,6 +417,7 @@ def build_gqa_graph(
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, kv_shape))
+    inputs.extend(lora_inputs)  # after the KV inputs: the order gqa_graph_spec lists them in
     graph = helper.make_graph(nodes, f"{arch}-gqa", inputs, outputs, initializer=getattr(sink, "initializers", []))
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="nanofleet.fuse_gqa")
@@ -402,6 +465,7 @@ def fuse_for_export(
     token_ids: list[int],
     threads: int | None = None,
     model_file: str = MODEL_FILE,
+    lora_sites: Sequence[str] = (),
 ) -> tuple[Path, GraphSpec]:
     """The export pipeline's hook: build the fused graph from the loaded torch model, then prove it equals
     the validated optimum graph in ``reference_dir`` (same perplexity, same greedy tokens) through the device
@@ -409,8 +473,9 @@ def fuse_for_export(
     from device.engine import Engine, EngineOptions, optimum_kv_graph
 
     config = model.config.to_dict()
-    save_model(build_gqa_model(config, weights_from_torch(model), arch.context_length), out_dir, model_file)
-    spec = gqa_graph_spec(arch.num_layers, model_file)
+    weights = weights_from_torch(model)
+    save_model(build_gqa_model(config, weights, arch.context_length, lora_sites), out_dir, model_file)
+    spec = gqa_graph_spec(arch.num_layers, model_file, lora_slots(config, lora_sites))
     ids = list(token_ids)[: min(256, arch.context_length)]
     opts = EngineOptions(threads=threads)
     ref = Engine.from_parts(reference_dir, arch, optimum_kv_graph(arch.num_layers), opts, tokenizer_path=None)

@@ -51,6 +51,7 @@ from .errors import (
     OutputExistsError,
     QualityGateError,
 )
+from .fuse_gqa import DEFAULT_LORA_SITES
 from .onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, export_onnx, validate_against_torch
 from .progress import Reporter
 from .quantize import DEFAULT_RECIPES, RECIPES, QuantRecipe, min_onnxruntime, operators, quantize
@@ -89,6 +90,8 @@ class ExportRequest:
     # family has one and the graph is gqa; else optimum's tracer. "traced" forces the tracer (the reference the
     # direct builder is validated against); "direct" fails where it cannot be used.
     builder: Literal["auto", "direct", "traced"] = "auto"
+    # LoRA adapter slots in the gqa graph (export/fuse_gqa.py LORA_SITES; () for none); optimum-kv graphs have none
+    lora_sites: tuple[str, ...] = DEFAULT_LORA_SITES
 
 
 @dataclass
@@ -265,7 +268,7 @@ def _run_direct(
     fp32 reference streams along with the first build (export/reference.py). No torch model is loaded."""
     from .checkpoint import open_checkpoint
     from .direct import build_direct
-    from .fuse_gqa import gqa_graph_spec
+    from .fuse_gqa import gqa_graph_spec, lora_slots
     from .reference import StreamedReference
 
     config, arch = loaded.config, loaded.arch
@@ -286,7 +289,8 @@ def _run_direct(
         with reporter.step(f"build:{recipe.name}", f"writing the {recipe.name} graph layer by layer",
                            total=arch.num_layers) as tick:  # fmt: skip
             done = build_direct(config_dict, checkpoint.get, checkpoint.has, qdir, recipe, arch.context_length,
-                                observer=observer, on_layer_done=lambda _i: tick())  # fmt: skip
+                                observer=observer, on_layer_done=lambda _i: tick(),
+                                lora_sites=req.lora_sites)  # fmt: skip
         release_free_heap()  # the build's freed layers, before the gate loads the bundle
         if observer is not None:
             ref = gate_mod.ModelScore(observer.perplexity, observer.seconds)
@@ -300,7 +304,8 @@ def _run_direct(
 
     try:
         return _gate_and_publish(req, src, recipe_names, name, out, work, reporter, loaded,
-                                 gqa_graph_spec(arch.num_layers), build, reference, params * 4, validation)  # fmt: skip
+                                 gqa_graph_spec(arch.num_layers, lora=lora_slots(config_dict, req.lora_sites)), build,
+                                 reference, params * 4, validation)  # fmt: skip
     finally:
         checkpoint.close()
 
@@ -341,7 +346,7 @@ def _run_traced(
         try:
             with reporter.step("fuse", "building the fused GroupQueryAttention graph"):
                 gqa_path, gqa_graph = fuse_for_export(
-                    model, work / "gqa", fp32_dir, arch, evalset.token_ids, req.threads
+                    model, work / "gqa", fp32_dir, arch, evalset.token_ids, req.threads, lora_sites=req.lora_sites
                 )
         except FuseGqaError as exc:
             if req.graph == "gqa":

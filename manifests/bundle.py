@@ -74,6 +74,35 @@ class ArchConfig(_Model):
     tie_word_embeddings: bool = False
 
 
+LORA_SITES = ("qkv", "o", "gate_up", "down")  # the packed projections of one decoder layer, in graph order
+
+
+def lora_input_names(layer: int, site: str) -> tuple[str, str]:
+    """The graph inputs (A [in, rank], B [rank, out]) of one LoRA slot: ``lora.{layer}.{site}.a`` / ``.b``."""
+    return f"lora.{layer}.{site}.a", f"lora.{layer}.{site}.b"
+
+
+class LoraSite(_Model):
+    """One packed projection that takes a low-rank term, ``y = x·W + (x·A)·B`` (A, B: graph inputs)."""
+
+    name: Literal["qkv", "o", "gate_up", "down"]
+    in_features: int = Field(gt=0)
+    out_features: int = Field(gt=0)
+    modules: list[str] = Field(description="the checkpoint's linear modules packed here, in output order")
+    splits: list[int] = Field(description="each module's share of out_features, in the same order")
+
+
+class LoraSlots(_Model):
+    """The graph's LoRA slots: every layer has inputs ``lora_input_names(layer, site)`` for each site, fp32,
+    rank dynamic. Rank-0 tensors (A [in, 0], B [0, out]) mean no adapter."""
+
+    sites: list[LoraSite]
+    dtype: Literal["float32"] = "float32"
+
+    def site(self, name: str) -> LoraSite | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+
 class GraphSpec(_Model):
     """How to drive the ONNX graph: its I/O names and KV-cache layout."""
 
@@ -87,6 +116,7 @@ class GraphSpec(_Model):
     shared_kv_buffer: bool = Field(
         default=False, description="past and present may alias one preallocated buffer (GroupQueryAttention)"
     )
+    lora: LoraSlots | None = Field(default=None, description="LoRA adapter slots (gqa graphs); None: none")
 
 
 class Runtime(_Model):

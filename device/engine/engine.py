@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from manifests import (
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG_FILE,
+    MANIFEST_NAME,
     TOKENIZER_FILE,
     ArchConfig,
     BundleManifest,
@@ -25,11 +26,13 @@ from manifests import (
     ManifestError,
     TrustStore,
     read_manifest_unverified,
+    sha256_file,
     verify_bundle,
 )
 from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
 from ._heap import release_free_heap
+from .adapters import Adapter, AdapterSet, load_adapter
 from .errors import (
     BundleLoadError,
     ContextWindowError,
@@ -56,12 +59,14 @@ class TokenStream(Iterator[int]):
         params: SamplingParams,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         self.prompt_tokens = int(prompt.shape[0])
         self.finish_reason: str | None = None
         self.generated: list[int] = []
         self.last_logprob: TokenLogprob | None = None  # of the token just yielded, when logprobs were asked
-        self._gen = engine._generate_loop(prompt, params, self, constraint, logprobs)
+        self.adapter = adapter  # captured at the start: unloading it later does not change this stream
+        self._gen = engine._generate_loop(prompt, params, self, constraint, logprobs, adapter)
 
     def __next__(self) -> int:
         return next(self._gen)
@@ -104,11 +109,14 @@ class Engine:
         chat_template: str | None = None,
         manifest: BundleManifest | None = None,
         generation_config: Mapping[str, Any] | None = None,
+        manifest_sha256: str | None = None,
     ) -> None:
         self.arch = arch
         self.graph = graph
         self.options = options
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256  # of manifest.yaml's bytes: what adapters bind to
+        self.adapters = AdapterSet()  # LoRA adapters resident over this base (device/engine/adapters.py)
         self.tokenizer: Tokenizer | None = None
         self.generation_config = dict(generation_config or {})
         self.model_path = model_path
@@ -174,7 +182,10 @@ class Engine:
         before any byte is parsed; without it the manifest is read unverified (local development)."""
         root = Path(bundle_dir)
         try:
+            digest = sha256_file(root / MANIFEST_NAME) if (root / MANIFEST_NAME).is_file() else None
             manifest = verify_bundle(root, trust) if trust is not None else read_manifest_unverified(root)
+            if digest != sha256_file(root / MANIFEST_NAME):  # replaced while being verified
+                raise BundleLoadError(f"bundle {root} rejected: manifest.yaml changed while it was verified")
         except ManifestError as exc:
             raise BundleLoadError(f"bundle {root} rejected: {exc}") from exc
         try:
@@ -200,7 +211,31 @@ class Engine:
             template,
             manifest,
             gen_cfg,
+            digest,
         )
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, adapter_dir: str | Path, trust: TrustStore | None, replace: bool = True) -> Adapter:
+        """Verify an adapter bundle (with ``trust``), check it was built for this exact base and fits its
+        LoRA slots, and make it resident. The base is not reloaded and running streams are not touched; an
+        adapter of the same name is replaced (its streams finish on the old one). Raises an ``AdapterError``."""
+        self._live_driver()
+        adapter = load_adapter(adapter_dir, trust, self.name, self.manifest_sha256, self.lora_slots)
+        self.adapters.add(adapter, replace=replace)
+        return adapter
+
+    def unload_adapter(self, name: str) -> Adapter:
+        """Stop offering an adapter; streams already running on it finish with it."""
+        return self.adapters.remove(name)
+
+    @property
+    def lora_slots(self) -> dict[str, tuple[Any, ...]]:
+        """The graph's LoRA slot inputs and their shapes (empty: this base cannot take adapters)."""
+        return dict(getattr(self._live_driver(), "lora_shapes", {}))
+
+    def _adapter(self, adapter: str | Adapter | None) -> Adapter | None:
+        return self.adapters.get(adapter) if isinstance(adapter, str) else adapter
 
     # ---------------------------------------------------------------- identity
 
@@ -221,6 +256,7 @@ class Engine:
         with self._lock:
             self._session = None
             self._driver = None  # type: ignore[assignment]
+        self.adapters.clear()
 
     def __enter__(self) -> Engine:
         return self
@@ -230,9 +266,13 @@ class Engine:
 
     # ---------------------------------------------------------------- the model call
 
-    def new_state(self, capacity: int | None = None) -> RunState:
-        """A fresh KV cache; ``capacity`` (tokens) lets graphs with preallocated buffers size them."""
-        return self._live_driver().new_state(capacity)
+    def new_state(self, capacity: int | None = None, adapter: str | Adapter | None = None) -> RunState:
+        """A fresh KV cache; ``capacity`` (tokens) lets graphs with preallocated buffers size them. ``adapter``
+        (a resident adapter's name, or an Adapter) fills the graph's LoRA slots for this state's whole life."""
+        chosen = self._adapter(adapter)
+        if chosen is None:
+            return self._live_driver().new_state(capacity)
+        return self._live_driver().new_state(capacity, chosen.params)
 
     def forward(self, state: RunState, token_ids: Sequence[int] | np.ndarray, last_only: bool = False) -> np.ndarray:
         """Feed ``token_ids`` [n] after what ``state`` holds; returns logits [n, vocab], or with
@@ -255,17 +295,19 @@ class Engine:
 
     # ---------------------------------------------------------------- public operations
 
-    def perplexity(self, token_ids: Sequence[int]) -> float:
+    def perplexity(self, token_ids: Sequence[int], adapter: str | Adapter | None = None) -> float:
         """exp(mean NLL) of each token given those before it. Texts longer than the context window are
         scored in independent windows of ``context_length`` tokens (each window's first token is not
         predicted)."""
         nll_sum, count = 0.0, 0
-        for tgt, logp in self.log_probs(token_ids):
+        for tgt, logp in self.log_probs(token_ids, adapter):
             nll_sum -= float(logp[np.arange(tgt.shape[0]), tgt].astype(np.float64).sum())
             count += int(tgt.shape[0])
         return math.exp(nll_sum / count)
 
-    def log_probs(self, token_ids: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def log_probs(
+        self, token_ids: Sequence[int], adapter: str | Adapter | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Teacher-forced next-token log-probabilities over a text, chunk by chunk: (targets [c], log-softmax
         [c, vocab] float32) where row j is the distribution after the text up to targets[j]. Windows as
         ``perplexity`` (which is built on it); the quality gate compares these rows between two models."""
@@ -273,11 +315,12 @@ class Engine:
         if ids.shape[0] < 2:
             raise InvalidParamsError("perplexity needs at least 2 tokens")
         chunk = self.options.prefill_chunk
+        chosen = self._adapter(adapter)
         for w0 in range(0, ids.shape[0], self.context_length):
             window = ids[w0 : w0 + self.context_length]  # [w]
             if window.shape[0] < 2:
                 break
-            state = self.new_state(window.shape[0])
+            state = self.new_state(window.shape[0], chosen)
             for start in range(0, window.shape[0] - 1, chunk):
                 inp = window[start : min(start + chunk, window.shape[0] - 1)]  # [c]; the last token is only a target
                 tgt = window[start + 1 : start + 1 + inp.shape[0]]  # [c]
@@ -286,11 +329,15 @@ class Engine:
                 lse = np.log(np.exp(logits - mx).sum(axis=-1, keepdims=True)) + mx  # [c, 1]
                 yield tgt, (logits - lse).astype(np.float32)
 
-    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    def greedy(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, adapter: str | Adapter | None = None
+    ) -> list[int]:
         """Exactly ``max_new_tokens`` argmax tokens (no EOS stop), for golden and agreement checks."""
-        return self.greedy_with_margins(prompt_ids, max_new_tokens)[0]
+        return self.greedy_with_margins(prompt_ids, max_new_tokens, adapter)[0]
 
-    def greedy_with_margins(self, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    def greedy_with_margins(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, adapter: str | Adapter | None = None
+    ) -> tuple[list[int], list[float]]:
         """``greedy`` plus, per token, the logit gap between the chosen token and the runner-up. A small gap
         is a near-tie that another CPU's kernels may break the other way; the export keeps such tokens
         out of the signed golden check."""
@@ -301,7 +348,7 @@ class Engine:
         margins: list[float] = []
         if max_new_tokens == 0:
             return out, margins
-        state = self.new_state(prompt.shape[0] + max_new_tokens)
+        state = self.new_state(prompt.shape[0] + max_new_tokens, adapter)
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
             top2 = np.partition(logits, -2)[-2:]  # [2]: runner-up, best
@@ -317,15 +364,17 @@ class Engine:
         params: SamplingParams | None = None,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        adapter: str | Adapter | None = None,
     ) -> TokenStream:
         """Stream sampled token ids. Raises ContextWindowError now (not on first next()) when the prompt
         does not fit; generation past the window ends with finish_reason "length". ``constraint`` masks
         each step's logits (constraints.GrammarConstraint) and ends the generation when it is complete;
-        ``logprobs`` (top-N, 0 for the chosen token only) fills ``TokenStream.last_logprob``."""
+        ``logprobs`` (top-N, 0 for the chosen token only) fills ``TokenStream.last_logprob``; ``adapter`` (a
+        resident adapter's name, or an Adapter) is resolved now and used for the whole stream."""
         params = params or SamplingParams()
         prompt = self._check_prompt(prompt_ids, 1 if params.max_new_tokens else 0, strict=False)
         self._live_driver()
-        return TokenStream(self, prompt, params, constraint, logprobs)
+        return TokenStream(self, prompt, params, constraint, logprobs, self._adapter(adapter))
 
     def _generate_loop(
         self,
@@ -334,6 +383,7 @@ class Engine:
         stream: TokenStream,
         constraint: Constraint | None,
         logprobs: int | None,
+        adapter: Adapter | None = None,
     ) -> Iterator[int]:
         if params.max_new_tokens == 0:
             stream.finish_reason = "length"
@@ -342,7 +392,7 @@ class Engine:
         sampler = Sampler(params)
         use_history = params.repetition_penalty != 1.0
         history = list(prompt.tolist()) if use_history else []
-        state = self.new_state(min(prompt.shape[0] + params.max_new_tokens, self.context_length))
+        state = self.new_state(min(prompt.shape[0] + params.max_new_tokens, self.context_length), adapter)
         logits = self.prefill(state, prompt)  # [vocab]
         while True:
             masked = constraint.mask(logits) if constraint is not None else logits  # [vocab]
@@ -401,11 +451,12 @@ class Engine:
         params: SamplingParams,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        adapter: str | Adapter | None = None,
     ) -> Iterator[TextEvent]:
         """Text deltas of a generation, with ``params.stop`` text sequences applied. The last event carries
-        the finish reason. Closing this generator cancels the generation. ``constraint`` and ``logprobs``
-        as in ``generate`` (each token's event carries its logprob)."""
-        tokens = self.generate(prompt_ids, params, constraint, logprobs)
+        the finish reason. Closing this generator cancels the generation. ``constraint``, ``logprobs`` and
+        ``adapter`` as in ``generate`` (each token's event carries its logprob)."""
+        tokens = self.generate(prompt_ids, params, constraint, logprobs, adapter)
         decoder = IncrementalDecoder(self._tok())
         matcher = StopMatcher(params.stop)
         try:
@@ -422,11 +473,13 @@ class Engine:
         finally:
             tokens.close()
 
-    def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+    def complete(
+        self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | Adapter | None = None
+    ) -> Completion:
         parts: list[str] = []
         ids: list[int] = []
         reason = "stop"
-        for ev in self.stream_text(prompt_ids, params):
+        for ev in self.stream_text(prompt_ids, params, adapter=adapter):
             parts.append(ev.text)
             if ev.token_id is not None:
                 ids.append(ev.token_id)

@@ -12,10 +12,13 @@ never copies or reallocates the cache (IO binding keeps the tensors inside onnxr
 (past + n - 1), total_sequence_length [] int32 (past + n), past_key_values.{i}.key/value
 [1, kv_heads, capacity, head_dim]; outputs logits [1, n, vocab] and present.{i}.* bound to the SAME
 buffers as the past inputs, so each step writes only its new rows in place (nothing is copied).
+Optional LoRA slots lora.{i}.{site}.a [in, rank] / .b [rank, out] (manifests.LoraSlots): bound once per
+request to an adapter's matrices (device/engine/adapters.py), or to rank-0 tensors when it has none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,9 @@ class RunState:
     past: list[ort.OrtValue] = field(default_factory=list)
     capacity: int = 0  # gqa: rows allocated per buffer
     binding: Any = None  # gqa: the IOBinding with the KV buffers bound once, reused every step
+    # gqa: the LoRA slot inputs this request runs with (an adapter's OrtValues); holding them keeps an adapter
+    # that is unloaded mid-stream alive until the stream ends
+    lora: Mapping[str, ort.OrtValue] | None = None
 
 
 class OptimumKVDriver:
@@ -67,7 +73,9 @@ class OptimumKVDriver:
         if extra:
             raise UnsupportedGraphError(f"graph has inputs this driver does not feed: {sorted(extra)}")
 
-    def new_state(self, capacity: int | None = None) -> RunState:
+    def new_state(self, capacity: int | None = None, lora: Mapping[str, ort.OrtValue] | None = None) -> RunState:
+        if lora:
+            raise UnsupportedGraphError("optimum-kv graphs have no LoRA slots")
         a = self.arch
         empty = np.zeros((1, a.num_kv_heads, 0, a.head_dim), dtype=self.kv_dtype)  # [1, kvh, 0, hd]
         return RunState(n_past=0, past=[ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names])
@@ -117,9 +125,20 @@ class GQADriver:
         if missing:
             raise UnsupportedGraphError(f"graph is not a gqa graph for {L} layers: missing {missing[:4]}")
         self.has_logits_index = "logits_index" in inputs  # the graph can skip the LM head for other rows
-        extra = inputs - need - {"logits_index"}
+        # LoRA slots: rank-0 A [in, 0] and B [0, out] (a zero delta) unless a request binds an adapter's
+        self.lora_shapes = {i.name: tuple(i.shape) for i in session.get_inputs() if i.name.startswith("lora.")}
+        self.no_lora = {name: self._empty_slot(name, shape) for name, shape in self.lora_shapes.items()}
+        extra = inputs - need - {"logits_index"} - set(self.lora_shapes)
         if extra:
             raise UnsupportedGraphError(f"graph has inputs this driver does not feed: {sorted(extra)}")
+
+    @staticmethod
+    def _empty_slot(name: str, shape: tuple[Any, ...]) -> ort.OrtValue:
+        fixed = shape[0] if name.endswith(".a") else shape[1]  # A [in, rank], B [rank, out]
+        if not isinstance(fixed, int):
+            raise UnsupportedGraphError(f"LoRA slot {name} has no fixed {'in' if name.endswith('.a') else 'out'} size")
+        dims = (fixed, 0) if name.endswith(".a") else (0, fixed)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, dtype=np.float32))
 
     def _alloc(self, capacity: int) -> list[ort.OrtValue]:
         a = self.arch
@@ -132,9 +151,10 @@ class GQADriver:
     def _round(self, n: int) -> int:
         return min(self.context_length, -(-n // self.ROUND) * self.ROUND)
 
-    def new_state(self, capacity: int | None = None) -> RunState:
+    def new_state(self, capacity: int | None = None, lora: Mapping[str, ort.OrtValue] | None = None) -> RunState:
+        """A fresh KV cache; ``lora`` (slot input name -> value) fills the graph's LoRA slots for this request."""
         cap = self._round(capacity or self.context_length)
-        state = RunState(n_past=0, past=self._alloc(cap), capacity=cap)
+        state = RunState(n_past=0, past=self._alloc(cap), capacity=cap, lora=lora)
         self._bind_cache(state)
         return state
 
@@ -144,6 +164,8 @@ class GQADriver:
         for past_name, present_name, buf in zip(self.past_names, self.present_names, state.past, strict=True):
             b.bind_ortvalue_input(past_name, buf)
             b.bind_ortvalue_output(present_name, buf)  # in place: GQA appends the new rows
+        for name, empty in self.no_lora.items():  # like the KV buffers, the slots never move: bound once
+            b.bind_ortvalue_input(name, (state.lora or {}).get(name, empty))
         b.bind_output("logits", "cpu")  # bound last: get_outputs()[-1]; rebinding keeps its place
         state.binding = b
 
