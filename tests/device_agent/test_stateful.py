@@ -61,9 +61,10 @@ class _Repo:
                 else:
                     make_bundle(folder, self.key, version=v)
                     if kind == "corrupt":
-                        (folder / "weights.bin").write_bytes(
-                            b"\xff" * (folder / "weights.bin").stat().st_size
-                        )
+                        # one byte flipped, size unchanged: the sha256 must catch the smallest change
+                        data = bytearray((folder / "weights.bin").read_bytes())
+                        data[len(data) // 3] ^= 0x80
+                        (folder / "weights.bin").write_bytes(bytes(data))
                 self.refs[(v, kind)] = ref_for(folder, folder.as_uri() + "/")
 
 
