@@ -3,6 +3,8 @@ the service's own imports (FastAPI, SQLAlchemy, amqtt) load inside the commands 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import time
@@ -23,18 +25,27 @@ models_app = typer.Typer(help="Signed model bundles in the registry (no sub-comm
 deployments_app = typer.Typer(help="Deployments and their rollouts (no sub-command: list them).")
 
 
-
 class Conn:
+    """Where the fleet is and the admin token: options, else the environment, else a service config (its
+    service.json and admin.token), else the default data folder of `fleet serve` in this directory."""
+
     def __init__(self, url: str | None, token: str | None, config: Path | None) -> None:
         self._url, self._token, self._config = url, token, config
+
+    def merged(self, url: str | None, token: str | None, config: Path | None) -> Conn:
+        """Options given after the sub-command win over those given before it."""
+        return Conn(url or self._url, token or self._token, config or self._config)
 
     def resolve(self) -> tuple[str, str | None]:
         url = self._url or os.environ.get("NANOFLEET_FLEET_URL")
         token = self._token or os.environ.get("NANOFLEET_FLEET_TOKEN")
-        if self._config is not None and (url is None or token is None):
+        config = self._config
+        if config is None and (url is None or token is None):
+            config = _local_service_config()
+        if config is not None and (url is None or token is None):
             from .config import FleetConfig
 
-            cfg = FleetConfig.load(self._config)
+            cfg = FleetConfig.load(config) if config.name != DEFAULT_DATA_MARKER else FleetConfig()
             info = cfg.data_dir / "service.json"
             if url is None:
                 if info.is_file():
@@ -55,26 +66,83 @@ class Conn:
         return FleetClient(url, token)
 
 
+# `fleet serve` without --config keeps its data in ./.nanofleet-fleet: the other commands find it there.
+DEFAULT_DATA_MARKER = "<default>"
+
+
+def _local_service_config() -> Path | None:
+    from .config import FleetConfig
+
+    return Path(DEFAULT_DATA_MARKER) if (FleetConfig().data_dir / "service.json").is_file() else None
+
+
+JSON_HELP = "Print JSON for scripts (errors as JSON too)."
+URL_HELP = "Fleet service URL (env NANOFLEET_FLEET_URL)."
+TOKEN_HELP = "Admin token (env NANOFLEET_FLEET_TOKEN; `fleet serve` writes it to <data_dir>/admin.token)."
+CONFIG_HELP = "The service's config file: URL and admin token from its data folder."
+
+
 @fleet_app.callback()
 def _fleet(
     ctx: typer.Context,
-    url: str | None = typer.Option(None, "--url", help="Fleet service URL (env NANOFLEET_FLEET_URL)."),
-    token: str | None = typer.Option(None, "--token", help="Admin token (env NANOFLEET_FLEET_TOKEN)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Service config: URL and token from it."),
+    url: str | None = typer.Option(None, "--url", help=URL_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     ctx.obj = Conn(url, token, config)
 
 
+def connection_options(fn: Any) -> Any:
+    """Give a command --url, --token and --config of its own, so they work after the sub-command too
+    (`nanofleet fleet status --config fleet.yaml`) and not only before it."""
+    sig = inspect.signature(fn)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, default, annotation in (
+            ("conn_url", typer.Option(None, "--url", help=URL_HELP), str | None),
+            ("conn_token", typer.Option(None, "--token", help=TOKEN_HELP), str | None),
+            ("conn_config", typer.Option(None, "--config", "-c", help=CONFIG_HELP), Path | None),
+        )
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        conn_url: str | None = None,
+        conn_token: str | None = None,
+        conn_config: Path | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        ctx = sig.bind_partial(*args, **kwargs).arguments["ctx"]  # every such command takes ctx
+        base = ctx.obj if isinstance(ctx.obj, Conn) else Conn(None, None, None)
+        ctx.obj = base.merged(conn_url, conn_token, conn_config)
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _call(ctx: typer.Context, fn: Any, as_json: bool) -> Any:
+    from .client import FleetAPIError
     from .errors import FleetError
 
     try:
         with ctx.obj.client() as c:
             return fn(c)
-    except FleetError as exc:
-        body = getattr(exc, "body", None)
+    except FleetAPIError as exc:
+        if exc.status_code == 401:
+            url, token = ctx.obj.resolve()
+            hint = (
+                "no admin token given: pass --token, set NANOFLEET_FLEET_TOKEN or --config FLEET.yaml"
+                if not token
+                else "it refused the admin token given"
+            )
+            fail(f"{url} answered 401 (unauthorised): {hint}", as_json=as_json, reason="unauthorised")
+        body = exc.body
         extra = {"errors": body.get("errors")} if isinstance(body, dict) and body.get("errors") else {}
         fail(exc.message, as_json=as_json, reason=exc.reason, **extra)
+    except FleetError as exc:
+        fail(exc.message, as_json=as_json, reason=exc.reason)
 
 
 # --- serve ------------------------------------------------------------------------------------------
@@ -82,11 +150,16 @@ def _call(ctx: typer.Context, fn: Any, as_json: bool) -> Any:
 
 @fleet_app.command("serve")
 def serve(
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (see docs/fleet.md)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config (manifests/examples/fleet.yaml, docs/fleet.md)."
+    ),
     port: int | None = typer.Option(None, "--port", help="Override the HTTP port (0: a free one)."),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show the libraries' logs (migrations, broker, HTTP server)."
+    ),
 ) -> None:
-    """Run the fleet service: REST API, artifact server, embedded MQTT broker, rollout engine."""
+    """Run the fleet service: REST API, artifact server, embedded MQTT broker, rollout engine, dashboard."""
     import logging
 
     from .config import FleetConfig
@@ -94,25 +167,63 @@ def serve(
     from .server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Migration steps, broker and HTTP-server chatter are the libraries' business: only with --verbose.
+    if not verbose:
+        for noisy in ("alembic", "amqtt", "transitions", "httpx", "uvicorn", "uvicorn.error"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = FleetConfig.load(config) if config else FleetConfig()
         if port is not None:
             cfg.port = port
-        run(cfg, log_level=log_level)
+        preflight(cfg)
+        run(cfg, log_level=log_level if verbose else "warning")
     except FleetError as exc:
         fail(exc.message, reason=exc.reason)
+
+
+def preflight(cfg: Any) -> None:
+    """What would make the service fail at start, checked before it creates anything (data folder,
+    database, admin token): the trusted keys, the signing key, the data folder and the port."""
+    import socket
+
+    from manifests import KeyFormatError, TrustStore
+
+    from .errors import ConfigError
+
+    try:
+        TrustStore.from_paths(list(cfg.trusted_keys))
+    except KeyFormatError as exc:
+        raise ConfigError(f"trusted_keys: {exc.message}") from exc
+    if cfg.signing_key is not None and not cfg.signing_key.is_file():
+        raise ConfigError(f"signing_key {cfg.signing_key} does not exist")
+    existing = cfg.data_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"data_dir {cfg.data_dir}: {existing} is not writable by this user")
+    ports = [("HTTP", cfg.host, cfg.port)]
+    if cfg.broker.embedded:
+        ports.append(("MQTT", cfg.broker.host, cfg.broker.port))
+    for what, host, port in ports:
+        if not port:
+            continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from exc
 
 
 # --- apply ------------------------------------------------------------------------------------------
 
 
 @fleet_app.command("apply")
+@connection_options
 def apply(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="Deployment manifest YAML (see manifests/examples/)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     watch: bool = typer.Option(False, "--watch", help="Follow the rollout live until it finishes."),
 ) -> None:
     """Make a deployment manifest true. Idempotent, like `kubectl apply`."""
@@ -144,13 +255,7 @@ def _ago(ts: str | None) -> str:
     import datetime as dt
 
     secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(ts)).total_seconds()
-    return (
-        f"{secs:.0f}s ago"
-        if secs < 120
-        else f"{secs / 60:.0f}m ago"
-        if secs < 7200
-        else f"{secs / 3600:.0f}h ago"
-    )
+    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago" if secs < 7200 else f"{secs / 3600:.0f}h ago"
 
 
 def devices_table(devs: list[dict[str, Any]]) -> Table:
@@ -241,9 +346,10 @@ def deployment_detail(d: dict[str, Any]) -> Group:
 
 
 @fleet_app.command("devices")
+@connection_options
 def devices(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     watch: bool = typer.Option(False, "--watch", help="Refresh every second (Ctrl-C to stop)."),
 ) -> None:
     """Enrolled devices: online, model, update state, latest telemetry."""
@@ -254,10 +360,11 @@ def devices(
 
 
 @fleet_app.command("status")
+@connection_options
 def status(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json"),
-    watch: bool = typer.Option(False, "--watch"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every second (Ctrl-C to stop)."),
 ) -> None:
     """Fleet summary: devices online, models, deployments by status, broker connection."""
     if as_json:
@@ -278,13 +385,14 @@ def status(
 
 
 @fleet_app.command("enroll-token")
+@connection_options
 def enroll_token(
     ctx: typer.Context,
     uses: int = typer.Option(1, "--uses", help="How many devices may enrol with it."),
     ttl_s: float = typer.Option(86400, "--ttl", help="Seconds it stays valid."),
     tag: list[str] = typer.Option([], "--tag", help="key=value given to each enrolled device; repeatable."),
     group: list[str] = typer.Option([], "--group", help="Group for each enrolled device; repeatable."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Make a one-time enrolment token (a device exchanges it for its own credentials)."""
     tags = {}
@@ -297,17 +405,16 @@ def enroll_token(
     if as_json:
         emit_json(res)
     else:
-        out.print(
-            f"enrolment token (shown once, {uses} use(s), expires {res['expires_at']}):\n{res['token']}"
-        )
+        out.print(f"enrolment token (shown once, {uses} use(s), expires {res['expires_at']}):\n{res['token']}")
 
 
 @fleet_app.command("audit")
+@connection_options
 def audit(
     ctx: typer.Context,
-    deployment: str | None = typer.Option(None, "--deployment", "-d"),
-    limit: int = typer.Option(50, "--limit"),
-    as_json: bool = typer.Option(False, "--json"),
+    deployment: str | None = typer.Option(None, "--deployment", "-d", help="Only this deployment's entries."),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many entries, newest first."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """The audit log: every apply, wave, device result, abort and rollback."""
     rows = _call(ctx, lambda c: c.audit(deployment, limit), as_json)
@@ -351,9 +458,8 @@ def _live(ctx: typer.Context, render: Any, watch: bool, done: Any = None) -> Non
 
 
 @models_app.callback(invoke_without_command=True)
-def models(
-    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")
-) -> None:
+@connection_options
+def models(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     if ctx.invoked_subcommand is not None:
         return
     rows = _call(ctx, lambda c: c.models(), as_json)
@@ -378,10 +484,11 @@ def models(
 
 
 @models_app.command("push")
+@connection_options
 def models_push(
     ctx: typer.Context,
     bundle: Path = typer.Argument(..., help="Signed bundle folder."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Upload a signed bundle; the fleet checks its signature before storing it."""
     from manifests import ManifestError
@@ -401,8 +508,12 @@ def models_push(
 
 
 @models_app.command("inspect")
+@connection_options
 def models_inspect(
-    ctx: typer.Context, name: str, version: int, as_json: bool = typer.Option(False, "--json")
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Bundle name."),
+    version: int = typer.Argument(..., help="Bundle version."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """A stored bundle's manifest and files."""
     res = _call(ctx, lambda c: c.model(name, version), as_json)
@@ -420,8 +531,12 @@ def models_inspect(
 
 
 @models_app.command("delete")
+@connection_options
 def models_delete(
-    ctx: typer.Context, name: str, version: int, as_json: bool = typer.Option(False, "--json")
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Bundle name."),
+    version: int = typer.Argument(..., help="Bundle version."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Delete a bundle (refused while it is in use)."""
     _call(ctx, lambda c: c.delete_model(name, version), as_json)
@@ -435,9 +550,10 @@ def models_delete(
 
 
 @deployments_app.callback(invoke_without_command=True)
+@connection_options
 def deployments(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     watch: bool = typer.Option(False, "--watch", help="Refresh every second (Ctrl-C to stop)."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -461,10 +577,11 @@ def _watch_deployment(ctx: typer.Context, name: str) -> None:
 
 
 @deployments_app.command("show")
+@connection_options
 def deployments_show(
     ctx: typer.Context,
-    name: str,
-    as_json: bool = typer.Option(False, "--json"),
+    name: str = typer.Argument(..., help="Deployment name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     watch: bool = typer.Option(False, "--watch", help="Follow until the rollout finishes."),
 ) -> None:
     """One deployment with progress per device."""
@@ -481,7 +598,7 @@ def _control_cmd(action: str, doc: str) -> None:
     def cmd(
         ctx: typer.Context,
         name: str = typer.Argument(..., help="Deployment name."),
-        as_json: bool = typer.Option(False, "--json"),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         res = _call(ctx, lambda c: c.control(name, action), as_json)
         if as_json:
@@ -490,7 +607,7 @@ def _control_cmd(action: str, doc: str) -> None:
             out.print(f"deployment {name}: {_status_style(res['status'])}")
 
     cmd.__doc__ = doc
-    deployments_app.command(action)(cmd)
+    deployments_app.command(action)(connection_options(cmd))
 
 
 _control_cmd("pause", "Stop starting devices; those in flight finish.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import logging
 import os
 import socket
 import threading
@@ -17,6 +19,7 @@ from .http import create_app
 from .service import FleetService
 
 INFO_FILE = "service.json"
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str) -> int:
@@ -42,9 +45,28 @@ def write_info(svc: FleetService) -> None:
     atomic_write_text(svc.config.data_dir / INFO_FILE, json.dumps(info, indent=2))
 
 
+def startup_line(svc: FleetService) -> str:
+    """One line that says where everything is (logged once the service listens)."""
+    try:
+        version = importlib.metadata.version("nanofleet")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    path = svc.config.data_dir.absolute() / "admin.token"
+    token = str(path) if path.is_file() else "as set in the config"
+    return (
+        f"nanofleet fleet {version}: API {svc.public_url}/api/v1, dashboard {svc.public_url}/ "
+        f"(admin token: {token}), broker {svc.mqtt_url}, data {svc.config.data_dir.absolute()}"
+    )
+
+
 def serve(config: FleetConfig, log_level: str = "info") -> None:
     svc = prepare(config)
-    app = create_app(svc, on_started=lambda: write_info(svc))
+
+    def started() -> None:
+        write_info(svc)
+        log.info("%s", startup_line(svc))
+
+    app = create_app(svc, on_started=started)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
 
 

@@ -43,7 +43,7 @@ def keygen(
 def verify(
     bundle: Path = typer.Argument(..., help="Bundle folder (holds manifest.yaml)."),
     pubkey: list[Path] = typer.Option(..., "--pubkey", help="Trusted public key(s); repeat to trust several."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (errors as JSON too)."),
 ) -> None:
     """Check the signature, format version, expiry and every file's size and sha256."""
     try:
@@ -62,7 +62,7 @@ def verify(
 @bundle_app.command("inspect")
 def inspect(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (errors as JSON too)."),
 ) -> None:
     """Show a bundle's manifest (without verifying it; use `verify` for that)."""
     try:

@@ -11,6 +11,26 @@ import typer
 from . import __version__
 from .bundle_cli import bundle_app, keygen
 
+
+def _plain_option_types() -> None:
+    """typer's rich help prints a type beside every option: `<bool>` on each flag (which takes no value)
+    and `<list[str]>` on repeatable ones. Flags get none; repeatable options the item type (their help
+    says they repeat)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if self.is_flag:
+            return None
+        label = shown(self, ctx)  # type: ignore[arg-type]
+        return label.replace("<list[", "<").replace("]>", ">") if label else label
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_plain_option_types()
+
 app = typer.Typer(
     name="nanofleet",
     help="Small language models on fleets of single-board computers: export, serve, update, roll out.",

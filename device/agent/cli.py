@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from .agent import ExtensionFactory
+    from .config import AgentConfig
 
 # What the composition root (device/cli.py) adds to a running agent; called only by `device run`, so the
 # packages behind it are imported only then.
@@ -45,9 +46,11 @@ def run_command(extensions: ExtensionsProvider) -> Callable[..., None]:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         try:
             cfg = load_config(config)
+            preflight(cfg)
             from .agent import Agent
 
             agent = Agent(cfg, extensions=extensions())
+            logging.getLogger("nanofleet.agent").info("%s", startup_line(cfg, agent.version))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: agent.stop())
             code = agent.run()
@@ -56,6 +59,29 @@ def run_command(extensions: ExtensionsProvider) -> Callable[..., None]:
         raise typer.Exit(code)
 
     return run
+
+
+def preflight(cfg: AgentConfig) -> None:
+    """What the agent needs before it creates anything in its data folder: its keys and secrets readable,
+    the data folder creatable. Each failure is one ConfigError naming the file."""
+    from .errors import ConfigError
+
+    cfg.trust_store()
+    cfg.mqtt.resolved_password()
+    cfg.api.resolved_token()
+    existing = cfg.data_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"data_dir {cfg.data_dir}: {existing} is not writable by this user")
+
+
+def startup_line(cfg: AgentConfig, version: str) -> str:
+    fleet = cfg.artifacts.base_url.removesuffix("/").removesuffix("/bundles")
+    return (
+        f"nanofleet agent {version} ({cfg.device_id}): data {cfg.data_dir}, broker {cfg.mqtt.url} "
+        f"(MQTT {cfg.mqtt.protocol}), local API http://{cfg.api.bind}:{cfg.api.port}/v1, fleet {fleet}/"
+    )
 
 
 def status(
@@ -90,6 +116,8 @@ def status(
         "highest_committed": rec.highest_committed,
         "last_result": rec.last_result,
         "error": rec.error,
+        "error_reason": rec.error_reason,
+        "error_state": rec.error_state,
         "agent_running": running,
         "broker": {
             "url": cfg.mqtt.url,
@@ -113,7 +141,8 @@ def status(
         f"  deployment: {rec.deployment_id or '-'}  last result: {rec.last_result or '-'}"
     )
     if rec.error:
-        out.print(f"[red]error:[/] {rec.error}")
+        where = f" in {rec.error_state}" if rec.error_state else ""
+        out.print(f"[red]error{where} ({rec.error_reason or 'unknown'}):[/] {rec.error}", soft_wrap=True)
     table = Table("slot", "active", "bundle", "version", "manifest sha256")
     for name, info in rec.slots.items():
         table.add_row(

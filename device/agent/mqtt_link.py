@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -29,6 +31,7 @@ from .config import MQTTConfig
 from .outbox import Outbox
 
 log = logging.getLogger("nanofleet.agent.mqtt")
+RECONNECT_MIN_S = 1
 
 
 class Link(Protocol):
@@ -75,6 +78,7 @@ class MqttLink:
         self.last_error: str | None = None
         self.sent = 0
         self._acked: set[int] = set()
+        self._failures = 0  # consecutive failed attempts, to say when paho tries next
         self._acked_cond = threading.Condition()
 
         # MQTT 3.1.1 has no session expiry: a persistent session (clean_session=False) stands in for it.
@@ -99,8 +103,9 @@ class MqttLink:
                 c.tls_insecure_set(True)
         offline = contract.Status(device_id=device_id, online=False, agent_version=agent_version)
         c.will_set(contract.status_topic(device_id), offline.to_bytes(), qos=contract.QOS, retain=True)
-        c.reconnect_delay_set(min_delay=1, max_delay=config.reconnect_max_s)
+        c.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=config.reconnect_max_s)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
@@ -143,11 +148,31 @@ class MqttLink:
         self._sender.join(timeout)
 
     # ---- callbacks (paho's network thread) ---------------------------------------------------------
+    def next_retry_s(self) -> float:
+        """paho's back-off after the n-th failure in a row: min, doubling, capped (reconnect_delay_set)."""
+        return float(min(RECONNECT_MIN_S * 2 ** max(self._failures - 1, 0), self.config.reconnect_max_s))
+
+    def _failed(self, reason: str) -> None:
+        self._failures += 1
+        self.last_error = reason
+        log.warning(
+            "cannot connect to the broker %s:%s: %s; next try in %.0f s",
+            self.config.host,
+            self.config.port,
+            reason,
+            self.next_retry_s(),
+        )
+
+    def _on_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        # paho calls this inside its `except OSError`: the exception says why (refused, no route, DNS...).
+        exc = sys.exc_info()[1]
+        self._failed(connect_error_text(exc) if exc else "connection failed")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            self.last_error = f"connect refused: {reason_code}"
-            log.warning("broker refused the connection: %s", reason_code)
+            self._failed(f"the broker refused the connection: {reason_code}")
             return
+        self._failures = 0
         self.last_connect = _now()
         self.last_error = None
         log.info(
@@ -172,7 +197,8 @@ class MqttLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self.connected.is_set():
-            log.warning("disconnected from the broker: %s", reason_code)
+            self.last_error = f"disconnected: {reason_code}"
+            log.warning("disconnected from the broker: %s; reconnecting", reason_code)
         self.connected.clear()
         self.last_disconnect = _now()
 
@@ -221,6 +247,21 @@ class MqttLink:
             if acked:
                 self.outbox.ack(entry.id)
                 self.sent += 1
+
+
+def connect_error_text(exc: BaseException) -> str:
+    """A socket error as a person reads it: 'connection refused', 'name not known: broker.lan'..."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not resolved ({exc.strerror})"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "connection timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 def _now() -> dt.datetime:

@@ -119,7 +119,9 @@ def import_telemetry(
     raise typer.Exit(0 if ok else 1)
 
 
-def offline_devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+def offline_devices(
+    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")
+) -> None:
     """Devices served by removable media: last package sent, last telemetry import, model, result."""
     from rich.table import Table
 

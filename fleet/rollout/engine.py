@@ -209,7 +209,7 @@ class RolloutEngine:
                 deployment=dep.name,
                 device_id=d.id,
                 ts=run.now,
-                wave=last_wave,
+                wave=last_wave + 1,  # audit details count waves from 1, as the dashboard and CLI show them
             )
         if dep.wave == last_wave:
             dep.wave_converged_at = None  # the wave has work again
@@ -240,7 +240,7 @@ class RolloutEngine:
                 "wave_converged",
                 deployment=dep.name,
                 ts=now,
-                wave=dep.wave,
+                wave=dep.wave + 1,
                 succeeded=sum(t.state == TargetState.SUCCEEDED for t in wave_targets),
                 failed=sum(t.state == TargetState.FAILED for t in wave_targets),
             )
@@ -255,7 +255,7 @@ class RolloutEngine:
             return False
         dep.wave += 1
         dep.wave_started_at, dep.wave_converged_at = now, None
-        audit(run.session, ROLLOUT, "wave_started", deployment=dep.name, ts=now, wave=dep.wave)
+        audit(run.session, ROLLOUT, "wave_started", deployment=dep.name, ts=now, wave=dep.wave + 1)
         return True
 
     # Starting a device (public: offline packages start devices exactly as the rollout does) ----------
@@ -311,7 +311,7 @@ class RolloutEngine:
             deployment=dep.name,
             device_id=t.device_id,
             ts=now,
-            wave=t.wave,
+            wave=t.wave + 1,
             previous=f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
         )
         return t.device_id

@@ -159,7 +159,7 @@ def test_deployment_examples_parse() -> None:
         doc = DeploymentManifest.from_yaml((EXAMPLES / name).read_text())
         assert doc.metadata.name == metadata_name
         assert doc.spec.strategy.type == strategy
-        assert doc.spec.bundle.name == "smollm2-135m-instruct"
+        assert doc.spec.bundle.name == "smollm2-135m-instruct-int8"  # what export names it
 
 
 def test_every_example_document_is_known() -> None:
