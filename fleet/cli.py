@@ -229,10 +229,13 @@ def apply(
     """Make a deployment manifest true. Idempotent, like `kubectl apply`."""
     import yaml
 
+    from . import safe_yaml
+
     try:
-        doc = yaml.safe_load(file.read_text())
+        # Bounded: no aliases ("billion laughs"), at most 64 levels deep, 1 MiB (fleet/safe_yaml.py).
+        doc = safe_yaml.load_file(file)
     except (OSError, yaml.YAMLError) as exc:
-        fail(f"cannot read {file}: {exc}", as_json=as_json, reason="input")
+        fail(f"cannot read {file}: " + " ".join(str(exc).split()), as_json=as_json, reason="input")
     res = _call(ctx, lambda c: c.apply(doc), as_json)
     dep = res["deployment"]
     if as_json:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from manifests import DeploymentManifest
 
+from .. import safe_yaml
 from ..errors import InvalidManifestError
 from ..rollout import ControlAction
 
@@ -28,7 +29,7 @@ def parse_manifest_text(text: str) -> DeploymentManifest:
     if not text.strip():
         raise ManifestInputError("the manifest is empty", [{"path": "<root>", "msg": "empty"}])
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)  # bounded: no aliases, limited depth and size
     except yaml.YAMLError as exc:
         raise ManifestInputError(
             f"not valid YAML or JSON: {exc}", [{"path": "<root>", "msg": str(exc)}]
