@@ -53,6 +53,13 @@ def serve(
     max_queue: int = typer.Option(8, help="Requests waiting for a slot; beyond it: 429."),
     weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
     no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
+    adapter: list[Path] = typer.Option(
+        None,
+        "--adapter",
+        help="A LoRA adapter bundle for this base (from `nanofleet export-adapter`; repeatable). Each is served as "
+        "'<base model id>:<adapter name>' beside the base itself; with --pubkey it is verified like the bundle, "
+        "and an adapter built for another base is refused.",
+    ),
 ) -> None:
     """Serve a bundle with the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /healthz, /readyz, /metrics)."""
@@ -62,10 +69,18 @@ def serve(
     from device.engine import EngineError
     from device.engine.bench import load_for_bench
 
+    trust = _trust(pubkey)
     try:
-        engine = load_for_bench(bundle, _trust(pubkey), _options(threads, weights_cache, no_weights_cache))
+        engine = load_for_bench(bundle, trust, _options(threads, weights_cache, no_weights_cache))
     except EngineError as exc:
         _fail(str(exc))
+    for path in adapter or []:
+        try:
+            loaded = engine.load_adapter(path, trust, replace=False)
+        except EngineError as exc:
+            engine.close()
+            _fail(f"{exc} ({exc.reason})")
+        _err.print(f"adapter [bold]{engine.name}:{loaded.name}[/] ({loaded.ref}, {loaded.nbytes / 1e6:.1f} MB)")
     settings = ApiSettings(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)
     _err.print(f"serving [bold]{engine.name}[/] on http://{host}:{port}/v1")
     uvicorn.run(create_app(ModelHolder(engine), settings), host=host, port=port, log_level="warning")
@@ -158,6 +173,12 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (top-level decode_tok_s)."),
     weights_cache: Path = typer.Option(None, "--weights-cache", help=_CACHE_HELP),
     no_weights_cache: bool = typer.Option(False, "--no-weights-cache", help=_NO_CACHE_HELP),
+    adapter: list[Path] = typer.Option(
+        None,
+        "--adapter",
+        help="Also load this LoRA adapter bundle over the base (repeatable) and report its load time, bytes, the "
+        "memory it adds, its TTFT and decode speed, and the per-request switch latency between adapters.",
+    ),
 ) -> None:
     """Measure TTFT, prefill tok/s, decode tok/s and peak RSS of a bundle on this machine."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -168,12 +189,12 @@ def bench(
     opts = _options(threads, weights_cache, no_weights_cache)
     try:
         if as_json:
-            result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts)
+            result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts, adapter)
         else:
             cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
             with Progress(*cols, console=_err, transient=True) as progress:
                 progress.add_task(f"benchmarking {bundle.name} ({runs} runs)", total=None)
-                result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts)
+                result = run_bench(bundle, prompt_tokens, new_tokens, threads, runs, _trust(pubkey), opts, adapter)
     except EngineError as exc:
         _fail(str(exc))
     if as_json:
@@ -195,6 +216,16 @@ def bench(
         result.weights,
     )
     Console().print(table)
+    if result.adapters:
+        at = Table(title=f"LoRA adapters over {result.model} (switch between requests: {result.switch_ms} ms)")
+        for col in ("adapter", "load ms", "MB", "RSS added MB", "TTFT ms", "decode tok/s", "vs base"):
+            at.add_column(col, justify="right")
+        for row in result.adapters:
+            ratio = row["decode_tok_s"] / result.decode_tok_s if result.decode_tok_s else 0.0
+            at.add_row(f"{result.model}:{row['name']}", f"{row['load_ms']:.1f}", f"{row['bytes'] / 1e6:.2f}",
+                       f"{row['rss_added_mb']:.1f}", f"{row['ttft_ms']:.1f}", f"{row['decode_tok_s']:.1f}",
+                       f"{ratio:.2f}x")  # fmt: skip
+        Console().print(at)
 
 
 def register(app: typer.Typer, device_app: typer.Typer) -> None:

@@ -1,7 +1,8 @@
 """The request path shared by every route: auth, body parsing, model check, admission, the worker thread.
 
-Request path: parse (400/413) -> model check (404) -> admission: a slot or a queue place (429/503) ->
-lease the current engine -> encode and check the context (400) -> a worker thread generates and pushes
+Request path: parse (400/413) -> model check (404; ``<base id>:<adapter>`` picks a resident LoRA adapter) ->
+admission: a slot or a queue place (429/503) -> lease the current engine and resolve the request's adapter on
+it -> encode and check the context (400) -> a worker thread generates and pushes
 events to the handler (``events``). A client that goes away sets the cancel flag; the worker stops at the
 next token and returns the slot and the lease."""
 
@@ -21,6 +22,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from device.engine import ContextWindowError, Engine, SamplingParams, TextEvent
+from device.engine.adapters import Adapter, UnknownAdapterError
 from device.engine.constraints import engine_token_table
 from device.engine.sampling import Constraint
 
@@ -76,6 +78,7 @@ class Job:
     extra: Any = None
     constraint: Constraint | None = None
     logprobs: int | None = None  # top-N per token (0: the chosen token's only), None: off
+    adapter: Adapter | None = None  # the LoRA adapter the request's model id chose (None: the base alone)
     completion_tokens: int = 0
     finish_reason: str = "stop"
     release_lease: Callable[[], object] = lambda: None
@@ -151,16 +154,34 @@ class Service:
             raise BadRequestError(message, code="invalid_value", param=param) from exc
 
     def check_model(self, requested: str | None) -> Engine:
+        """The current engine, after checking ``requested`` names it or one of its adapters (404 otherwise)."""
         engine = self.holder.engine
         if engine is None or engine.closed:
             raise UnavailableError("no model is loaded yet", code="model_not_loaded")
-        if requested and requested not in (engine.name, *self.settings.model_aliases):
-            raise ModelNotFoundError(
-                f"the model {requested!r} does not exist; this server has {engine.name!r}",
-                code="model_not_found",
-                param="model",
-            )
+        self.resolve_adapter(engine, requested)
         return engine
+
+    def model_ids(self, engine: Engine) -> list[str]:
+        """Every model id ``engine`` answers to: its name, then ``<name>:<adapter>`` per resident adapter."""
+        return [engine.name, *(f"{engine.name}:{n}" for n in engine.adapters.names())]
+
+    def resolve_adapter(self, engine: Engine, requested: str | None) -> Adapter | None:
+        """The adapter a request's ``model`` selects on ``engine``: None for the base (its name, an alias, or no
+        model given), the resident adapter for ``<base id>:<adapter name>``; anything else is a 404."""
+        bases = (engine.name, *self.settings.model_aliases)
+        if not requested or requested in bases:
+            return None
+        base, sep, name = requested.partition(":")  # bundle and adapter names never contain ':'
+        if sep and base in bases:
+            try:
+                return engine.adapters.get(name)
+            except UnknownAdapterError:
+                pass
+        raise ModelNotFoundError(
+            f"the model {requested!r} does not exist; this server has {', '.join(map(repr, self.model_ids(engine)))}",
+            code="model_not_found",
+            param="model",
+        )
 
     def sampling(self, req: Any, prompt_len: int, max_tokens: int | None, context: int) -> SamplingParams:
         if prompt_len >= context:
@@ -193,9 +214,11 @@ class Service:
         make_params: ParamsMaker,
         constraint: ConstraintMaker | None = None,
         logprobs: int | None = None,
+        model: str | None = None,
     ) -> Job:
         """Admit, lease, encode, then start the worker; on any failure give everything back.
-        ``constraint`` builds the job's per-request token constraint from the leased engine."""
+        ``constraint`` builds the job's per-request token constraint from the leased engine; ``model`` (the
+        request's model id) picks the adapter on it, held for the whole generation."""
         adm = self.admission()
         await adm.acquire()
         lease = self.holder.lease()
@@ -205,6 +228,7 @@ class Service:
             adm.sem.release()
             raise UnavailableError(str(exc), code="model_not_loaded") from exc
         try:
+            adapter = self.resolve_adapter(engine, model)  # on the leased engine: a swap may have come between
             prompt, extra = encode(engine)
             params = make_params(engine, prompt, extra)
             job_constraint = constraint(engine) if constraint is not None else None
@@ -212,7 +236,8 @@ class Service:
             lease.__exit__(None, None, None)
             adm.sem.release()
             raise
-        job = Job(engine, prompt, params, asyncio.Queue(), extra=extra, constraint=job_constraint, logprobs=logprobs)
+        job = Job(engine, prompt, params, asyncio.Queue(), extra=extra, constraint=job_constraint, logprobs=logprobs,
+                  adapter=adapter)  # fmt: skip
         job.release_lease = lambda: lease.__exit__(None, None, None)
         job.release_slot = adm.sem.release
         self.executor.submit(self._work, job, asyncio.get_running_loop())
@@ -231,7 +256,7 @@ class Service:
             except RuntimeError:  # loop closed: server shutting down
                 job.cancel.set()
 
-        events = job.engine.stream_text(job.prompt, job.params, job.constraint, job.logprobs)
+        events = job.engine.stream_text(job.prompt, job.params, job.constraint, job.logprobs, job.adapter)
         try:
             if job.logprobs is not None:
                 engine_token_table(job.engine)  # the bytes of each token, built once per engine, not on the loop

@@ -10,7 +10,7 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from manifests import MANIFEST_NAME, MODEL_FILE, TrustStore
 
+from .adapters import Adapter
 from .engine import Engine
 from .errors import BundleLoadError
 from .options import EngineOptions
@@ -53,6 +54,10 @@ class BenchResult:
     runs: int
     # "mapped": prepacked weights mapped from the weights cache; "packed": packed in memory at load
     weights: str = "packed"
+    # LoRA adapters (--adapter): per adapter its load time, bytes, resident memory added, TTFT and decode speed
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    # per-request adapter switch: binding another adapter's matrices into a new request's state (median ms)
+    switch_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +97,63 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+def _measure(
+    engine: Engine, prompt: np.ndarray, new_tokens: int, runs: int, adapter: Adapter | None = None
+) -> tuple[float, float]:
+    """(median TTFT s, median decode tok/s) of greedy runs, with ``adapter`` (a resident Adapter) or the base."""
+    ttfts, decode_rates = [], []
+    for _ in range(max(1, runs)):
+        state = engine.new_state(prompt.shape[0] + new_tokens, adapter)
+        start = time.perf_counter()
+        logits = engine.prefill(state, prompt)  # [vocab]
+        tok = int(np.argmax(logits))
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tok = int(np.argmax(engine.forward(state, [tok])[0]))
+        end = time.perf_counter()
+        del state  # a request's KV cache is freed when it ends, as in the server, before the next one
+        ttfts.append(first - start)
+        if new_tokens > 1:
+            decode_rates.append((new_tokens - 1) / (end - first))
+    return statistics.median(ttfts), statistics.median(decode_rates) if decode_rates else 0.0
+
+
+def _bench_adapters(
+    engine: Engine, paths: list[Path], trust: TrustStore | None, prompt: np.ndarray, new_tokens: int, runs: int
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Load each adapter over the running base and time it; then the per-request switch between them."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rss0, t0 = _rss_mb(), time.perf_counter()
+        adapter = engine.load_adapter(path, trust)
+        load_ms, rss1 = (time.perf_counter() - t0) * 1000, _rss_mb()
+        ttft, rate = _measure(engine, prompt, new_tokens, runs, adapter)
+        rows.append({"name": adapter.name, "version": adapter.version, "load_ms": round(load_ms, 2),
+                     "bytes": adapter.nbytes, "rss_added_mb": round(rss1 - rss0, 2), "ttft_ms": round(ttft * 1000, 2),
+                     "decode_tok_s": round(rate, 2)})  # fmt: skip
+    if not rows:
+        return rows, None
+    # A switch is binding another adapter's matrices into a new request's IO binding: no base weight moves.
+    choices = [None, *engine.adapters.snapshot()]
+    times = []
+    for i in range(60):
+        t0 = time.perf_counter()
+        engine.new_state(prompt.shape[0] + new_tokens, choices[i % len(choices)])
+        times.append(time.perf_counter() - t0)
+    return rows, round(statistics.median(times) * 1000, 4)
+
+
 def run_bench(
     path: str | Path,
     prompt_tokens: int = 128,
@@ -100,6 +162,7 @@ def run_bench(
     runs: int = 3,
     trust: TrustStore | None = None,
     options: EngineOptions | None = None,
+    adapters: list[Path] | None = None,
 ) -> BenchResult:
     opts = options or EngineOptions(threads=threads)
     t0 = time.perf_counter()
@@ -110,22 +173,8 @@ def run_bench(
         if prompt.shape[0] + new_tokens > engine.context_length:
             raise BundleLoadError(f"{prompt_tokens}+{new_tokens} tokens exceed the context {engine.context_length}")
         engine.greedy(prompt[:8].tolist(), 4)  # warm-up: arenas, prepacked weights, thread pool
-        ttfts, decode_rates = [], []
-        for _ in range(max(1, runs)):
-            state = engine.new_state(prompt.shape[0] + new_tokens)
-            start = time.perf_counter()
-            logits = engine.prefill(state, prompt)  # [vocab]
-            tok = int(np.argmax(logits))
-            first = time.perf_counter()
-            for _ in range(new_tokens - 1):
-                tok = int(np.argmax(engine.forward(state, [tok])[0]))
-            end = time.perf_counter()
-            del state  # a request's KV cache is freed when it ends, as in the server, before the next one
-            ttfts.append(first - start)
-            if new_tokens > 1:
-                decode_rates.append((new_tokens - 1) / (end - first))
-        ttft = statistics.median(ttfts)
-        rate = statistics.median(decode_rates) if decode_rates else 0.0
+        ttft, rate = _measure(engine, prompt, new_tokens, runs)
+        adapter_rows, switch_ms = _bench_adapters(engine, list(adapters or []), trust, prompt, new_tokens, runs)
         model_bytes = sum(f.stat().st_size for f in source_files(engine.model_path))
         return BenchResult(
             model=engine.name,
@@ -144,6 +193,8 @@ def run_bench(
             cpu=f"{platform.machine()} x{os.cpu_count()}",
             runs=max(1, runs),
             weights=engine.weights,
+            adapters=adapter_rows,
+            switch_ms=switch_ms,
         )
     finally:
         engine.close()

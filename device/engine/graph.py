@@ -126,7 +126,9 @@ class GQADriver:
             raise UnsupportedGraphError(f"graph is not a gqa graph for {L} layers: missing {missing[:4]}")
         self.has_logits_index = "logits_index" in inputs  # the graph can skip the LM head for other rows
         # LoRA slots: rank-0 A [in, 0] and B [0, out] (a zero delta) unless a request binds an adapter's
-        self.lora_shapes = {i.name: tuple(i.shape) for i in session.get_inputs() if i.name.startswith("lora.")}
+        # (graph inputs; with rank-0 defaults they are listed as overridable initializers instead)
+        slots = [*session.get_inputs(), *session.get_overridable_initializers()]
+        self.lora_shapes = {i.name: tuple(i.shape) for i in slots if i.name.startswith("lora.")}
         self.no_lora = {name: self._empty_slot(name, shape) for name, shape in self.lora_shapes.items()}
         extra = inputs - need - {"logits_index"} - set(self.lora_shapes)
         if extra:

@@ -112,6 +112,6 @@ async def chat_completions(request: Request, svc: Service = Depends(service_of))
         return svc.sampling(req, len(prompt), mt, engine.context_length)
 
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    job = await svc.start(encode, params, structured.constraint_maker(grammar), logprobs)
+    job = await svc.start(encode, params, structured.constraint_maker(grammar), logprobs, req.model)
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     return await respond(svc, request, ChatWriter(job, tp.active), req.stream, include_usage)

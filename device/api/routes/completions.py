@@ -77,7 +77,7 @@ async def completions(request: Request, svc: Service = Depends(service_of)) -> R
     def params(engine: Engine, prompt: list[int], _extra: Any) -> SamplingParams:
         return svc.sampling(req, len(prompt), req.max_tokens, engine.context_length)
 
-    job = await svc.start(encode, params, structured.constraint_maker(grammar), req.logprobs)
+    job = await svc.start(encode, params, structured.constraint_maker(grammar), req.logprobs, req.model)
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     writer = CompletionWriter(job, job.extra if req.echo else "")
     return await respond(svc, request, writer, req.stream, include_usage)

@@ -1,4 +1,5 @@
-"""GET /v1/models: the one model this server holds now."""
+"""GET /v1/models: the model this server holds now, and each LoRA adapter resident over it as
+``<base id>:<adapter name>`` (``parent``: the base id, as vLLM lists its LoRA modules)."""
 
 from __future__ import annotations
 
@@ -17,4 +18,8 @@ async def list_models(svc: Service = Depends(service_of)) -> JSONResponse:
     if engine is not None and not engine.closed:
         created = int(engine.manifest.created_at.timestamp()) if engine.manifest else 0
         data.append({"id": engine.name, "object": "model", "created": created, "owned_by": "nanofleet"})
+        for adapter in engine.adapters.snapshot():
+            data.append({"id": f"{engine.name}:{adapter.name}", "object": "model",
+                         "created": int(adapter.manifest.created_at.timestamp()), "owned_by": "nanofleet",
+                         "parent": engine.name, "version": adapter.version})  # fmt: skip
     return JSONResponse({"object": "list", "data": data})
