@@ -41,6 +41,17 @@ def _device_id(value: str) -> str:
     return value
 
 
+def _ed25519_pem(value: str) -> str:
+    from manifests import load_public_key
+    from manifests.errors import KeyFormatError
+
+    try:
+        load_public_key(value.encode("ascii"))
+    except (UnicodeEncodeError, KeyFormatError):
+        raise ValueError("not a PEM ed25519 public key") from None
+    return value
+
+
 Text = Annotated[str, AfterValidator(_text)]
 ShortText = Annotated[str, Field(max_length=64), AfterValidator(_text)]
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN), AfterValidator(_device_id)]
@@ -80,6 +91,12 @@ class EnrollRequest(BaseModel):
     ram_bytes: int | None = Field(None, ge=0, le=2**50)
     tags: Tags = Field(default_factory=dict)
     groups: Groups = Field(default_factory=list)
+    device_public_key: Annotated[str, AfterValidator(_ed25519_pem)] | None = Field(
+        None,
+        max_length=1024,
+        description="PEM ed25519 public key made on the board (device.agent.ensure_device_key); verifies "
+        "its offline telemetry exports. Without it, its exports are refused (docs/offline.md)",
+    )
 
 
 class MqttCredentials(BaseModel):

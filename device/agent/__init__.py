@@ -3,6 +3,7 @@
 Public surface (imported lazily so `nanofleet --help` stays fast on a board)::
 
     from device.agent import Agent, AgentConfig, DataDir, load_config, Updater, State, Event, TRANSITIONS, RESUME_MAP
+    from device.agent import ensure_device_key   # the board's own key (identity.py), for enrolment
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from .config import AgentConfig, load_config
     from .datadir import DataDir
     from .errors import AgentError, ConfigError, RefusedError, UpdateError
+    from .identity import ensure_device_key, load_device_key
     from .states import RESUME_MAP, TRANSITIONS, Event, State
     from .updater import Updater
 
@@ -26,6 +28,8 @@ _EXPORTS = {
     "ConfigError": ".errors",
     "RefusedError": ".errors",
     "UpdateError": ".errors",
+    "ensure_device_key": ".identity",
+    "load_device_key": ".identity",
     "RESUME_MAP": ".states",
     "TRANSITIONS": ".states",
     "Event": ".states",
@@ -46,7 +50,9 @@ __all__ = [
     "State",
     "UpdateError",
     "Updater",
+    "ensure_device_key",
     "load_config",
+    "load_device_key",
 ]
 
 

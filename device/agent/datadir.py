@@ -8,6 +8,8 @@
       weights-cache/          onnxruntime's prepacked weights, built once per model (runtime.py)
       paused-in-<state>       test hook markers (updater.EnvHooks)
       offline/                removable media (device.offline): inbox/, results/, handled.json, exported/
+      device.key              this board's own ed25519 private key, mode 0600 (identity.py): signs its
+                              offline telemetry exports; its public half is registered at enrolment
 
 The names are part of the board's on-disk format: an agent after an upgrade reads what the previous one
 wrote, and `nanofleet device status` / `device install` read them while the agent runs.
@@ -24,6 +26,7 @@ STATUS_FILE = "agent-status.json"
 SLOTS_DIR = "slots"
 WEIGHTS_CACHE_DIR = "weights-cache"
 OFFLINE_DIR = "offline"
+DEVICE_KEY_FILE = "device.key"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class DataDir:
     @property
     def weights_cache(self) -> Path:
         return self.root / WEIGHTS_CACHE_DIR
+
+    @property
+    def device_key(self) -> Path:
+        """The board's own private key (identity.py); never leaves the board."""
+        return self.root / DEVICE_KEY_FILE
 
     def paused_marker(self, state: str) -> Path:
         """Written by the test hook NANOFLEET_AGENT_PAUSE_IN when the agent stops in ``state``."""

@@ -1,8 +1,9 @@
 """`nanofleet device export-telemetry`: the store-and-forward queue, carried home on a stick.
 
 The file holds every queued telemetry sample and event (update transitions and results among them) plus
-the current reported update state, authenticated with HMAC-SHA256 keyed by the device credential as
-the fleet stores it. It is written atomically (temp name on the stick, fsync, rename, fsync the folder).
+the current reported update state, signed with the board's own ed25519 key (``<data_dir>/device.key``,
+made at enrolment: device/agent/identity.py); the fleet verifies it with the public half registered at
+enrolment. It is written atomically (temp name on the stick, fsync, rename, fsync the folder).
 Only once it is on the stick are the exported entries taken out of the queue, in one transaction: the
 stick is their acknowledgement, as a PUBACK is online, so the MQTT path never sends them again. A copy
 stays in ``<data_dir>/offline/exported`` (last N) in case the stick is lost before it reaches the fleet.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from device.agent.config import AgentConfig
-from device.agent.errors import ConfigError
+from device.agent.identity import DeviceKeyError, load_device_key
 from device.agent.store import StateStore
 from device.agent.wiring import agent_version, now_utc, reported_state
 from manifests import atomic_write_bytes
@@ -29,9 +30,8 @@ from manifests.offline.format import (
     ExportedEntry,
     TelemetryExport,
     TelemetryFile,
-    device_secret_hash,
+    sign_telemetry,
     telemetry_file_name,
-    telemetry_mac,
 )
 from manifests.offline.media import check_room
 
@@ -50,16 +50,6 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def device_token(cfg: AgentConfig) -> str:
-    token = cfg.mqtt.resolved_password()
-    if not token:
-        raise ConfigError(
-            "the telemetry export is authenticated with the device credential (mqtt.password or "
-            "mqtt.password_file), and this config has none: enrol the board first"
-        )
-    return token
 
 
 def _read_outbox(path: Path) -> tuple[list[tuple[int, str, bytes]], int]:
@@ -89,6 +79,10 @@ def _delete_exported(path: Path, ids: list[int]) -> None:
 
 
 def build_export(cfg: AgentConfig) -> tuple[TelemetryFile, TelemetryExport, list[int]]:
+    try:  # first: a board that cannot sign must not be told its export worked
+        key = load_device_key(cfg.data_dir)
+    except DeviceKeyError as exc:
+        raise OfflineError(f"cannot sign the telemetry export: {exc.message}", reason=exc.reason) from exc
     rows, dropped = _read_outbox(cfg.layout.outbox_file)
     rec = StateStore(cfg.layout.state_file).load()
     # As the agent would report it, stamped with the record's own time (the export may run much later).
@@ -102,9 +96,7 @@ def build_export(cfg: AgentConfig) -> tuple[TelemetryFile, TelemetryExport, list
         reported=json.loads(rep.to_bytes()),
         entries=[ExportedEntry(topic=t, payload=p.decode("utf-8", errors="replace")) for _, t, p in rows],
     )
-    body_bytes = body.model_dump_json().encode("utf-8")
-    mac = telemetry_mac(device_secret_hash(device_token(cfg)), body_bytes)
-    f = TelemetryFile(device_id=cfg.device_id, body=body_bytes.decode("utf-8"), mac=mac)
+    f = sign_telemetry(cfg.device_id, body.model_dump_json().encode("utf-8"), key)
     return f, body, [i for i, _, _ in rows]
 
 

@@ -4,8 +4,9 @@ thread by the commands in ``fleet.commands.offline``, so rollout state keeps its
 - ``prepare_package``: the signed package document for a deployment's devices that wait for it. Devices
   still ``pending`` are started exactly as the rollout engine starts them (same command id, desired state
   and audit entry), so a board that later comes online gets the same command and deduplicates it.
-- ``import_telemetry_file``: check a telemetry export's MAC against the device credential, then feed each
-  entry and the reported update state through the same idempotent handlers as MQTT, in one savepoint.
+- ``import_telemetry_file``: check a telemetry export's ed25519 signature against the public key the
+  board registered at enrolment (nothing in this database can forge it), then feed each entry and the
+  reported update state through the same idempotent handlers as MQTT, in one savepoint.
   The rollout engine counts the device's result on its next tick, as for an online device.
 - ``offline_devices``: devices with their last import (and export) time.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
 import json
 import os
 import threading
@@ -37,15 +37,19 @@ from manifests import (
     atomic_write_bytes,
 )
 from manifests import mqtt as contract
+from manifests.errors import BadSignatureError, KeyFormatError, UnknownKeyError
 from manifests.offline.format import (
     DEPLOYMENT_DOC,
+    TELEMETRY_FORMAT,
+    TELEMETRY_FORMAT_V1,
     OfflineUpdate,
     PackageBundle,
     PackageFile,
     PackageTarget,
     TelemetryExport,
     TelemetryFile,
-    telemetry_mac,
+    telemetry_file_format,
+    verify_telemetry,
 )
 
 from ..audit import audit
@@ -265,6 +269,15 @@ def import_telemetry_file(
     session: Session, data: bytes, *, actor: str, now: dt.datetime, pause_dir: Path | None = None
 ) -> dict[str, Any]:
     """Verify and ingest one export; importing the same export again ingests nothing."""
+    claimed = telemetry_file_format(data)
+    if claimed == TELEMETRY_FORMAT_V1:
+        raise TelemetryImportError(
+            f"format {TELEMETRY_FORMAT_V1} is refused: it was authenticated with a key derived from what "
+            "this fleet's database stores, so anyone able to read the database could have forged it; "
+            f"update the board's agent (it writes {TELEMETRY_FORMAT}, signed with the board's own key) and "
+            "export again",
+            reason="old_format",
+        )
     try:
         outer = TelemetryFile.model_validate_json(data)
     except ValidationError as exc:
@@ -275,12 +288,20 @@ def import_telemetry_file(
     device = session.get(Device, outer.device_id)
     if device is None:
         raise TelemetryImportError(f"device {outer.device_id!r} is not enrolled in this fleet")
-    body_bytes = outer.body.encode("utf-8")
-    if not hmac.compare_digest(telemetry_mac(device.secret_hash, body_bytes), outer.mac):
+    if not device.public_key:
         raise TelemetryImportError(
-            f"the export's MAC does not match device {device.id}'s credential (tampered, or the device's "
-            "credential was rotated after the export)"
+            f"device {device.id} has no registered public key (enrolled before boards had their own keys), "
+            "so its export cannot be authenticated; enrol it again with a key (`nanofleet device enroll`)",
+            reason="no_device_key",
         )
+    try:
+        body_bytes = verify_telemetry(outer, device.public_key)
+    except (BadSignatureError, UnknownKeyError, KeyFormatError) as exc:
+        raise TelemetryImportError(
+            f"the export's signature does not verify with device {device.id}'s key: {exc.message} "
+            "(tampered, or not written by that board)",
+            reason="bad_signature",
+        ) from exc
     try:
         body = TelemetryExport.model_validate_json(body_bytes)
     except ValidationError as exc:

@@ -12,22 +12,28 @@ An update package is a folder::
       bundles/<name>-<version>/      the signed bundle, exactly as the registry holds it
 
 A telemetry export is one file ``<device>-<export id>.nftelemetry``: the device's store-and-forward queue
-(telemetry, events) and its reported update state, authenticated with HMAC-SHA256 keyed by the device's
-credential as the fleet stores it (sha256 of the device token, hex).
+(telemetry, events) and its reported update state, signed with the board's own ed25519 key (made on the
+board at enrolment; the fleet holds only its public half), format ``nanofleet-offline-telemetry/2``.
+
+Format 1 was authenticated with HMAC-SHA256 keyed by the sha256 of the device token, which is exactly
+what the fleet's database stores: anyone able to read the database could forge any board's telemetry.
+Readers refuse it (``telemetry_file_format`` names it so the refusal can say why).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
-import hashlib
-import hmac
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..bundle import check_relative_path
-from ..errors import UnsafePathError
+from ..errors import BadSignatureError, UnknownKeyError, UnsafePathError
 from ..signed_doc import SignedDocument
+from ..signing import Signature, SigningKey, TrustStore, key_id_of, load_public_key
 
 PACKAGE_DOC = "package.json"
 DEPLOYMENT_DOC = "deployment.yaml"
@@ -35,6 +41,8 @@ PACKAGE_PREFIX = "nanofleet-update-"
 UPDATE_KIND = "nanofleet-offline-update"
 TELEMETRY_KIND = "nanofleet-offline-telemetry"
 FORMAT_VERSION = 1
+TELEMETRY_FORMAT = "nanofleet-offline-telemetry/2"
+TELEMETRY_FORMAT_V1 = "nanofleet-offline-telemetry/1"  # HMAC keyed by what the fleet stores: refused
 TELEMETRY_SUFFIX = ".nftelemetry"
 TEMP_PREFIX = ".nanofleet-tmp-"  # a half-written package or file: readers skip dot names
 MAX_PACKAGE_DOC_BYTES = 4 * 1024 * 1024
@@ -110,7 +118,7 @@ class ExportedEntry(_Strict):
 
 class TelemetryExport(_Strict):
     kind: Literal["nanofleet-offline-telemetry"] = TELEMETRY_KIND
-    format_version: int = FORMAT_VERSION
+    format_version: Literal[2] = 2
     export_id: str
     device_id: str
     created_at: dt.datetime
@@ -121,22 +129,51 @@ class TelemetryExport(_Strict):
 
 
 class TelemetryFile(_Strict):
-    """The file on the stick: the exact body bytes (as text) and their MAC."""
+    """The file on the stick: the exact body bytes (as text) and the board's ed25519 signature over them."""
 
-    format: Literal["nanofleet-offline-telemetry/1"] = "nanofleet-offline-telemetry/1"
+    format: Literal["nanofleet-offline-telemetry/2"] = TELEMETRY_FORMAT
     device_id: str
-    alg: Literal["hmac-sha256"] = "hmac-sha256"
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(description="the signing key's id (manifests.signing.key_id_of)")
     body: str
-    mac: str
+    signature: str = Field(description="base64 ed25519 signature over the UTF-8 body bytes")
 
 
-def device_secret_hash(device_token: str) -> str:
-    """What the fleet keeps of a device's token (``fleet.service.hash_secret``): sha256, hex."""
-    return hashlib.sha256(device_token.encode("utf-8")).hexdigest()
+def sign_telemetry(device_id: str, body: bytes, key: SigningKey) -> TelemetryFile:
+    """The envelope for ``body``, signed with the board's own key."""
+    sig = key.sign(body)
+    return TelemetryFile(
+        device_id=device_id,
+        key_id=sig.key_id,
+        body=body.decode("utf-8"),
+        signature=base64.b64encode(sig.signature).decode("ascii"),
+    )
 
 
-def telemetry_mac(secret_hash: str, body: bytes) -> str:
-    return hmac.new(secret_hash.encode("ascii"), body, hashlib.sha256).hexdigest()
+def verify_telemetry(f: TelemetryFile, public_key_pem: str | bytes) -> bytes:
+    """The body bytes if ``f`` is signed by this public key; BadSignatureError / UnknownKeyError if not."""
+    key = load_public_key(public_key_pem.encode("ascii") if isinstance(public_key_pem, str) else public_key_pem)
+    if f.key_id != key_id_of(key):
+        raise UnknownKeyError(
+            f"signed by key {f.key_id}, not by the key registered for device {f.device_id} ({key_id_of(key)})"
+        )
+    try:
+        raw = base64.b64decode(f.signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadSignatureError(f"the signature is not base64: {exc}") from exc
+    body = f.body.encode("utf-8")
+    TrustStore([key]).verify(body, Signature(key_id=f.key_id, signature=raw))
+    return body
+
+
+def telemetry_file_format(data: bytes) -> str | None:
+    """The ``format`` a telemetry file claims (read before validating it, so an old format is named)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    value = doc.get("format") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def telemetry_file_name(device_id: str, export_id: str) -> str:

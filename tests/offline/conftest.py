@@ -29,9 +29,7 @@ BUNDLE = "tiny"
 DEPLOY_TIMEOUT = 60.0
 
 
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120.0
-) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run `nanofleet ...` as its own process."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
@@ -50,9 +48,7 @@ def cli_json(*args: str, expect_rc: int = 0, **kw: Any) -> Any:
     return json.loads(r.stdout)
 
 
-def popen_cli(
-    *args: str, env: dict[str, str] | None = None, log: Path | None = None
-) -> subprocess.Popen[bytes]:
+def popen_cli(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
@@ -160,11 +156,18 @@ class FleetProc:
     def fleet_json(self, *args: str, expect_rc: int = 0, **kw: Any) -> Any:
         return cli_json("fleet", "--config", str(self.config), *args, expect_rc=expect_rc, **kw)
 
-    def enroll(self, device_id: str, hardware_class: str = "pi5") -> str:
+    def enroll(self, device_id: str, hardware_class: str = "pi5", data_dir: Path | None = None) -> str:
+        """Enrol a board; with ``data_dir``, as the board's enrolment does it: its own key is made there
+        (device.agent.ensure_device_key) and the public half registered with the fleet."""
         with self.admin() as c:
             token = c.enrollment_token(uses=1)["token"]
+        extra = {}
+        if data_dir is not None:
+            from device.agent.identity import ensure_device_key
+
+            extra["device_public_key"] = ensure_device_key(data_dir)
         with FleetClient(self.url) as anon:
-            return anon.enroll(token, device_id=device_id, hardware_class=hardware_class)["device_token"]
+            return anon.enroll(token, device_id=device_id, hardware_class=hardware_class, **extra)["device_token"]
 
     def deploy(self, name: str, version: int, device_ids: list[str], **spec: Any) -> dict[str, Any]:
         with self.admin() as c:
@@ -195,13 +198,10 @@ def release_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[SigningKey, P
 
 
 @pytest.fixture(scope="session")
-def bundles(
-    tmp_path_factory: pytest.TempPathFactory, release_key: tuple[SigningKey, Path]
-) -> dict[int, Path]:
+def bundles(tmp_path_factory: pytest.TempPathFactory, release_key: tuple[SigningKey, Path]) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("bundles")
     return {
-        v: make_bundle(root / f"v{v}", release_key[0], name=BUNDLE, version=v, pad_bytes=256 * 1024)
-        for v in (1, 2, 3)
+        v: make_bundle(root / f"v{v}", release_key[0], name=BUNDLE, version=v, pad_bytes=256 * 1024) for v in (1, 2, 3)
     }
 
 
@@ -261,9 +261,7 @@ class Board:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def run(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        self.proc = popen_cli(
-            "device", "run", "--config", str(self.config), env=env, log=self.root / "agent.log"
-        )
+        self.proc = popen_cli("device", "run", "--config", str(self.config), env=env, log=self.root / "agent.log")
         return self.proc
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ from .conftest import Board, FleetProc
 
 
 def bootstrapped(
-    fleet: FleetProc, root: Path, device_id: str, v1: Path, release_pub: Path, **kw: object
+    fleet: FleetProc, root: Path, device_id: str, v1: Path, release_pub: Path, *, with_key: bool = True, **kw: object
 ) -> Board:
     """A board enrolled in the fleet that committed ``v1`` and queued some telemetry, agent stopped.
 
@@ -27,7 +27,8 @@ def bootstrapped(
     from manifests.mqtt import telemetry_topic
     from tests.device_agent.fake_runtime import FakeRuntime
 
-    token = fleet.enroll(device_id)
+    # with_key=False: enrolled as by a release before boards had their own keys
+    token = fleet.enroll(device_id, data_dir=root / "data" if with_key else None)
     board = Board(root, device_id, token, [release_pub, fleet.fleet_pub], **kw)  # type: ignore[arg-type]
     cfg = load_config(board.config)
     outbox = open_outbox(cfg)

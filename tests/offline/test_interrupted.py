@@ -143,14 +143,14 @@ def test_telemetry_export_killed_mid_write_then_truncated_copy(
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / full.name).write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    # A copy with one byte changed in the body: the MAC refuses it.
+    # A copy with one byte changed in the body: the board's signature refuses it.
     forged = tmp_path / "forged"
     forged.mkdir()
     outer = json.loads(full.read_text())
     body = outer["body"].replace('"outbox_dropped":0', '"outbox_dropped":7')
     assert body != outer["body"]
     (forged / full.name).write_text(json.dumps({**outer, "body": body}))
-    for bad, words in ((cut, "truncated or corrupt"), (forged, "MAC does not match")):
+    for bad, words in ((cut, "truncated or corrupt"), (forged, "signature does not verify")):
         res = fleet.fleet_json("import-telemetry", str(bad), expect_rc=1)
         assert not res["ok"] and words in res["files"][0]["error"], res
         assert _entries(fleet, "field-t") == 0

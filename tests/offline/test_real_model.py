@@ -19,7 +19,7 @@ def test_real_bundle_through_a_stick(tmp_path: Path, default_bundle: tuple[Path,
     (tmp_path / "fleet").mkdir()
     fleet = FleetProc(tmp_path / "fleet", pub).start()
     try:
-        token = fleet.enroll("real-1")
+        token = fleet.enroll("real-1", data_dir=tmp_path / "board" / "data")
         with fleet.admin() as c:
             c.upload_bundle(bundle)
             c.apply(

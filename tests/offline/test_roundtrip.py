@@ -22,7 +22,7 @@ def test_round_trip_through_a_stick(
 ) -> None:
     media = tmp_path / "media"  # the agent watches it; "plugging the stick in" = a folder appearing there
     media.mkdir()
-    token = fleet.enroll("field-1")
+    token = fleet.enroll("field-1", data_dir=tmp_path / "board" / "data")
     # The board trusts the release key (bundles) and the fleet key (package documents, rollbacks).
     board = Board(
         tmp_path / "board",
