@@ -5,6 +5,7 @@ Heavy imports (onnxruntime, uvicorn) happen inside the commands so `nanofleet --
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import typer
@@ -70,9 +71,12 @@ def serve(
     from device.engine.bench import load_for_bench
 
     trust = _trust(pubkey)
+    # Take the port first: a busy one fails in one line, before a model is loaded or "serving" is said.
+    sock = _listen(host, port)
     try:
         engine = load_for_bench(bundle, trust, _options(threads, weights_cache, no_weights_cache))
     except EngineError as exc:
+        sock.close()
         _fail(str(exc))
     for path in adapter or []:
         try:
@@ -80,10 +84,26 @@ def serve(
         except EngineError as exc:
             engine.close()
             _fail(f"{exc} ({exc.reason})")
-        _err.print(f"adapter [bold]{engine.name}:{loaded.name}[/] ({loaded.ref}, {loaded.nbytes / 1e6:.1f} MB)")
+        _err.print(f"adapter [bold]{engine.name}:{loaded.name}[/] ({loaded.ref}, {loaded.nbytes / 2**20:.1f} MiB)")
     settings = ApiSettings(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)
     _err.print(f"serving [bold]{engine.name}[/] on http://{host}:{port}/v1")
-    uvicorn.run(create_app(ModelHolder(engine), settings), host=host, port=port, log_level="warning")
+    app = create_app(ModelHolder(engine), settings)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound listening socket uvicorn then serves on (no window for another process to take it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror} (another server there? pick one with --port)")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def chat(
@@ -203,7 +223,7 @@ def bench(
     from rich.table import Table
 
     table = Table(title=f"{result.model} ({result.onnxruntime}, {result.cpu}, threads={threads or 'auto'})")
-    for col in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model MB", "weights"):
+    for col in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MiB", "model MiB", "weights"):
         table.add_column(col, justify="right")
     table.add_row(
         str(result.prompt_tokens),
@@ -218,11 +238,11 @@ def bench(
     Console().print(table)
     if result.adapters:
         at = Table(title=f"LoRA adapters over {result.model} (switch between requests: {result.switch_ms} ms)")
-        for col in ("adapter", "load ms", "MB", "RSS added MB", "TTFT ms", "decode tok/s", "vs base"):
+        for col in ("adapter", "load ms", "MiB", "RSS added MiB", "TTFT ms", "decode tok/s", "vs base"):
             at.add_column(col, justify="right")
         for row in result.adapters:
             ratio = row["decode_tok_s"] / result.decode_tok_s if result.decode_tok_s else 0.0
-            at.add_row(f"{result.model}:{row['name']}", f"{row['load_ms']:.1f}", f"{row['bytes'] / 1e6:.2f}",
+            at.add_row(f"{result.model}:{row['name']}", f"{row['load_ms']:.1f}", f"{row['bytes'] / 2**20:.2f}",
                        f"{row['rss_added_mb']:.1f}", f"{row['ttft_ms']:.1f}", f"{row['decode_tok_s']:.1f}",
                        f"{ratio:.2f}x")  # fmt: skip
         Console().print(at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,22 @@ import typer
 from manifests.cli_output import console, emit_json, fail, out
 
 SUCCESS_EXIT, GATE_FAILED_EXIT, INTERRUPTED_EXIT = 0, 3, 130
+
+
+LIBRARIES = r"(transformers|torch|optimum|onnx|onnxruntime|onnxscript|huggingface_hub|accelerate|gguf)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Deprecation and tracing warnings of the build libraries say nothing to a user of `export`: hidden
+    unless --verbose (our own messages and errors are unaffected)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", module=LIBRARIES)
+    for name in ("transformers", "torch", "optimum", "onnxruntime", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def export(
@@ -103,6 +120,9 @@ def export(
         "the quality report; a regression fails the gate.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show the libraries' warnings (transformers, torch, optimum)."
+    ),
 ) -> None:
     """Export a model to a signed, quality-gated ONNX bundle for the boards.
 
@@ -111,6 +131,8 @@ def export(
     device engine) → signed bundle, written atomically.
     A failed gate exits 3, writes <out>.quality_report.json and publishes nothing.
     """
+    if not verbose:
+        quiet_libraries()
     from export import errors
     from export.gate import PRECISION_DEFAULTS, GateThresholds
     from export.keys import load_signing_key
@@ -135,6 +157,11 @@ def export(
     # Ctrl-C and SIGTERM both unwind through the pipeline's cleanup.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if key is None:
+            # The source first: a model that cannot be found must not leave a new key in ~/.config.
+            from export.sources import resolve_source
+
+            resolve_source(model)
         signing_key, key_path, created = load_signing_key(key)
         if created:
             console.print(
@@ -188,8 +215,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     sz, tf = s["sizes"], s["teacher_forced"]
     out.print(
         f"[green]bundle[/] {s['bundle']}  ({s['name']}@{s['version']}, recipe {s['recipe']})\n"
-        f"  model {sz['model_bytes'] / 1e6:.1f} MB = {sz['model_size_ratio']:.3f}x fp32 "
-        f"({sz['fp32_model_bytes'] / 1e6:.1f} MB)\n"
+        f"  model {sz['model_bytes'] / 2**20:.1f} MiB = {sz['model_size_ratio']:.3f}x fp32 "
+        f"({sz['fp32_model_bytes'] / 2**20:.1f} MiB)\n"
         f"  perplexity {s['ppl_reference']:.3f} → {s['ppl_quantized']:.3f} ({s['ppl_increase_pct']:+.2f}%), "
         f"KL to fp32 {tf['kl_mean']:.4f}, same top token {tf['top_token_match']:.1%} over {tf['tokens']} "
         "tokens: gate passed\n"
@@ -206,7 +233,7 @@ def eval_bundles(
     pubkey: list[Path] = typer.Option(
         None, "--pubkey", help="Verify each bundle against these keys first (default: read unverified)."
     ),
-    threads: int = typer.Option(None, "--threads", min=1),
+    threads: int = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: its choice)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Perplexity of each bundle on a text (run by the device engine), to compare precisions."""
@@ -222,13 +249,13 @@ def eval_bundles(
     from rich.table import Table
 
     t = Table(title=f"perplexity on {rows[0]['text'] if rows else text}")
-    for col in ("bundle", "recipe", "model MB", "tokens", "perplexity", "vs first", "seconds"):
+    for col in ("bundle", "recipe", "model MiB", "tokens", "perplexity", "vs first", "seconds"):
         t.add_column(col)
     for r in rows:
         t.add_row(
             r["bundle"],
             r["recipe"],
-            f"{r['model_bytes'] / 1e6:.1f}",
+            f"{r['model_bytes'] / 2**20:.1f}",
             str(r["tokens"]),
             f"{r['perplexity']:.3f}",
             f"{r['vs_first_pct']:+.2f}%",

@@ -131,7 +131,7 @@ def _resolve_hub(repo_id: str) -> ResolvedSource:
         except Exception as exc:  # network errors, 401/404, offline: all mean "cannot fetch"
             raise SourceNotFoundError(
                 f"{repo_id} is not in the local Hugging Face cache ({_hf_cache()}) and could not be fetched "
-                f"from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                f"from the hub ({type(exc).__name__}: {' '.join(str(exc).split())}); "
                 "pass a local folder or a .gguf file"
             ) from exc
     path = Path(folder)

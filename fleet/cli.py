@@ -477,7 +477,7 @@ def models(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         recipe = (m["summary"] or {}).get("recipe") or {}
         t.add_row(
             f"{m['name']}@{m['version']}",
-            f"{m['total_size'] / 1e6:.1f} MB",
+            f"{m['total_size'] / 2**20:.1f} MiB",
             f"{recipe.get('precision', '?')} {recipe.get('method', '')}",
             f"ppl {q['ppl_increase_pct']:+.1f}%, agree {q['greedy_agreement']:.0%}" if q else "-",
             m["key_id"],

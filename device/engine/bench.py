@@ -66,6 +66,8 @@ class BenchResult:
 def load_for_bench(path: str | Path, trust: TrustStore | None, options: EngineOptions) -> Engine:
     """A bundle folder (manifest.yaml) or a plain optimum export folder (config.json + model.onnx)."""
     root = Path(path)
+    if not root.exists():
+        raise BundleLoadError(f"{root} does not exist")
     if (root / MANIFEST_NAME).is_file():
         return Engine.from_bundle(root, trust, options)
     if (root / "config.json").is_file() and (root / MODEL_FILE).is_file():

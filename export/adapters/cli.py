@@ -119,7 +119,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"[green]adapter[/] {s['adapter']}  ({s['name']}@{s['version']} for {s['base']['name']}@"
         f"{s['base']['version']})\n"
         f"  LoRA rank {lora['rank']}, scale {lora['scale']:g}, on {', '.join(lora['target_modules'])} "
-        f"({len(lora['layers'])} layers): {s['adapter_bytes'] / 1e6:.2f} MB "
+        f"({len(lora['layers'])} layers): {s['adapter_bytes'] / 2**20:.2f} MiB "
         f"({s['adapter_bytes'] / max(1, s['base_model_bytes']):.2%} of the base model)\n"
         f"  perplexity on the eval text: base {ev['engine:base']:.3f} → with adapter {ev['engine:base+adapter']:.3f} "
         f"(torch+peft {ev['torch+peft']:.3f}); KL to torch+peft {tf['kl_mean']:.4f}, same top token "

@@ -41,7 +41,7 @@ def export_update(
             Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),
-                DownloadColumn(),
+                DownloadColumn(binary_units=True),  # MiB, as every size nanofleet prints
                 TransferSpeedColumn(),
                 console=console,
                 transient=True,

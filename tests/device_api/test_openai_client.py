@@ -70,6 +70,9 @@ def test_completions_and_models(server, engine: Engine) -> None:  # noqa: ANN001
     srv, _ = server
     c = client(srv)
     assert [m.id for m in c.models.list().data] == [engine.name]
+    # Which version of the bundle serves (the id stays the bundle's name across updates).
+    (listed,) = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["data"]
+    assert listed["version"] == engine.manifest.version and listed["bundle"] == engine.manifest.ref
     r = c.completions.create(
         model=engine.name, prompt="The capital of France is", max_tokens=8, temperature=0
     )

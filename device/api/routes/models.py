@@ -16,8 +16,12 @@ async def list_models(svc: Service = Depends(service_of)) -> JSONResponse:
     engine = svc.holder.engine
     data = []
     if engine is not None and not engine.closed:
-        created = int(engine.manifest.created_at.timestamp()) if engine.manifest else 0
-        data.append({"id": engine.name, "object": "model", "created": created, "owned_by": "nanofleet"})
+        m = engine.manifest
+        created = int(m.created_at.timestamp()) if m else 0
+        entry = {"id": engine.name, "object": "model", "created": created, "owned_by": "nanofleet"}
+        if m is not None:  # which version of the bundle serves (the id stays the name across updates)
+            entry.update(version=m.version, bundle=m.ref)
+        data.append(entry)
         for adapter in engine.adapters.snapshot():
             data.append({"id": f"{engine.name}:{adapter.name}", "object": "model",
                          "created": int(adapter.manifest.created_at.timestamp()), "owned_by": "nanofleet",

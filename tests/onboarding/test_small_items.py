@@ -1,0 +1,38 @@
+"""The rough edges of issue 17, each as the user met it: a busy port, a missing path, a model that is not
+there, YAML errors, repeated messages, sizes."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from .conftest import nanofleet
+
+
+def test_device_serve_on_a_busy_port_says_so_first(tmp_path: Path, default_bundle: tuple[Path, Path]) -> None:
+    bundle, _pub = default_bundle
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = nanofleet("device", "serve", "--bundle", str(bundle), "--port", str(port), timeout=120)
+    assert r.returncode == 1 and len(r.lines) == 1, r.lines
+    assert f"cannot listen on 127.0.0.1:{port}" in r.lines[0] and "serving" not in r.stderr, r.lines
+
+
+def test_a_missing_bundle_path_says_it_does_not_exist(tmp_path: Path) -> None:
+    for argv in (["device", "serve", "--bundle"], ["device", "chat", "--bundle"], ["bench"]):
+        r = nanofleet(*argv, str(tmp_path / "nope"))
+        assert r.returncode == 1 and len(r.lines) == 1, (argv, r.lines)
+        assert f"{tmp_path / 'nope'} does not exist" in r.lines[0], (argv, r.lines)
+
+
+def test_export_of_a_missing_model_creates_no_key_and_keeps_the_hubs_words(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "HF_HUB_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")}
+    r = nanofleet("export", "--model", "someone/not-a-cached-model", "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 1 and len(r.lines) == 1, r.lines
+    assert "not in the local Hugging Face cache" in r.lines[0]
+    # Hugging Face's own sentence is there whole, not cut mid-word.
+    assert r.lines[0].rstrip().endswith("pass a local folder or a .gguf file"), r.lines
+    assert not (tmp_path / "config").exists(), "a signing key was created for an export that never ran"
+    assert not (tmp_path / "out").exists()
