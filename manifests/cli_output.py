@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 out = Console()
@@ -26,5 +27,6 @@ def fail(message: str, *, code: int = 1, as_json: bool = False, reason: str | No
         emit_json({"ok": False, "error": message, "reason": reason, **extra})
     else:
         # soft_wrap: one error is one line (the terminal wraps it, not rich), so scripts can grep it.
-        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        # escape: a message quoting the user's input ("mqtt: [a") is text, not rich markup.
+        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)

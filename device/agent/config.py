@@ -257,7 +257,9 @@ def load_config(path: str | Path) -> AgentConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        # PyYAML names a string it parsed "<unicode string>": name the file, on one line.
+        where = " ".join(str(exc).replace('"<unicode string>"', f'"{path}"').split())
+        raise ConfigError(f"{path} is not valid YAML: {where}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping")
     try:

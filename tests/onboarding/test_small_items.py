@@ -36,3 +36,13 @@ def test_export_of_a_missing_model_creates_no_key_and_keeps_the_hubs_words(tmp_p
     assert r.lines[0].rstrip().endswith("pass a local folder or a .gguf file"), r.lines
     assert not (tmp_path / "config").exists(), "a signing key was created for an export that never ran"
     assert not (tmp_path / "out").exists()
+
+
+def test_yaml_errors_name_the_file_on_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.yaml"
+    bad.write_text("device_id: x\nmqtt: [a\n")
+    r = nanofleet("device", "status", "--config", str(bad))
+    assert r.returncode == 1 and len(r.lines) == 1, r.lines
+    assert f'in "{bad}", line 2' in r.lines[0] and "<unicode string>" not in r.lines[0]
+    # The user's text is shown as written (brackets are not taken for terminal markup).
+    assert "mqtt: [a" in r.lines[0], r.lines
