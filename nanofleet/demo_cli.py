@@ -7,11 +7,16 @@
 5. roll v2 out in waves;
 6. roll out a deliberately broken v3 (its golden check cannot pass): the canary fails, the fleet
    aborts and sends a signed rollback;
-7. stop everything it started and exit 0.
+7. stop everything it started and exit 0; with ``--keep``, leave the fleet and the agents running and say
+   how to open the dashboard, enrol one more board and stop it all (``nanofleet demo --stop``).
+
+The fleet runs as its own `nanofleet fleet serve` process (so it can outlive the demo), each agent as a
+`nanofleet device run` process; ``run/demo.json`` records them for ``--stop``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,6 +31,10 @@ import typer
 
 QUESTION = "What is the capital of France? Answer in one short sentence."
 REPO = Path(__file__).resolve().parents[1]
+STATE_FILE = "demo.json"
+# The tag the printed enrolment token gives one more board: manifests/examples/deployment-canary.yaml
+# selects it, so the README's next steps roll a model out to that board alone.
+EXTRA_BOARD_TAGS = {"site": "lab"}
 
 
 class DemoError(Exception):
@@ -38,14 +47,20 @@ def register(app: typer.Typer) -> None:
 
 def demo(
     devices: int = typer.Option(3, "--devices", "-n", min=1, max=16, help="How many local device agents."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print a JSON summary on stdout (progress on stderr)."
-    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (progress on stderr)."),
     work_dir: Path = typer.Option(
         Path(".cache/demo"), "--work-dir", help="Cache (keys, exported bundle) and this run's files."
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="Inference threads per agent."),
-    keep: bool = typer.Option(False, "--keep", help="Keep this run's fleet and agent data for inspection."),
+    keep: bool = typer.Option(
+        False,
+        "--keep",
+        help="Leave the fleet and its agents running at the end (dashboard, one more board); "
+        "stop them with `nanofleet demo --stop`.",
+    ),
+    stop: bool = typer.Option(
+        False, "--stop", help="Stop a demo left running by --keep (fleet, agents, boards enrolled into it)."
+    ),
 ) -> None:
     """Export the default model, start a fleet and N agents, roll out v1 (canary) and v2 (waves), ask
     every device a question, then show a broken v3 being aborted and rolled back automatically."""
@@ -55,6 +70,14 @@ def demo(
 
     # amqtt logs every dropped client at WARNING; the demo reports what matters itself.
     logging.getLogger("amqtt").setLevel(logging.ERROR)
+    if stop:
+        try:
+            stopped = stop_kept(work_dir.resolve(), console)
+        except DemoError as exc:
+            fail(str(exc), as_json=as_json, reason="demo")
+        if as_json:
+            emit_json({"ok": True, "stopped": stopped})
+        return
     t0 = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so every process this demo started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -67,6 +90,8 @@ def demo(
         emit_json(summary)
     else:
         console.print(f"[bold green]demo finished in {summary['seconds']:.0f}s[/]")
+        if keep:
+            print_kept(summary["kept"], console)
 
 
 class Demo:
@@ -77,31 +102,33 @@ class Demo:
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if live := _live_processes(self.run_dir):
+            raise DemoError(
+                f"a demo kept with --keep is still running ({len(live)} processes in {self.run_dir}): "
+                "stop it first with `nanofleet demo --stop`"
+            )
         bundles = self.bundles()
         if self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True)
         with ExitStack() as stack:
             stack.callback(self.stop_all)
-            server = self.start_fleet(stack)
+            server = self.start_fleet()
             from fleet.client import FleetClient
 
-            admin = stack.enter_context(FleetClient(server.url, server.svc.admin_token))
+            admin = stack.enter_context(FleetClient(server.url, server.admin_token))
             agents = self.start_agents(server, admin)
+            self.write_state(server, agents)
             self.step("uploading the bundles to the fleet registry")
             for v in (1, 2, 3):
                 m = admin.upload_bundle(bundles[v])
-                self.say(
-                    f"  {m['name']}@{m['version']}: {m['total_size'] / 1e6:.0f} MB, signed by {m['key_id']}"
-                )
+                self.say(f"  {m['name']}@{m['version']}: {m['total_size'] / 2**20:.1f} MiB, signed by {m['key_id']}")
             name = bundles["name"]
 
             self.step(f"v1 to {self.n} devices: canary first, then the rest")
             self.rollout(
                 admin,
-                self.deployment(
-                    "demo-v1", name, 1, {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 2}
-                ),
+                self.deployment("demo-v1", name, 1, {"type": "canary", "canary": {"devices": 1}, "wait_seconds": 2}),
                 "completed",
                 420,
             )
@@ -149,13 +176,14 @@ class Demo:
             answers = self.ask_all(agents)
             self.show(admin, answers)
             devs = {d["id"]: d for d in admin.devices()}
+            kept = self.keep_running(server, admin) if self.keep else None
             return {
                 "ok": True,
+                "kept": kept,
                 "bundle": name,
                 "fleet_url": server.url,
                 "deployments": {
-                    d["name"]: {"status": d["status"], "abort_reason": d["abort_reason"]}
-                    for d in admin.deployments()
+                    d["name"]: {"status": d["status"], "abort_reason": d["abort_reason"]} for d in admin.deployments()
                 },
                 "devices": [
                     {
@@ -202,8 +230,9 @@ class Demo:
             VerificationError,
             verify_bundle,
             write_keypair,
-            write_signed_manifest,
         )
+
+        from .resign import resign_bundle
 
         keys = self.work / "keys"
         if not (keys / "nanofleet.key").exists():
@@ -237,21 +266,11 @@ class Demo:
             m1 = verify_bundle(v1, trust)
 
         def derive(version: int, golden: GoldenCheck | None) -> Path:
-            """v2 and v3 reuse v1's files (the fleet stores them once) under a new signed manifest."""
+            """v2 and v3 reuse v1's files (the fleet stores them once): `nanofleet bundle resign`."""
             out = self.work / "bundles" / f"v{version}"
             if out.exists():
                 shutil.rmtree(out)
-            out.mkdir(parents=True)
-            for f in m1.files:
-                (out / f.path).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(v1 / f.path, out / f.path)
-                except OSError:
-                    shutil.copy2(v1 / f.path, out / f.path)
-            update: dict[str, Any] = {"version": version}
-            if golden is not None:
-                update["golden"] = golden
-            write_signed_manifest(out, m1.model_copy(update=update), key)
+            resign_bundle(v1, out, key, version=version, update={"golden": golden} if golden else None)
             return out
 
         broken = None
@@ -275,86 +294,137 @@ class Demo:
         }
 
     # 2. fleet and agents ---------------------------------------------------------------------------
-    def start_fleet(self, stack: ExitStack) -> Any:
-        from fleet.config import FleetConfig
-        from fleet.server import ServerThread
-
-        self.step("starting the fleet (SQLite, embedded MQTT broker)")
-        cfg = FleetConfig(
-            data_dir=self.run_dir / "fleet",
-            port=0,
-            trusted_keys=[self.work / "keys" / "nanofleet.pub"],
-            tick_s=0.25,
-        )
-        cfg.broker.keepalive_s = 10
-        server = ServerThread(cfg).start()
-        stack.callback(server.stop)
-        self.say(
-            f"  fleet {server.url}  MQTT {server.svc.mqtt_url}  admin token in {cfg.data_dir}/admin.token"
-        )
-        return server
-
-    def start_agents(self, server: Any, admin: Any) -> list[dict[str, Any]]:
-        import secrets
-
+    def start_fleet(self) -> FleetProcess:
+        """`nanofleet fleet serve` as its own process (it may outlive the demo: --keep)."""
         import yaml
 
-        from fleet.client import FleetClient
+        self.step("starting the fleet (SQLite, embedded MQTT broker)")
+        config = self.run_dir / "fleet.yaml"
+        doc = {
+            "data_dir": "fleet",
+            "host": "127.0.0.1",
+            "port": 0,
+            "trusted_keys": [str(self.work / "keys" / "nanofleet.pub")],
+            "tick_s": 0.25,
+            "broker": {"keepalive_s": 10},
+        }
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        proc = self.spawn("fleet", ["fleet", "serve", "--config", str(config)])
+        info_file = self.run_dir / "fleet" / "service.json"
+
+        def started() -> dict[str, Any] | None:
+            try:
+                info = json.loads(info_file.read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("pid") == proc.pid else None
+
+        info = self.wait(started, 120, "the fleet service")
+        token_file = self.run_dir / "fleet" / "admin.token"
+        server = FleetProcess(
+            url=info["url"],
+            mqtt_url=info["mqtt_url"],
+            admin_token_file=token_file,
+            admin_token=token_file.read_text().strip(),
+            config=config,
+            pid=proc.pid,
+        )
+        self.say(f"  fleet {server.url}  MQTT {server.mqtt_url}  admin token in {token_file}")
+        return server
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nanofleet.cli", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            # Its own session: a terminal's hang-up after the demo (with --keep) does not reach it.
+            start_new_session=True,
+        )
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def write_state(self, server: FleetProcess, agents: list[dict[str, Any]]) -> None:
+        """run/demo.json: what this run started, for `demo --stop` (also after a crash of the demo)."""
+        from manifests import atomic_write_text
+
+        doc = {
+            "fleet": {
+                "url": server.url,
+                "mqtt_url": server.mqtt_url,
+                "admin_token_file": str(server.admin_token_file),
+                "config": str(server.config),
+            },
+            "pids": [p.pid for _, p in self.procs],
+            "agents": agents,
+        }
+        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(doc, indent=2))
+
+    def keep_running(self, server: FleetProcess, admin: Any) -> dict[str, Any]:
+        """--keep: leave everything up, and make the one-time token for one more board."""
+        from fleet.server import free_port
+
+        token = admin.enrollment_token(uses=1, ttl_s=7 * 86400, tags=EXTRA_BOARD_TAGS, groups=["lab"])
+        board = self.run_dir / "boards" / "board-1"
+        self.procs = []  # nothing to stop on the way out
+        return {
+            "fleet_url": server.url,
+            "dashboard_url": server.url + "/",
+            "admin_token_file": str(server.admin_token_file),
+            "fleet_config": str(server.config),
+            "enroll_command": (
+                f"nanofleet device enroll --fleet {server.url} --token {token['token']} "
+                f"--data-dir {_rel(board)} --api-port {free_port('127.0.0.1')}"
+            ),
+            "run_command": f"nanofleet device run --config {_rel(board / 'agent.yaml')}",
+            "apply_command": (
+                f"nanofleet fleet apply manifests/examples/deployment-canary.yaml --config {_rel(server.config)}"
+                " --watch"
+            ),
+            "stop_command": "nanofleet demo --stop"
+            + ("" if self.work == DEFAULT_WORK.resolve() else f" --work-dir {_rel(self.work)}"),
+        }
+
+    def start_agents(self, server: FleetProcess, admin: Any) -> list[dict[str, Any]]:
+        """Each agent joins the way a board does (`nanofleet device enroll`), then runs as its own process."""
+        from device.agent.enroll import EnrollError, EnrollRequest, enroll
         from fleet.server import free_port
 
         self.step(f"enrolling and starting {self.n} device agents")
         token = admin.enrollment_token(uses=self.n, tags={"site": "demo"}, groups=["demo"])["token"]
         agents = []
-        with FleetClient(server.url) as anon:
-            for i in range(self.n):
-                dev_id = f"demo-{i}"
-                root = self.run_dir / dev_id
-                (root / "creds").mkdir(parents=True)
-                creds = anon.enroll(token, device_id=dev_id, hardware_class="x86-demo", cpu_arch="x86_64")
-                (root / "creds" / "mqtt.password").write_text(creds["device_token"])
-                os.chmod(root / "creds" / "mqtt.password", 0o600)
-                (root / "creds" / "fleet.pub").write_text(creds["fleet_public_key"])
-                port, api_token = free_port("127.0.0.1"), secrets.token_urlsafe(16)
-                conf = {
-                    "device_id": dev_id,
-                    "hardware_class": "x86-demo",
-                    "mqtt": {
-                        "url": creds["mqtt"]["url"],
-                        "protocol": creds["mqtt"].get("protocol") or "5",
-                        "username": creds["mqtt"]["username"],
-                        "password_file": "creds/mqtt.password",
-                        "keepalive_s": 10,
-                        "reconnect_max_s": 2,
-                    },
-                    "artifacts": {"base_url": server.url + "/"},
-                    # The bundle signer, and the fleet's key for signed rollbacks.
-                    "trusted_keys": [str(self.work / "keys" / "nanofleet.pub"), "creds/fleet.pub"],
-                    "data_dir": "data",
-                    "api": {"bind": "127.0.0.1", "port": port, "token": api_token},
-                    "telemetry": {"interval_s": 2},
-                    "limits": {"threads": self.threads},
-                }
-                (root / "agent.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
-                log = open(self.run_dir / f"{dev_id}.log", "ab")  # noqa: SIM115 - owned by the child
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "nanofleet.cli",
-                        "device",
-                        "run",
-                        "--config",
-                        str(root / "agent.yaml"),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO,
-                    start_new_session=True,
-                )
-                log.close()
-                self.procs.append((dev_id, proc))
-                agents.append({"id": dev_id, "api": f"http://127.0.0.1:{port}", "token": api_token})
-                self.say(f"  {dev_id}: pid {proc.pid}, API :{port}, data {root / 'data'}")
+        for i in range(self.n):
+            dev_id = f"demo-{i}"
+            root = self.run_dir / dev_id
+            port = free_port("127.0.0.1")
+            req = EnrollRequest(
+                fleet_url=server.url,
+                token=token,
+                data_dir=root / "data",
+                config_dir=root,
+                device_id=dev_id,
+                hardware_class="x86-demo",
+                api_port=port,
+                # Short intervals: the demo's rollouts and telemetry show within seconds.
+                settings={
+                    "mqtt.keepalive_s": 10,
+                    "mqtt.reconnect_max_s": 2,
+                    "telemetry.interval_s": 2,
+                    "limits.threads": self.threads,
+                },
+            )
+            try:
+                enrolled = enroll(req)
+            except EnrollError as exc:
+                raise DemoError(f"enrolling {dev_id}: {exc.message}") from None
+            api_token = (root / "api.token").read_text().strip()
+            proc = self.spawn(dev_id, ["device", "run", "--config", str(enrolled.config)])
+            agents.append(
+                {"id": dev_id, "api": f"http://127.0.0.1:{port}", "token": api_token, "config": str(enrolled.config)}
+            )
+            self.say(f"  {dev_id}: pid {proc.pid}, API :{port}, data {root / 'data'}")
         self.wait(lambda: sum(d["online"] for d in admin.devices()) == self.n, 120, "every agent online")
         return agents
 
@@ -371,6 +441,8 @@ class Demo:
                 p.wait()
         if not self.keep and self.run_dir.exists():
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.keep and self.procs:  # --keep, but the story failed: nothing is left half-running
+            (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
     # 3. rollouts -----------------------------------------------------------------------------------
     @staticmethod
@@ -407,9 +479,8 @@ class Demo:
         while time.monotonic() < deadline:
             self.check_procs()
             dep = admin.deployment(name)
-            line = (
-                f"  {dep['status']}: wave {min(dep['wave'] + 1, dep['waves'])}/{dep['waves']} "
-                + ", ".join(f"{k}={v}" for k, v in sorted(dep["counts"].items()) if k != "total")
+            line = f"  {dep['status']}: wave {min(dep['wave'] + 1, dep['waves'])}/{dep['waves']} " + ", ".join(
+                f"{k}={v}" for k, v in sorted(dep["counts"].items()) if k != "total"
             )
             if line != last:
                 self.say(line)
@@ -418,9 +489,7 @@ class Demo:
                 break
             if dep["status"] in ("completed", "aborted", "rolled_back", "paused") and dep["status"] != expect:
                 self.console.print(deployment_detail(dep))
-                raise DemoError(
-                    f"deployment {name} ended {dep['status']} (expected {expect}): {dep['abort_reason']}"
-                )
+                raise DemoError(f"deployment {name} ended {dep['status']} (expected {expect}): {dep['abort_reason']}")
             time.sleep(0.5)
         else:
             raise DemoError(f"deployment {name} did not reach {expect} within {timeout:.0f}s")
@@ -484,3 +553,90 @@ def _ready(httpx: Any, api: str, headers: dict[str, str]) -> bool:
         return httpx.get(f"{api}/readyz", headers=headers, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+DEFAULT_WORK = Path(".cache/demo")
+
+
+class FleetProcess:
+    """The demo's `fleet serve` process, as the demo talks to it."""
+
+    def __init__(
+        self, *, url: str, mqtt_url: str, admin_token_file: Path, admin_token: str, config: Path, pid: int
+    ) -> None:
+        self.url, self.mqtt_url, self.pid = url, mqtt_url, pid
+        self.admin_token_file, self.admin_token, self.config = admin_token_file, admin_token, config
+
+
+def _rel(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_kept(kept: dict[str, Any], console: Any) -> None:
+    console.rule("[bold]the fleet is still running (--keep)")
+    console.print(
+        f"dashboard     {kept['dashboard_url']}  (sign in with the admin token)\n"
+        f"admin token   {kept['admin_token_file']}\n"
+        f"enrol one more board (its one-time token is in the command; from another machine use this "
+        f"machine's address):\n  {kept['enroll_command']}\n"
+        f"start it      {kept['run_command']}\n"
+        f"roll out to it {kept['apply_command']}\n"
+        f"stop it all   {kept['stop_command']}",
+        soft_wrap=True,
+    )
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _live_processes(run_dir: Path) -> list[int]:
+    """Processes of a kept demo: the ones it recorded, and agents started from a config inside its run
+    folder (a board enrolled into it by hand). Only `nanofleet` processes, by pid."""
+    pids: set[int] = set()
+    try:
+        pids.update(json.loads((run_dir / STATE_FILE).read_text()).get("pids", []))
+    except (OSError, ValueError):
+        pass
+    marker = f"--config {run_dir}/"
+    proc_root = Path("/proc")
+    if proc_root.is_dir():
+        for entry in proc_root.iterdir():
+            if entry.name.isdigit() and marker in _cmdline(int(entry.name)):
+                pids.add(int(entry.name))
+    return sorted(p for p in pids if p != os.getpid() and "nanofleet" in _cmdline(p))
+
+
+def stop_kept(work: Path, console: Any) -> int:
+    """`demo --stop`: SIGTERM the kept demo's processes, SIGKILL what is left after 20 s, remove run/."""
+    run_dir = work / "run"
+    pids = _live_processes(run_dir)
+    if not pids and not (run_dir / STATE_FILE).exists():
+        console.print(f"no demo kept running in {run_dir}")
+        return 0
+    for pid in pids:
+        with _suppress_gone():
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_cmdline(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _cmdline(pid):
+            with _suppress_gone():
+                os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    console.print(f"stopped {len(pids)} processes of the kept demo and removed {run_dir}")
+    return len(pids)
+
+
+def _suppress_gone() -> Any:
+    from contextlib import suppress
+
+    return suppress(ProcessLookupError, PermissionError)
