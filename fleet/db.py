@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -46,6 +47,8 @@ TS = DateTime(timezone=True)
 
 class Device(Base):
     __tablename__ = "devices"
+    # The devices list pages through (enrolled_at, id) with a keyset cursor.
+    __table_args__ = (Index("ix_devices_enrolled_at_id", "enrolled_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     hardware_class: Mapped[str | None] = mapped_column(String(64))
@@ -164,10 +167,14 @@ class DeploymentTarget(Base):
 
 class TelemetrySample(Base):
     __tablename__ = "telemetry"
-    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        # A device's newest samples (health, baselines, charts); the unique key already covers device_id.
+        Index("ix_telemetry_device_id_ts", "device_id", "ts"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))
     seq: Mapped[int] = mapped_column(BigInteger)
     ts: Mapped[dt.datetime] = mapped_column(TS, index=True)
     model_name: Mapped[str | None] = mapped_column(String(128))
@@ -218,6 +225,18 @@ class AuditEntry(Base):
     deployment: Mapped[str | None] = mapped_column(String(64), index=True)
     device_id: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class FleetNode(Base):
+    """A fleet server sharing this database (fleet/lease.py): the broker sessions it holds, so the
+    rollout lease holder can drain them when the server is gone."""
+
+    __tablename__ = "fleet_nodes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    started_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
 def make_engine(url: str, schema: str | None = None) -> Engine:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from manifests import SigningKey, TrustStore
 
+    from .accounts import BrokerAccounts
     from .blobs import BlobStore
     from .config import FleetConfig
     from .rollout import RolloutEngine
@@ -21,3 +22,4 @@ class FleetEnv(Protocol):
     trust: TrustStore
     blobs: BlobStore
     rollouts: RolloutEngine
+    accounts: BrokerAccounts  # device logins at the broker (dynamic security), changed inside commands

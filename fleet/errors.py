@@ -51,3 +51,10 @@ class EnrollmentError(FleetError):
 
 class BrokerError(FleetError):
     reason = "broker"
+
+
+class ServiceUnavailableError(FleetError):
+    """The service cannot take this now (a backlog, a shutdown, the database away): retry later."""
+
+    status_code = 503
+    reason = "unavailable"

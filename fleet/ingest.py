@@ -1,5 +1,20 @@
-"""What the fleet does with each MQTT message from a device. Every handler is idempotent: QoS 1 may
-deliver twice and a reconnect replays retained messages, so duplicates and stale messages change nothing.
+"""What the fleet does with MQTT messages from devices, a batch at a time, in set-based SQL.
+
+A batch (``ingest_messages``) is applied in the caller's transaction with a fixed number of statements
+whatever its size: one ``SELECT ... FOR UPDATE`` of the devices it names (unknown ones are dropped, and
+their rows are locked in id order, so two fleet servers ingesting at once cannot deadlock each other), one
+multi-row ``INSERT ... ON CONFLICT DO NOTHING`` each for telemetry and events (the ``(device_id, seq)``
+unique key rejects duplicates: no per-message duplicate check), and one ``UPDATE`` per shape of device
+change (executemany). Every handler is idempotent: QoS 1 may deliver twice and a reconnect replays
+retained messages, so duplicates and stale messages change nothing:
+
+- reported: the newest by ``ts`` is kept on the device row; the comparison happens inside the UPDATE,
+  against the row as it is then, so an older report ingested later (by another server) loses;
+- telemetry and events: stored once per ``(device_id, seq)``; the newest sample is the device's latest;
+- status: arrival order (the last will's payload is fixed at connect time).
+
+Each message passes the edge check first (``validation.admit``: identity from the topic, bounded sizes,
+strings and integers, ``ts`` clamped to the receive time); a drop is logged and counted with its reason.
 """
 
 from __future__ import annotations
@@ -7,23 +22,24 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import JSON, Boolean, String, bindparam, case, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from manifests import mqtt as contract
 
-from .db import Device, DeviceEvent, TelemetrySample, aware, utcnow
-from .validation import Dropped, DropReason, admit, record_drop
+from .db import TS, Device, DeviceEvent, TelemetrySample, utcnow
+from .validation import Accepted, Dropped, DropReason, admit, record_drop
 
 log = logging.getLogger(__name__)
 
-
-def _newer(incoming: dt.datetime | None, stored: dt.datetime | None) -> bool:
-    if stored is None or incoming is None:
-        return True
-    return aware(incoming) >= aware(stored)  # type: ignore[operator]
+DEVICES = Device.__table__
+TELEMETRY = TelemetrySample.__table__
+EVENTS = DeviceEvent.__table__
 
 
 class Message(Protocol):
@@ -34,118 +50,220 @@ class Message(Protocol):
     def payload(self) -> bytes: ...
 
 
-def ingest_messages(session: Session, messages: Sequence[Message]) -> None:
-    """Apply a batch of messages in arrival order, in the caller's transaction (the worker's ``Ingest``)."""
+@dataclass
+class IngestReport:
+    """What one batch did: counts by kind, and the devices' send times of what was stored (for the
+    end-to-end ingest lag, measured once the batch is committed)."""
+
+    accepted: int = 0
+    dropped: int = 0
+    telemetry: int = 0
+    events: int = 0
+    sent_at: list[dt.datetime] = field(default_factory=list)
+
+
+@dataclass
+class _DeviceChange:
+    """Everything one batch changes on one device row."""
+
+    seen: bool = False
+    reported: contract.ReportedState | None = None
+    telemetry: contract.Telemetry | None = None
+    status: contract.Status | None = None
+
+    def shape(self) -> tuple[bool, bool, bool, bool]:
+        return (self.seen, self.reported is not None, self.telemetry is not None, self.status is not None)
+
+
+def ingest_messages(session: Session, messages: Sequence[Message]) -> IngestReport:
+    """Apply a batch of messages in the caller's transaction (the worker's ``Ingest``)."""
+    accepted: list[Accepted] = []
     for m in messages:
-        handle_message(session, m.topic, m.payload, received_at=getattr(m, "received_at", None))
+        # The edge check first, for every message (fleet/validation.py).
+        a = admit(m.topic, m.payload, getattr(m, "received_at", None))
+        if a is not None:
+            accepted.append(a)
+    report = IngestReport(dropped=len(messages) - len(accepted))
+    if accepted:
+        _apply(session, accepted, report)
+    return report
 
 
 def handle_message(session: Session, topic: str, payload: bytes, *, received_at: float | None = None) -> str | None:
-    """Apply one message; returns the device id it concerned (None when ignored)."""
-    # The edge check first (fleet/validation.py): identity from the topic, bounded sizes, strings,
-    # integers, ts clamped to the receive time; a drop is logged and counted with its reason.
+    """Apply one message (a batch of one); returns the device id it concerned (None when dropped)."""
     accepted = admit(topic, payload, received_at)
     if accepted is None:
         return None
-    device_id, msg = accepted.device_id, accepted.message
-    device = session.get(Device, device_id)
-    if device is None:
-        record_drop(topic, Dropped(DropReason.UNKNOWN_DEVICE, "no such device (deleted or never enrolled)"))
-        return None
-    if isinstance(msg, contract.ReportedState):
-        _reported(device, msg)
-    elif isinstance(msg, contract.Telemetry):
-        _telemetry(session, device, msg)
-    elif isinstance(msg, contract.Event):
-        _event(session, device, msg)
-    else:
-        _status(device, msg)
-    return device_id
+    report = IngestReport()
+    _apply(session, [accepted], report)
+    return accepted.device_id if report.accepted else None
 
 
-def _seen(device: Device, ts: dt.datetime | None) -> None:
+def _utc(ts: dt.datetime) -> dt.datetime:
+    # SQLite stores datetimes as text without their offset: every stored ts must be UTC.
+    return ts.astimezone(dt.timezone.utc) if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+
+
+def _apply(session: Session, accepted: list[Accepted], report: IngestReport) -> None:
+    session.flush()  # the ORM's pending writes go first: the statements below bypass it
+    ids = sorted({a.device_id for a in accepted})
+    known = set(
+        session.scalars(select(Device.id).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())
+    )
     now = utcnow()
-    device.last_seen = now if device.last_seen is None else max(aware(device.last_seen), now)  # type: ignore[type-var]
+    changes: dict[str, _DeviceChange] = {}
+    telemetry: dict[tuple[str, int], dict[str, Any]] = {}
+    events: dict[tuple[str, int], dict[str, Any]] = {}
+    for a in accepted:
+        if a.device_id not in known:
+            record_drop(
+                contract.PREFIX + f"/devices/{a.device_id}/{a.leaf}",
+                Dropped(DropReason.UNKNOWN_DEVICE, "no such device (deleted or never enrolled)", a.device_id),
+            )
+            report.dropped += 1
+            continue
+        report.accepted += 1
+        ch = changes.setdefault(a.device_id, _DeviceChange())
+        msg = a.message
+        if isinstance(msg, contract.ReportedState):
+            ch.seen = True
+            if ch.reported is None or _utc(msg.ts) >= _utc(ch.reported.ts):
+                ch.reported = msg
+        elif isinstance(msg, contract.Telemetry):
+            ch.seen = True
+            telemetry.setdefault((a.device_id, msg.seq), _telemetry_row(a.device_id, msg))
+            if ch.telemetry is None or _utc(msg.ts) >= _utc(ch.telemetry.ts):
+                ch.telemetry = msg
+            report.sent_at.append(_utc(msg.ts))
+        elif isinstance(msg, contract.Event):
+            ch.seen = True
+            events.setdefault((a.device_id, msg.seq), _event_row(a.device_id, msg))
+        else:
+            ch.status = msg  # arrival order: the last one wins
+            ch.seen = ch.seen or msg.online
+    if telemetry:
+        _insert_new(session, TELEMETRY, list(telemetry.values()))
+        report.telemetry = len(telemetry)
+    if events:
+        _insert_new(session, EVENTS, list(events.values()))
+        report.events = len(events)
+    _update_devices(session, changes, now)
+    _expire_cached(session, changes)
 
 
-def _reported(device: Device, msg: contract.ReportedState) -> None:
-    if msg.device_id != device.id:
-        return
-    _seen(device, msg.ts)
-    if not _newer(msg.ts, device.reported_ts):
-        return
-    device.reported = msg.model_dump(mode="json", by_alias=True)
-    device.reported_ts = msg.ts
-    device.agent_version = msg.agent_version
-    device.hardware_class = msg.hardware_class or device.hardware_class
-    device.cpu_arch = msg.cpu_arch or device.cpu_arch
-    device.ram_bytes = msg.ram_bytes or device.ram_bytes
-    if msg.committed is not None and msg.committed.name is not None:
-        device.current_name = msg.committed.name
-        device.current_version = msg.committed.version
+def _telemetry_row(device_id: str, msg: contract.Telemetry) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "seq": msg.seq,
+        "ts": _utc(msg.ts),
+        "model_name": msg.model.name,
+        "model_version": msg.model.version,
+        "decode_tok_s": msg.decode_tok_s,
+        "ttft_p95_ms": msg.ttft_p95_ms,
+        "requests": msg.requests,
+        "errors": msg.errors,
+        "payload": msg.model_dump(mode="json", by_alias=True),
+    }
 
 
-def _telemetry(session: Session, device: Device, msg: contract.Telemetry) -> None:
-    if msg.device_id != device.id:
-        return
-    _seen(device, msg.ts)
-    dup = session.scalar(
-        select(TelemetrySample.id).where(
-            TelemetrySample.device_id == device.id, TelemetrySample.seq == msg.seq
-        )
-    )
-    if dup is not None:
-        return
-    session.add(
-        TelemetrySample(
-            device_id=device.id,
-            seq=msg.seq,
-            ts=msg.ts,
-            model_name=msg.model.name,
-            model_version=msg.model.version,
-            decode_tok_s=msg.decode_tok_s,
-            ttft_p95_ms=msg.ttft_p95_ms,
-            requests=msg.requests,
-            errors=msg.errors,
-            payload=msg.model_dump(mode="json", by_alias=True),
-        )
-    )
-    if _newer(msg.ts, device.telemetry_ts):
-        device.telemetry = msg.model_dump(mode="json", by_alias=True)
-        device.telemetry_ts = msg.ts
+def _event_row(device_id: str, msg: contract.Event) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "seq": msg.seq,
+        "ts": _utc(msg.ts),
+        "kind": msg.kind,
+        "deployment_id": msg.deployment_id,
+        "payload": msg.model_dump(mode="json", by_alias=True),
+    }
 
 
-def _event(session: Session, device: Device, msg: contract.Event) -> None:
-    if msg.device_id != device.id:
-        return
-    _seen(device, msg.ts)
-    dup = session.scalar(
-        select(DeviceEvent.id).where(DeviceEvent.device_id == device.id, DeviceEvent.seq == msg.seq)
-    )
-    if dup is not None:
-        return
-    session.add(
-        DeviceEvent(
-            device_id=device.id,
-            seq=msg.seq,
-            ts=msg.ts,
-            kind=msg.kind,
-            deployment_id=msg.deployment_id,
-            payload=msg.model_dump(mode="json", by_alias=True),
-        )
-    )
+def _insert_new(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    """One multi-row INSERT; rows whose (device_id, seq) is already stored are skipped by the database."""
+    dialect = session.get_bind().dialect.name
+    ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    session.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "seq"]), rows)
 
 
-def _status(device: Device, msg: contract.Status) -> None:
-    if msg.device_id != device.id:
-        return
-    # Arrival order, not msg.ts: the last will's payload is fixed at connect time, so an "offline" will
-    # carries an older ts than the "online" published right after connecting. Status is retained, so
-    # the broker always replays the latest one.
-    ts = utcnow()
-    device.online = msg.online
-    device.status_ts = ts
-    if msg.online:
-        _seen(device, ts)
-    if msg.agent_version:
-        device.agent_version = msg.agent_version
+def _newer_than(column: Any, param: str) -> ColumnElement[bool]:
+    return or_(column.is_(None), column <= bindparam(param, type_=TS))
+
+
+def _update_devices(session: Session, changes: dict[str, _DeviceChange], now: dt.datetime) -> None:
+    """One executemany UPDATE per shape of change (at most 16 shapes, usually one or two), rows in id order."""
+    by_shape: dict[tuple[bool, bool, bool, bool], list[dict[str, Any]]] = {}
+    for device_id in sorted(changes):
+        ch = changes[device_id]
+        if not any(ch.shape()):
+            continue
+        by_shape.setdefault(ch.shape(), []).append(_params(device_id, ch, now))
+    for shape, rows in by_shape.items():
+        session.execute(_update_statement(*shape), rows)
+
+
+def _params(device_id: str, ch: _DeviceChange, now: dt.datetime) -> dict[str, Any]:
+    p: dict[str, Any] = {"b_id": device_id, "b_now": now}
+    if ch.reported is not None:
+        r = ch.reported
+        committed = r.committed if r.committed is not None and r.committed.name is not None else None
+        p |= {
+            "r_doc": r.model_dump(mode="json", by_alias=True),
+            "r_ts": _utc(r.ts),
+            "r_agent": r.agent_version,
+            "r_hw": r.hardware_class,
+            "r_arch": r.cpu_arch,
+            "r_ram": r.ram_bytes or None,
+            "r_name": committed.name if committed else None,
+            "r_version": committed.version if committed else None,
+        }
+    if ch.telemetry is not None:
+        p |= {"t_doc": ch.telemetry.model_dump(mode="json", by_alias=True), "t_ts": _utc(ch.telemetry.ts)}
+    if ch.status is not None:
+        p |= {"s_online": ch.status.online, "s_agent": ch.status.agent_version}
+    return p
+
+
+def _update_statement(seen: bool, reported: bool, telemetry: bool, status: bool) -> Any:
+    c = DEVICES.c
+    values: dict[str, Any] = {}
+    if seen:
+        # last_seen never goes backwards (two servers' clocks, or a batch committed late)
+        later = or_(c.last_seen.is_(None), c.last_seen < bindparam("b_now", type_=TS))
+        values["last_seen"] = case((later, bindparam("b_now", type_=TS)), else_=c.last_seen)
+    agent_version: Any = c.agent_version
+    if reported:
+        newer = _newer_than(c.reported_ts, "r_ts")
+
+        def if_newer(value: Any, column: Any) -> Any:
+            return case((newer, value), else_=column)
+
+        def kept_unless_given(param: str, column: Any) -> Any:
+            # a field the report leaves out keeps what the row has
+            return if_newer(func.coalesce(bindparam(param, type_=column.type), column), column)
+
+        values["reported"] = if_newer(bindparam("r_doc", type_=JSON), c.reported)
+        values["reported_ts"] = if_newer(bindparam("r_ts", type_=TS), c.reported_ts)
+        agent_version = kept_unless_given("r_agent", c.agent_version)
+        values["hardware_class"] = kept_unless_given("r_hw", c.hardware_class)
+        values["cpu_arch"] = kept_unless_given("r_arch", c.cpu_arch)
+        values["ram_bytes"] = kept_unless_given("r_ram", c.ram_bytes)
+        values["current_name"] = kept_unless_given("r_name", c.current_name)
+        values["current_version"] = kept_unless_given("r_version", c.current_version)
+    if telemetry:
+        newer_t = _newer_than(c.telemetry_ts, "t_ts")
+        values["telemetry"] = case((newer_t, bindparam("t_doc", type_=JSON)), else_=c.telemetry)
+        values["telemetry_ts"] = case((newer_t, bindparam("t_ts", type_=TS)), else_=c.telemetry_ts)
+    if status:
+        values["online"] = bindparam("s_online", type_=Boolean)
+        values["status_ts"] = bindparam("b_now", type_=TS)
+        agent_version = func.coalesce(bindparam("s_agent", type_=String), agent_version)
+    if agent_version is not c.agent_version:
+        values["agent_version"] = agent_version
+    return DEVICES.update().where(c.id == bindparam("b_id")).values(**values)
+
+
+def _expire_cached(session: Session, changes: dict[str, _DeviceChange]) -> None:
+    """Device objects this session already holds are stale now: reload them on next access."""
+    for device_id in changes:
+        obj = session.identity_map.get(session.identity_key(Device, device_id))  # type: ignore[arg-type]
+        if obj is not None:
+            session.expire(obj)

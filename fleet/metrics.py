@@ -30,6 +30,11 @@ INGEST_LAG = Histogram(
     "From the bridge receiving an MQTT message to ingest handling it",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+COMMIT_LAG = Histogram(
+    "nanofleet_ingest_commit_lag_seconds",
+    "From a device sending a telemetry sample (its ts) to the fleet committing it",
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300),
+)
 ROLLOUT_TICKS = Counter("nanofleet_rollout_ticks", "Rollout engine ticks run")
 API_LATENCY = Histogram(
     "nanofleet_api_request_duration_seconds",
@@ -57,6 +62,10 @@ def acl_denied(action: str) -> None:
 
 def observe_ingest_lag(seconds: float) -> None:
     INGEST_LAG.observe(seconds)
+
+
+def observe_commit_lag(seconds: float) -> None:
+    COMMIT_LAG.observe(seconds)
 
 
 def rollout_tick() -> None:

@@ -15,10 +15,11 @@ from .base import CommandContext, CommandResult
 def apply_deployment(
     ctx: CommandContext, manifest: DeploymentManifest, *, actor: str
 ) -> CommandResult[S.ApplyResult]:
-    """Make a deployment manifest true (idempotent, like `kubectl apply`); the first devices start at once."""
+    """Make a deployment manifest true (idempotent, like `kubectl apply`). Returns as soon as the deployment
+    and its plan are recorded: the rollout lease holder's next tick (``tick_s``) starts the first devices,
+    in bounded steps, on whichever fleet server holds the lease."""
     dep, result = apply_manifest(ctx.session, manifest, actor, ctx.now)
-    changed = ctx.env.rollouts.tick(ctx.session)
-    return CommandResult(S.ApplyResult(result=result, deployment=deployment_out(dep)), frozenset(changed))
+    return CommandResult(S.ApplyResult(result=result, deployment=deployment_out(dep)))
 
 
 def control_deployment(

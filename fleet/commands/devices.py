@@ -72,6 +72,8 @@ def enroll(ctx: CommandContext, req: S.EnrollRequest) -> CommandResult[S.EnrollR
     )
     rec.uses_left -= 1
     rec.used_by = [*(rec.used_by or []), device_id]
+    session.flush()  # conflicts surface before the broker is told
+    ctx.env.accounts.add_device(device_id, token)  # a broker that refuses fails the enrolment
     audit(
         session,
         f"device:{device_id}",
@@ -99,6 +101,7 @@ def update_device(
 
 def delete_device(ctx: CommandContext, device_id: str, *, actor: str) -> CommandResult[None]:
     ctx.session.delete(get_device(ctx, device_id))
+    ctx.env.accounts.remove_device(device_id)  # the broker login goes, and its sessions, at once
     audit(ctx.session, actor, "device_deleted", device_id=device_id)
     return CommandResult(None)
 
@@ -108,5 +111,6 @@ def rotate_credentials(ctx: CommandContext, device_id: str, *, actor: str) -> Co
     d = get_device(ctx, device_id)
     token = new_device_token()
     d.secret_hash = hash_secret(token)
+    ctx.env.accounts.set_password(device_id, token)  # sessions on the old token are disconnected
     audit(ctx.session, actor, "credentials_rotated", device_id=device_id)
     return CommandResult(enroll_response(ctx.env, device_id, token))

@@ -39,16 +39,19 @@ class DesiredStates:
         version: int,
         rollback: SignedDocument | None,
         now: dt.datetime,
+        *,
+        manifest_sha256: str | None = None,
     ) -> None:
-        """Tell ``device`` to run ``name@version`` under ``command_id`` (NotFoundError: no such bundle)."""
-        bundle = registry.get_bundle(session, name, version)
+        """Tell ``device`` to run ``name@version`` under ``command_id`` (NotFoundError: no such bundle).
+        A caller starting many devices on one bundle passes its ``manifest_sha256`` (looked up once)."""
+        sha = manifest_sha256 or registry.get_bundle(session, name, version).manifest_sha256
         desired = contract.DesiredState(
             device_id=device.id,
             deployment_id=command_id,
             bundle=contract.BundleRef(
                 name=name,
                 version=version,
-                manifest_sha256=bundle.manifest_sha256,
+                manifest_sha256=sha,
                 base_url=self.ctx.base_url(name, version),
             ),
             rollback=rollback,

@@ -28,16 +28,17 @@ from sqlalchemy.orm import Session
 
 from manifests import DeploymentManifest, SignedDocument
 
+from .. import registry
 from ..audit import audit
 from ..db import Deployment, DeploymentTarget, Device, aware
 from ..errors import NotFoundError
+from . import queries as Q
 from . import reports
 from .desired import DesiredStates, RolloutContext
-from .health import baseline
+from .health import baselines
 from .planning import select_devices
 from .rules import ABORT_RULES, Abort, timed_out
 from .states import (
-    ACTIVE,
     SETTLED,
     TICKED,
     DeploymentEvent,
@@ -47,6 +48,7 @@ from .states import (
     can_target,
     move_deployment,
     move_target,
+    next_state,
     next_status,
     states_allowing,
 )
@@ -83,20 +85,17 @@ class _Tick:
     session: Session
     dep: Deployment
     manifest: DeploymentManifest
-    devices: dict[str, Device]
     now: dt.datetime
     changed: set[str] = field(default_factory=set)
 
 
-def _devices_of(session: Session, dep: Deployment) -> dict[str, Device]:
-    ids = [t.device_id for t in dep.targets]
-    return {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids))).all()}
-
-
 class RolloutEngine:
-    def __init__(self, ctx: RolloutContext) -> None:
+    def __init__(self, ctx: RolloutContext, *, start_batch: int = 1000) -> None:
         self.ctx = ctx
         self.desired = DesiredStates(ctx)
+        # Devices one tick starts at most: a rollout to 10,000 devices is started in bounded steps, each
+        # its own transaction, so no tick holds the writer (or a lock) for long.
+        self.start_batch = start_batch
 
     # Tick ------------------------------------------------------------------------------------------
     def tick(self, session: Session) -> set[str]:
@@ -119,7 +118,7 @@ class RolloutEngine:
 
     def _advance(self, session: Session, dep: Deployment, now: dt.datetime) -> set[str]:
         manifest = DeploymentManifest.model_validate(dep.manifest)
-        run = _Tick(session, dep, manifest, _devices_of(session, dep), now)
+        run = _Tick(session, dep, manifest, now)
         abort = self._collect_results(run) or self._check_rules(run)
         if abort is not None:
             return run.changed | self._abort(session, dep, abort, now)
@@ -132,14 +131,29 @@ class RolloutEngine:
         return run.changed
 
     def _collect_results(self, run: _Tick) -> Abort | None:
-        """Phase 1: record each in-flight device's reported result; a device past the convergence
-        timeout fails and aborts the deployment at once."""
+        """Phase 1: record the result of each in-flight device that reported one; a device past the
+        convergence timeout fails and aborts the deployment at once. Only those rows are read."""
         rules = run.manifest.spec.abort
-        for t in run.dep.targets:
-            if t.state != TargetState.IN_FLIGHT:
-                continue
-            outcome = reports.command_outcome(run.devices.get(t.device_id), t.command_id)
+        for t, device in Q.with_results(run.session, run.dep.id, TargetState.IN_FLIGHT):
+            outcome = reports.command_outcome(device, t.command_id)
             if outcome is None:
+                continue
+            kind, error = outcome
+            ok = kind is reports.Outcome.OK
+            move_target(t, TargetEvent.SUCCEEDED if ok else TargetEvent.FAILED)
+            t.finished_at, t.error = run.now, error
+            audit(
+                run.session,
+                ROLLOUT,
+                f"device_{t.state}",
+                deployment=run.dep.name,
+                device_id=t.device_id,
+                ts=run.now,
+                error=error,
+            )
+        if rules.convergence_timeout_s:
+            cutoff = run.now - dt.timedelta(seconds=rules.convergence_timeout_s)
+            for t in Q.assigned_before(run.session, run.dep.id, TargetState.IN_FLIGHT, cutoff):
                 error = timed_out(t, rules, run.now)
                 if error is None:
                     continue
@@ -154,19 +168,7 @@ class RolloutEngine:
                     ts=run.now,
                 )
                 return Abort(f"device {t.device_id} {error}")
-            kind, error = outcome
-            ok = kind is reports.Outcome.OK
-            move_target(t, TargetEvent.SUCCEEDED if ok else TargetEvent.FAILED)
-            t.finished_at, t.error = run.now, error
-            audit(
-                run.session,
-                ROLLOUT,
-                f"device_{t.state}",
-                deployment=run.dep.name,
-                device_id=t.device_id,
-                ts=run.now,
-                error=error,
-            )
+        run.session.flush()
         return None
 
     def _check_rules(self, run: _Tick) -> Abort | None:
@@ -192,15 +194,24 @@ class RolloutEngine:
     def _adopt_new_devices(self, run: _Tick) -> None:
         """Phase 3: devices enrolled since the apply that match the selector join the last wave."""
         dep = run.dep
-        known = {t.device_id for t in dep.targets}
-        fresh = [d for d in select_devices(run.session, run.manifest, aware(dep.created_at)) if d.id not in known]
+        candidates = select_devices(run.session, run.manifest, aware(dep.created_at))
+        if not candidates:
+            return
+        known = Q.known_devices(run.session, dep.id, [d.id for d in candidates])
+        fresh = [d for d in candidates if d.id not in known]
         if not fresh:
             return
         last_wave = max(dep.waves - 1, dep.wave)
-        pos = max((t.position for t in dep.targets), default=-1) + 1
+        pos = Q.last_position(run.session, dep.id) + 1
         for i, d in enumerate(fresh):
-            dep.targets.append(
-                DeploymentTarget(device_id=d.id, position=pos + i, wave=last_wave, state=TargetState.PENDING.value)
+            run.session.add(
+                DeploymentTarget(
+                    deployment_id=dep.id,
+                    device_id=d.id,
+                    position=pos + i,
+                    wave=last_wave,
+                    state=TargetState.PENDING.value,
+                )
             )
             audit(
                 run.session,
@@ -213,24 +224,26 @@ class RolloutEngine:
             )
         if dep.wave == last_wave:
             dep.wave_converged_at = None  # the wave has work again
+        run.session.flush()
 
     def _start_wave(self, run: _Tick) -> None:
-        """Phase 4: start pending devices of the current wave, at most ``max_in_flight`` at once."""
+        """Phase 4: start pending devices of the current wave, at most ``max_in_flight`` at once and at most
+        ``start_batch`` per tick."""
         dep = run.dep
-        in_flight = sum(1 for t in dep.targets if t.state == TargetState.IN_FLIGHT)
-        cap = run.manifest.spec.strategy.max_in_flight or len(dep.targets)
-        for t in dep.targets:
-            if t.wave != dep.wave or t.state != TargetState.PENDING or in_flight >= cap:
-                continue
-            run.changed.add(self.start_target(run.session, dep, t, run.devices.get(t.device_id), run.manifest, run.now))
-            in_flight += 1
+        in_flight = Q.state_counts(run.session, dep.id)[TargetState.IN_FLIGHT.value]
+        cap = run.manifest.spec.strategy.max_in_flight
+        room = self.start_batch if cap is None else min(self.start_batch, cap - in_flight)
+        if room <= 0:
+            return
+        targets = Q.next_pending(run.session, dep.id, dep.wave, room)
+        run.changed |= self.start_targets(run.session, dep, targets, run.manifest, run.now)
 
     def _finish_wave(self, run: _Tick) -> bool:
         """Phase 5: once every device of the wave settled, soak ``wait_seconds``, then complete or move
         to the next wave. True when a next wave started."""
         dep, now = run.dep, run.now
-        wave_targets = [t for t in dep.targets if t.wave == dep.wave]
-        if not all(t.state in SETTLED for t in wave_targets):
+        counts = Q.state_counts(run.session, dep.id, dep.wave)
+        if any(n and TargetState(state) not in SETTLED for state, n in counts.items()):
             return False
         if dep.wave_converged_at is None:
             dep.wave_converged_at = now
@@ -241,8 +254,8 @@ class RolloutEngine:
                 deployment=dep.name,
                 ts=now,
                 wave=dep.wave + 1,
-                succeeded=sum(t.state == TargetState.SUCCEEDED for t in wave_targets),
-                failed=sum(t.state == TargetState.FAILED for t in wave_targets),
+                succeeded=counts[TargetState.SUCCEEDED.value],
+                failed=counts[TargetState.FAILED.value],
             )
             return False
         soaked = (now - aware(dep.wave_converged_at)).total_seconds()  # type: ignore[operator]
@@ -258,7 +271,7 @@ class RolloutEngine:
         audit(run.session, ROLLOUT, "wave_started", deployment=dep.name, ts=now, wave=dep.wave + 1)
         return True
 
-    # Starting a device (public: offline packages start devices exactly as the rollout does) ----------
+    # Starting devices (public: offline packages start devices exactly as the rollout does) ----------
     def start_target(
         self,
         session: Session,
@@ -269,19 +282,30 @@ class RolloutEngine:
         now: dt.datetime,
     ) -> str:
         """Give a pending target's device this deployment's bundle; returns its device id."""
+        known = {} if device is None else {device.id: device}
+        self.start_targets(session, dep, [t], manifest, now, devices=known)
+        return t.device_id
+
+    def start_targets(
+        self,
+        session: Session,
+        dep: Deployment,
+        targets: list[DeploymentTarget],
+        manifest: DeploymentManifest,
+        now: dt.datetime,
+        *,
+        devices: dict[str, Device] | None = None,
+    ) -> set[str]:
+        """Start these pending targets with a fixed number of queries whatever their count; returns the
+        devices whose desired state changed."""
+        if not targets:
+            return set()
+        ids = [t.device_id for t in targets]
+        if devices is None:
+            devices = Q.devices_by_id(session, ids)
         # The newest deployment to reach a device owns it: older active deployments let go of it, so they
         # neither wait for it nor later overwrite its desired state.
-        others = session.scalars(
-            select(DeploymentTarget)
-            .join(Deployment)
-            .where(
-                DeploymentTarget.device_id == t.device_id,
-                DeploymentTarget.deployment_id != dep.id,
-                DeploymentTarget.state.in_(states_allowing(TargetEvent.TAKEN_OVER)),
-                Deployment.status.in_([s.value for s in ACTIVE]),
-            )
-        ).all()
-        for o in others:
+        for o in Q.held_elsewhere(session, dep.id, ids, states_allowing(TargetEvent.TAKEN_OVER)):
             move_target(o, TargetEvent.TAKEN_OVER)
             o.error, o.finished_at = f"taken over by deployment {dep.name}", now
             audit(
@@ -293,28 +317,47 @@ class RolloutEngine:
                 ts=now,
                 by=dep.name,
             )
-        # A retried device needs a fresh command id: agents deduplicate commands by it.
-        t.command_id = dep.id if t.command_id is None else f"{dep.id}.retry-{uuid.uuid4().hex[:6]}"
-        t.assigned_at = now
-        move_target(t, TargetEvent.START)
-        if device is not None:
-            t.previous_name, t.previous_version = device.current_name, device.current_version
-            t.baseline = baseline(session, device)
-            rollback = None
-            if manifest.spec.rollback:
-                rollback = self.sign_rollback(t.command_id, dep.bundle_name, dep.bundle_version, device.id, now)
-            self.desired.set(session, device, t.command_id, dep.bundle_name, dep.bundle_version, rollback, now)
-        audit(
-            session,
-            ROLLOUT,
-            "device_started",
-            deployment=dep.name,
-            device_id=t.device_id,
-            ts=now,
-            wave=t.wave + 1,
-            previous=f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
-        )
-        return t.device_id
+        found = [devices[i] for i in ids if i in devices]
+        base = baselines(session, found)
+        bundle_sha = None
+        if found:
+            bundle_sha = registry.get_bundle(session, dep.bundle_name, dep.bundle_version).manifest_sha256
+        changed: set[str] = set()
+        for t in targets:
+            # A retried device needs a fresh command id: agents deduplicate commands by it.
+            t.command_id = dep.id if t.command_id is None else f"{dep.id}.retry-{uuid.uuid4().hex[:6]}"
+            t.assigned_at = now
+            move_target(t, TargetEvent.START)
+            device = devices.get(t.device_id)
+            if device is not None:
+                t.previous_name, t.previous_version = device.current_name, device.current_version
+                t.baseline = base.get(device.id)
+                rollback = None
+                if manifest.spec.rollback:
+                    rollback = self.sign_rollback(t.command_id, dep.bundle_name, dep.bundle_version, device.id, now)
+                self.desired.set(
+                    session,
+                    device,
+                    t.command_id,
+                    dep.bundle_name,
+                    dep.bundle_version,
+                    rollback,
+                    now,
+                    manifest_sha256=bundle_sha,
+                )
+                changed.add(device.id)
+            audit(
+                session,
+                ROLLOUT,
+                "device_started",
+                deployment=dep.name,
+                device_id=t.device_id,
+                ts=now,
+                wave=t.wave + 1,
+                previous=f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
+            )
+        session.flush()
+        return changed
 
     def sign_rollback(
         self, command_id: str, name: str, version: int, device_id: str, now: dt.datetime
@@ -357,67 +400,106 @@ class RolloutEngine:
         return set()
 
     def rollback(self, session: Session, dep: Deployment, actor: str, now: dt.datetime) -> set[str]:
-        """Send every device this deployment touched back to its previous model, with a signed rollback."""
+        """Send every device this deployment touched back to its previous model, with a signed rollback.
+
+        Bounded like a rollout: every target is marked here (set-based), the first ``start_batch`` get
+        their rollback desired state at once and the rest on the next ticks (``_watch_rollback``)."""
         next_status(dep.status, DeploymentEvent.ROLL_BACK, dep.name)  # refuse before changing anything
-        changed: set[str] = set()
         command_id = f"{dep.id}.rollback"
-        devices = _devices_of(session, dep)
-        for t in dep.targets:
-            if can_target(t.state, TargetEvent.CANCEL):
-                move_target(t, TargetEvent.CANCEL)
-                continue
-            if not can_target(t.state, TargetEvent.ROLL_BACK):
-                continue
-            device = devices.get(t.device_id)
-            if device is None or t.previous_name is None or t.previous_version is None:
-                move_target(t, TargetEvent.CANNOT_ROLL_BACK)
-                t.error = "no previous model to return to"
-                continue
-            doc = self.sign_rollback(command_id, t.previous_name, t.previous_version, device.id, now)
-            try:
-                self.desired.set(session, device, command_id, t.previous_name, t.previous_version, doc, now)
-            except NotFoundError as exc:
-                move_target(t, TargetEvent.CANNOT_ROLL_BACK)
-                t.error = exc.message
-                continue
-            move_target(t, TargetEvent.ROLL_BACK)
-            t.command_id, t.assigned_at, t.finished_at = command_id, now, None
-            changed.add(device.id)
+        table = DeploymentTarget.__table__
+        cancel_from = states_allowing(TargetEvent.CANCEL)
+        back_from = states_allowing(TargetEvent.ROLL_BACK)
+        session.flush()
+        # The transitions as the table has them, applied to every row in one statement each.
+        for state in cancel_from:
+            session.execute(
+                table.update()
+                .where(table.c.deployment_id == dep.id, table.c.state == state)
+                .values(state=next_state(state, TargetEvent.CANCEL).value)
+            )
+        for state in back_from:
+            session.execute(
+                table.update()
+                .where(table.c.deployment_id == dep.id, table.c.state == state, table.c.previous_name.is_(None))
+                .values(
+                    state=next_state(state, TargetEvent.CANNOT_ROLL_BACK).value,
+                    error="no previous model to return to",
+                )
+            )
+            session.execute(
+                table.update()
+                .where(table.c.deployment_id == dep.id, table.c.state == state, table.c.previous_name.is_not(None))
+                .values(
+                    state=next_state(state, TargetEvent.ROLL_BACK).value,
+                    command_id=command_id,
+                    assigned_at=None,  # not sent yet: _send_rollbacks sends it, in steps
+                    finished_at=None,
+                )
+            )
+        session.expire(dep, ["targets"])
         move_deployment(dep, DeploymentEvent.ROLL_BACK)
-        if not changed:
+        dep.updated_at = now
+        rolling = Q.state_counts(session, dep.id)[TargetState.ROLLING_BACK.value]
+        audit(session, actor, "rollback", deployment=dep.name, ts=now, devices=rolling)
+        changed = self._send_rollbacks(session, dep, now)
+        if not Q.state_counts(session, dep.id)[TargetState.ROLLING_BACK.value]:
             move_deployment(dep, DeploymentEvent.ROLLED_BACK)
             dep.finished_at = now
-        dep.updated_at = now
-        audit(session, actor, "rollback", deployment=dep.name, ts=now, devices=sorted(changed))
+        return changed
+
+    def _send_rollbacks(self, session: Session, dep: Deployment, now: dt.datetime) -> set[str]:
+        """The next step of rollback desired states (at most ``start_batch``)."""
+        targets = Q.unsent_rollbacks(session, dep.id, self.start_batch)
+        devices = Q.devices_by_id(session, [t.device_id for t in targets])
+        changed: set[str] = set()
+        for t in targets:
+            device = devices.get(t.device_id)
+            if device is None:
+                move_target(t, TargetEvent.ROLLBACK_FAILED)
+                t.error, t.finished_at = "the device no longer exists", now
+                continue
+            assert t.previous_name is not None and t.previous_version is not None and t.command_id is not None
+            doc = self.sign_rollback(t.command_id, t.previous_name, t.previous_version, device.id, now)
+            try:
+                self.desired.set(session, device, t.command_id, t.previous_name, t.previous_version, doc, now)
+            except NotFoundError as exc:
+                move_target(t, TargetEvent.ROLLBACK_FAILED)
+                t.error, t.finished_at = exc.message, now
+                continue
+            t.assigned_at = now
+            changed.add(device.id)
+        session.flush()
         return changed
 
     def _watch_rollback(self, session: Session, dep: Deployment, now: dt.datetime) -> set[str]:
         manifest = DeploymentManifest.model_validate(dep.manifest)
         timeout = manifest.spec.abort.convergence_timeout_s
-        devices = _devices_of(session, dep)
-        for t in dep.targets:
-            if t.state != TargetState.ROLLING_BACK:
-                continue
-            device = devices.get(t.device_id)
+        changed = self._send_rollbacks(session, dep, now)
+        settled: dict[int, tuple[DeploymentTarget, tuple[reports.Outcome, str | None]]] = {}
+        for t, device in Q.with_results(session, dep.id, TargetState.ROLLING_BACK):
             outcome = reports.command_outcome(device, t.command_id)
-            if outcome is None and reports.back_on(device, t.previous_name, t.previous_version, dep.id):
-                # The agent rolled itself back to the previous model already (e.g. a failed golden check).
-                outcome = (reports.Outcome.OK, None)
-            if outcome is None:
-                if timeout and t.assigned_at and (now - aware(t.assigned_at)).total_seconds() > timeout:  # type: ignore[operator]
-                    outcome = (reports.Outcome.FAILED, f"rollback did not converge within {timeout:g}s")
-                else:
-                    continue
-            kind, error = outcome
+            if outcome is not None and t.assigned_at is not None:
+                settled[t.id] = (t, outcome)
+        for t, device in Q.back_on_previous(session, dep.id):
+            # The agent rolled itself back to the previous model already (e.g. a failed golden check).
+            if t.id not in settled and reports.back_on(device, t.previous_name, t.previous_version, dep.id):
+                settled[t.id] = (t, (reports.Outcome.OK, None))
+        if timeout:
+            cutoff = now - dt.timedelta(seconds=timeout)
+            for t in Q.assigned_before(session, dep.id, TargetState.ROLLING_BACK, cutoff):
+                late = (reports.Outcome.FAILED, f"rollback did not converge within {timeout:g}s")
+                settled.setdefault(t.id, (t, late))
+        for t, (kind, error) in settled.values():
             ok = kind is reports.Outcome.OK
             move_target(t, TargetEvent.ROLLED_BACK if ok else TargetEvent.ROLLBACK_FAILED)
             t.finished_at, t.error = now, error or t.error
             audit(session, ROLLOUT, f"device_{t.state}", deployment=dep.name, device_id=t.device_id, ts=now)
-        if not any(t.state == TargetState.ROLLING_BACK for t in dep.targets):
+        session.flush()
+        if not Q.state_counts(session, dep.id)[TargetState.ROLLING_BACK.value]:
             move_deployment(dep, DeploymentEvent.ROLLED_BACK)
             dep.finished_at, dep.updated_at = now, now
             audit(session, ROLLOUT, "rolled_back", deployment=dep.name, ts=now)
-        return set()
+        return changed
 
     def pause(self, session: Session, dep: Deployment, actor: str, now: dt.datetime) -> None:
         move_deployment(dep, DeploymentEvent.PAUSE)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
 from manifests.deployment import AbortRules
@@ -38,6 +38,45 @@ def baseline(session: Session, device: Device) -> dict[str, Any] | None:
         "decode_tok_s": sum(decode) / len(decode) if decode else None,
         "ttft_p95_ms": sum(ttft) / len(ttft) if ttft else None,
         "samples": len(rows),
+    }
+
+
+def baselines(session: Session, devices: list[Device]) -> dict[str, dict[str, Any] | None]:
+    """``baseline`` of many devices: one LATERAL query on PostgreSQL (the newest samples of each device
+    through its (device_id, ts) index), one query per device elsewhere (SQLite: a single small fleet)."""
+    if session.get_bind().dialect.name != "postgresql" or len(devices) < 2:
+        return {d.id: baseline(session, d) for d in devices}
+    d = (
+        select(Device.id, Device.current_name, Device.current_version)
+        .where(Device.id.in_([x.id for x in devices]), Device.current_version.is_not(None))
+        .subquery("d")
+    )
+    s = (
+        select(TelemetrySample.decode_tok_s, TelemetrySample.ttft_p95_ms)
+        .where(
+            TelemetrySample.device_id == d.c.id,
+            TelemetrySample.model_name == d.c.current_name,
+            TelemetrySample.model_version == d.c.current_version,
+        )
+        .order_by(TelemetrySample.ts.desc())
+        .limit(BASELINE_SAMPLES)
+        .lateral("s")
+    )
+    rows: dict[str, list[tuple[float | None, float | None]]] = {}
+    for device_id, decode, ttft in session.execute(select(d.c.id, s.c.decode_tok_s, s.c.ttft_p95_ms).join(s, true())):
+        rows.setdefault(device_id, []).append((decode, ttft))
+    return {x.id: _mean_of(rows.get(x.id, [])) for x in devices}
+
+
+def _mean_of(samples: list[tuple[float | None, float | None]]) -> dict[str, Any] | None:
+    decode = [a for a, _ in samples if a]
+    ttft = [b for _, b in samples if b]
+    if not decode and not ttft:
+        return None
+    return {
+        "decode_tok_s": sum(decode) / len(decode) if decode else None,
+        "ttft_p95_ms": sum(ttft) / len(ttft) if ttft else None,
+        "samples": len(samples),
     }
 
 

@@ -10,17 +10,22 @@ The per-device convergence timeout is checked while results are collected (``tim
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from manifests.deployment import AbortRules
 
 from ..db import Deployment, DeploymentTarget, aware
 from .health import health_problem
+from .queries import state_counts
 from .states import TargetState
+
+HEALTH_CHECKS_PER_TICK = 500
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,37 @@ def timed_out(t: DeploymentTarget, rules: AbortRules, now: dt.datetime) -> str |
     return None
 
 
-def failure_rate(_session: Session, dep: Deployment, rules: AbortRules) -> Abort | None:
+def failure_rate(session: Session, dep: Deployment, rules: AbortRules) -> Abort | None:
     """``failure_rate_pct`` of the finished devices failed, once ``min_devices`` have finished."""
-    done = [t for t in dep.targets if t.state in (TargetState.SUCCEEDED, TargetState.FAILED)]
-    failed = [t for t in done if t.state == TargetState.FAILED]
-    if rules.failure_rate_pct is None or len(done) < rules.min_devices or not failed:
+    if rules.failure_rate_pct is None:
         return None
-    rate = 100.0 * len(failed) / len(done)
+    counts = state_counts(session, dep.id)
+    failed = counts[TargetState.FAILED.value]
+    done = failed + counts[TargetState.SUCCEEDED.value]
+    if done < rules.min_devices or not failed:
+        return None
+    rate = 100.0 * failed / done
     if rate < rules.failure_rate_pct:
         return None
-    return Abort(f"failure rate {rate:.0f}% ({len(failed)}/{len(done)}) >= {rules.failure_rate_pct:g}%")
+    return Abort(f"failure rate {rate:.0f}% ({failed}/{done}) >= {rules.failure_rate_pct:g}%")
 
 
 def health_regression(session: Session, dep: Deployment, rules: AbortRules) -> Abort | None:
-    """A device on the new model does worse than on its previous one (decode speed, error rate, TTFT)."""
-    for t in dep.targets:
-        if t.state != TargetState.SUCCEEDED:
-            continue
+    """A device on the new model does worse than on its previous one (decode speed, error rate, TTFT).
+
+    A tick looks at ``HEALTH_CHECKS_PER_TICK`` succeeded devices at most, a window that moves on every
+    second, so a 10,000-device deployment costs a bounded number of queries per tick and every device is
+    still looked at every few tens of seconds (all of them on every tick in a smaller one)."""
+    if not (rules.max_decode_drop_pct or rules.max_error_rate is not None or rules.ttft_p95_budget_ms):
+        return None
+    q = select(DeploymentTarget).where(
+        DeploymentTarget.deployment_id == dep.id, DeploymentTarget.state == TargetState.SUCCEEDED.value
+    )
+    n = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    window = q.order_by(DeploymentTarget.position).limit(HEALTH_CHECKS_PER_TICK)
+    if n > HEALTH_CHECKS_PER_TICK:
+        window = window.offset(int(time.time()) * HEALTH_CHECKS_PER_TICK % n)
+    for t in session.scalars(window):
         problem = health_problem(session, dep, t, rules)
         if problem:
             return Abort(

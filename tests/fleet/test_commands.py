@@ -71,7 +71,7 @@ def test_every_api_write_runs_on_the_worker(make_fleet, bundles) -> None:
     assert {thread for thread, _ in writers} == {"fleet-worker"}
 
 
-def test_apply_returns_the_started_devices(make_fleet, bundles) -> None:
+def test_apply_records_the_plan_and_the_next_tick_starts_it(make_fleet, bundles) -> None:
     fleet = make_fleet()
     fleet.enroll(2)
     with fleet.admin() as admin:
@@ -80,8 +80,11 @@ def test_apply_returns_the_started_devices(make_fleet, bundles) -> None:
         commands.apply_deployment, DeploymentManifest.from_obj(manifest("typed", 1)), actor="test"
     )
     assert isinstance(result, CommandResult)
-    assert result.value.result == "created" and result.value.deployment.counts["in_flight"] == 2
-    assert result.changed_devices == {"sim-00", "sim-01"}
+    # Apply answers with the plan recorded; the rollout lease holder's tick starts the devices.
+    assert result.value.result == "created" and result.value.deployment.counts["pending"] == 2
+    assert result.changed_devices == frozenset()
+    with fleet.admin() as admin:
+        wait_for(lambda: admin.deployment("typed")["counts"].get("pending", 0) == 0, what="devices started")
     again = fleet.svc.execute(
         commands.apply_deployment, DeploymentManifest.from_obj(manifest("typed", 1)), actor="test"
     )

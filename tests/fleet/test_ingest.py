@@ -158,6 +158,8 @@ def test_a_device_gets_only_its_own_retained_desired_state(make_fleet, bundles) 
         admin.upload_bundle(bundles[1])
         admin.apply({"metadata": {"name": "d"}, "spec": {"bundle": {"name": "tiny-model", "version": 1}}})
         wait_for(lambda: a.current and b.current, what="both devices updated")
+        # Done before "late" enrols: a device enrolled while it is in progress would join it.
+        wait_for(lambda: admin.deployment("d")["status"] == "completed", what="deployment completed")
         token = admin.enrollment_token(uses=1)["token"]
     from fleet.client import FleetClient
 

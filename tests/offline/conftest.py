@@ -170,8 +170,9 @@ class FleetProc:
             return anon.enroll(token, device_id=device_id, hardware_class=hardware_class, **extra)["device_token"]
 
     def deploy(self, name: str, version: int, device_ids: list[str], **spec: Any) -> dict[str, Any]:
+        """Apply, and return once the rollout engine has ticked it (apply only records the plan)."""
         with self.admin() as c:
-            return c.apply(
+            res = c.apply(
                 {
                     "apiVersion": "nanofleet/v1",
                     "kind": "Deployment",
@@ -183,6 +184,12 @@ class FleetProc:
                     },
                 }
             )
+            wait_for(
+                lambda: (d := c.deployment(name))["updated_at"] != d["created_at"] or d["status"] != "in_progress",
+                30,
+                what=f"first rollout tick of {name}",
+            )
+            return res
 
     def deployment(self, name: str) -> dict[str, Any]:
         with self.admin() as c:
