@@ -18,7 +18,13 @@ router = APIRouter(tags=["service"])
 
 @health.get("/healthz")
 def healthz(svc: Svc) -> dict[str, Any]:
-    return {"ok": True, "mqtt_connected": bool(svc.bridge and svc.bridge.connected.is_set())}
+    return {
+        "ok": True,
+        "mqtt_connected": bool(svc.bridge and svc.bridge.connected.is_set()),
+        "node": svc.node_id,
+        "leader": svc.lease.is_leader(),  # holds the rollout lease (fleet/lease.py)
+        "queue": svc.inbox.depths(),
+    }
 
 
 @router.get("/api/v1/audit", response_model=list[S.AuditOut])
