@@ -126,18 +126,18 @@ def enroll(
             {**result.as_dict(), "unit": str(started) if started else None, "next": status_cmd if started else run_cmd}
         )
         return
-    out.print(f"[green]enrolled[/] {result.device_id} with {result.fleet_url} (broker {result.mqtt_url})")
-    out.print(f"  config        {result.config}")
-    out.print(f"  credentials   {result.config.parent}/mqtt.password, api.token (mode 0600)")
-    out.print(f"  trusted keys  {', '.join(result.trusted_key_ids)}")
-    out.print(f"  data          {result.data_dir}")
-    out.print(f"  local API     {result.api} (bearer token in api.token)")
-    for note in result.notes:
-        out.print(f"[yellow]note:[/] {note}")
-    if started:
-        out.print(f"started {started.name}; next: {status_cmd}")
-    else:
-        out.print(f"next: {run_cmd}")
+    lines = [
+        f"[green]enrolled[/] {result.device_id} with {result.fleet_url} (broker {result.mqtt_url})",
+        f"  config        {result.config}",
+        f"  credentials   {result.config.parent}/mqtt.password, api.token (mode 0600)",
+        f"  trusted keys  {', '.join(result.trusted_key_ids)}",
+        f"  data          {result.data_dir}",
+        f"  local API     {result.api} (bearer token in api.token)",
+        *(f"[yellow]note:[/] {note}" for note in result.notes),
+        f"started {started.name}; next: {status_cmd}" if started else f"next: {run_cmd}",
+    ]
+    # soft_wrap: the commands stay whole lines, to copy and paste.
+    out.print("\n".join(lines), soft_wrap=True)
 
 
 def _key_value(item: str, option: str) -> tuple[str, str]:

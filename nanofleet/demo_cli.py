@@ -581,10 +581,10 @@ def print_kept(kept: dict[str, Any], console: Any) -> None:
     console.print(
         f"dashboard     {kept['dashboard_url']}  (sign in with the admin token)\n"
         f"admin token   {kept['admin_token_file']}\n"
-        f"enrol one more board (its one-time token is in the command; from another machine use this "
-        f"machine's address):\n  {kept['enroll_command']}\n"
+        f"enrol one more board on this machine (the command holds its one-time token; the demo's fleet "
+        f"listens on 127.0.0.1 only):\n  {kept['enroll_command']}\n"
         f"start it      {kept['run_command']}\n"
-        f"roll out to it {kept['apply_command']}\n"
+        f"roll out      {kept['apply_command']}\n"
         f"stop it all   {kept['stop_command']}",
         soft_wrap=True,
     )
@@ -598,20 +598,34 @@ def _cmdline(pid: int) -> str:
 
 
 def _live_processes(run_dir: Path) -> list[int]:
-    """Processes of a kept demo: the ones it recorded, and agents started from a config inside its run
-    folder (a board enrolled into it by hand). Only `nanofleet` processes, by pid."""
+    """Processes of a kept demo: the ones it recorded, and any `nanofleet` started with a --config inside
+    its run folder (a board enrolled into it by hand, however its path was typed). By pid."""
     pids: set[int] = set()
     try:
         pids.update(json.loads((run_dir / STATE_FILE).read_text()).get("pids", []))
     except (OSError, ValueError):
         pass
-    marker = f"--config {run_dir}/"
     proc_root = Path("/proc")
     if proc_root.is_dir():
         for entry in proc_root.iterdir():
-            if entry.name.isdigit() and marker in _cmdline(int(entry.name)):
+            if entry.name.isdigit() and _config_under(int(entry.name), run_dir):
                 pids.add(int(entry.name))
     return sorted(p for p in pids if p != os.getpid() and "nanofleet" in _cmdline(p))
+
+
+def _config_under(pid: int, run_dir: Path) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in (b"--config", b"-c"):
+            path = Path(os.fsdecode(value))
+            resolved = (path if path.is_absolute() else cwd / path).resolve()
+            if resolved.is_relative_to(run_dir.resolve()):
+                return True
+    return False
 
 
 def stop_kept(work: Path, console: Any) -> int:
