@@ -1,22 +1,29 @@
-"""Charts drawn on the server as inline SVG: no chart library, no JavaScript, nothing from a CDN.
+"""Charts: the server renders each chart's numbers and its text alternative; Chart.js (vendored in
+``static/chart.umd.min.js``, no CDN, no eval: the strict CSP stays) draws them in the browser
+(``static/charts.js``).
 
-Every chart is an ``<svg role="img">`` with a ``<title>`` and an ``aria-label`` that states the numbers
-in words, so a screen reader (and a test) can read what the picture shows. Sizes are in the viewBox only;
-CSS makes the chart as wide as its container, which keeps the pages usable at phone width.
+Every chart is a ``<div role="img">`` with an ``aria-label`` that states the numbers in words (what a
+screen reader, and a test, reads), its data as a JSON block (not executable: the CSP is unaffected) and a
+``<details>`` table of the same numbers, so the page says everything without JavaScript too. A model
+version has one colour on every chart and page (``version_colour``). The wave progress bars stay
+server-drawn SVG: they are progress indicators, not charts.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 
 from markupsafe import Markup
 
-# Colour-blind-safe palette (Okabe-Ito), one colour per series.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+# Colour-blind-safe palette (Okabe-Ito, without its yellow: too pale on white), indexed by model version.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000")
+NO_VERSION_COLOUR = "#9A9A9A"
 STATE_COLOURS = {
     "succeeded": "#009E73",
     "in_flight": "#0072B2",
@@ -27,6 +34,14 @@ STATE_COLOURS = {
     "skipped": "#9A9A9A",
     "pending": "#DADADA",
 }
+_VERSION = re.compile(r"@(\d+)$")
+
+
+def version_colour(label: str | None) -> str:
+    """The colour of a model version ("name@3"), the same on every chart: version 1 the first palette
+    colour, version 2 the second, and so on; anything without a version is grey."""
+    m = _VERSION.search(label or "")
+    return PALETTE[(int(m.group(1)) - 1) % len(PALETTE)] if m else NO_VERSION_COLOUR
 
 
 @dataclass
@@ -48,98 +63,68 @@ def fmt_num(v: float | None, unit: str = "") -> str:
     return f"{s} {unit}".strip()
 
 
-def _nice_range(lo: float, hi: float) -> tuple[float, float]:
-    if hi == lo:
-        pad = abs(hi) * 0.1 or 1.0
-        return lo - pad, hi + pad
-    pad = (hi - lo) * 0.08
-    lo2 = lo - pad
-    if lo >= 0 and lo2 < 0:
-        lo2 = 0.0
-    return lo2, hi + pad
+def _json_block(doc: object) -> str:
+    # Inside <script type="application/json"> no "<" may appear raw ("</script>", "<!--" would end or
+    # change the element): JSON's \u escapes keep the same value.
+    text = json.dumps(doc, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _svg_open(width: int, height: int, label: str, title: str, klass: str, extra: str = "") -> str:
-    return (
-        f'<svg class="chart {klass}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{escape(label)}" preserveAspectRatio="xMidYMid meet"{extra}>'
-        f"<title>{escape(title)}</title>"
+def _chart(kind: str, label: str, title: str, doc: dict[str, object], attrs: str, table: str) -> Markup:
+    return Markup(
+        f'<div class="chart chart-{kind}" role="img" aria-label="{escape(label)}" data-chart="{kind}"{attrs}>'
+        f'<canvas aria-hidden="true"></canvas>'
+        f'<script type="application/json" class="chart-data">{_json_block({"title": title, **doc})}</script>'
+        f"</div>"
+        f'<details class="chart-numbers"><summary>The numbers</summary><div class="scroll">{table}</div></details>'
     )
 
 
-def empty_chart(title: str, message: str = "no data yet", width: int = 640, height: int = 200) -> Markup:
-    svg = _svg_open(width, height, f"{title}: {message}", title, "chart-empty", ' data-points="0"')
-    svg += (
-        f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" class="frame"/>'
-        f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="muted">{escape(message)}</text>'
-        "</svg>"
+def empty_chart(title: str, message: str = "no data yet") -> Markup:
+    return Markup(
+        f'<div class="chart chart-empty" role="img" aria-label="{escape(f"{title}: {message}")}" '
+        f'data-points="0"><p class="muted">{escape(message)}</p></div>'
     )
-    return Markup(svg)
 
 
-def line_chart(
-    title: str, series: Sequence[Series], unit: str = "", width: int = 640, height: int = 200
-) -> Markup:
-    """A time-series line chart; one line per series (e.g. one per model version)."""
-    pts = [p for s in series for p in s.points if p[1] is not None and not math.isnan(p[1])]
+def line_chart(title: str, series: Sequence[Series], unit: str = "") -> Markup:
+    """A time-series line chart; one line per series (one per model version, coloured by version)."""
+    clean = [
+        (s, sorted((p for p in s.points if p[1] is not None and not math.isnan(p[1])), key=lambda p: p[0]))
+        for s in series
+    ]
+    pts = [p for _, sp in clean for p in sp]
     if not pts:
-        return empty_chart(title, width=width, height=height)
-    ml, mr, mt, mb = 58, 12, 12, 34
-    pw, ph = width - ml - mr, height - mt - mb
-    t0 = min(p[0] for p in pts).timestamp()
-    t1 = max(p[0] for p in pts).timestamp()
-    if t1 == t0:
-        t0, t1 = t0 - 1, t1 + 1
-    lo, hi = _nice_range(min(p[1] for p in pts), max(p[1] for p in pts))
-
-    def x(t: dt.datetime) -> float:
-        return ml + (t.timestamp() - t0) / (t1 - t0) * pw
-
-    def y(v: float) -> float:
-        return mt + ph - (v - lo) / (hi - lo) * ph
-
+        return empty_chart(title)
     latest = max(pts, key=lambda p: p[0])
     label = (
         f"{title}: {len(pts)} samples, min {fmt_num(min(p[1] for p in pts), unit)}, "
         f"max {fmt_num(max(p[1] for p in pts), unit)}, latest {fmt_num(latest[1], unit)}"
     )
-    out = [_svg_open(width, height, label, title, "chart-line", f' data-points="{len(pts)}"')]
-    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>')
-    for frac in (0.0, 0.5, 1.0):
-        v = lo + (hi - lo) * frac
-        yy = y(v)
-        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" class="grid"/>')
-        out.append(
-            f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" class="tick">{fmt_num(v, unit)}</text>'
-        )
-    for t, anchor in ((t0, "start"), (t1, "end")):
-        label_t = dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%H:%M:%S")
-        xx = ml if anchor == "start" else ml + pw
-        out.append(f'<text x="{xx}" y="{height - 12}" text-anchor="{anchor}" class="tick">{label_t}</text>')
-    for i, s in enumerate(series):
-        sp = sorted((p for p in s.points if p[1] is not None and not math.isnan(p[1])), key=lambda p: p[0])
-        if not sp:
-            continue
-        colour = PALETTE[i % len(PALETTE)]
-        coords = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in sp)
-        if len(sp) > 1:
-            out.append(
-                f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2" '
-                f'class="series" data-series="{escape(s.label)}" data-count="{len(sp)}"/>'
-            )
-        # The last point is drawn as a dot, so a single sample still shows.
-        t, v = sp[-1]
-        out.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
-    # Legend, top right inside the plot.
-    if len(series) > 1 or (series and series[0].label):
-        lx = ml + 8
-        for i, s in enumerate(series):
-            colour = PALETTE[i % len(PALETTE)]
-            out.append(f'<rect x="{lx}" y="{mt + 6}" width="10" height="10" fill="{colour}"/>')
-            out.append(f'<text x="{lx + 14}" y="{mt + 15}" class="legend">{escape(s.label)}</text>')
-            lx += 22 + 7 * len(s.label)
-    out.append("</svg>")
-    return Markup("".join(out))
+    doc = {
+        "unit": unit,
+        "series": [
+            {
+                "label": s.label,
+                "colour": version_colour(s.label),
+                "points": [[round(t.timestamp() * 1000), v] for t, v in sp],
+            }
+            for s, sp in clean
+            if sp
+        ],
+    }
+    rows = "".join(
+        f"<tr><td>{escape(s.label)}</td><td>{len(sp)}</td><td>{fmt_num(min(v for _, v in sp), unit)}</td>"
+        f"<td>{fmt_num(max(v for _, v in sp), unit)}</td><td>{fmt_num(sp[-1][1], unit)}</td></tr>"
+        for s, sp in clean
+        if sp
+    )
+    table = (
+        '<table class="chart-table"><thead><tr><th scope="col">Model</th><th scope="col">Samples</th>'
+        f'<th scope="col">Min</th><th scope="col">Max</th><th scope="col">Latest</th></tr></thead>'
+        f"<tbody>{rows}</tbody></table>"
+    )
+    return _chart("line", label, title, doc, f' data-points="{len(pts)}"', table)
 
 
 def before_after_chart(
@@ -147,50 +132,33 @@ def before_after_chart(
     rows: Sequence[tuple[str, float | None, float | None]],
     unit: str = "",
     labels: tuple[str, str] = ("before", "after"),
-    width: int = 640,
+    versions: tuple[str | None, str | None] = (None, None),
 ) -> Markup:
-    """Grouped horizontal bars: for each device, its value before and after the update."""
+    """Grouped horizontal bars: for each device, its value before and after the update. ``versions``
+    (e.g. ("m@1", "m@2")) colour the bars like that version's lines everywhere else."""
     rows = [r for r in rows if r[1] is not None or r[2] is not None]
     if not rows:
-        return empty_chart(title, "no updated device has reported telemetry yet", width=width, height=80)
-    bar, gap, ml, mr, mt = 12, 10, 110, 70, 28
-    height = mt + len(rows) * (2 * bar + gap) + 8
-    vmax = max((v for r in rows for v in r[1:] if v is not None), default=1.0) or 1.0
-    pw = width - ml - mr
-    words = "; ".join(
-        f"{d}: {labels[0]} {fmt_num(b, unit)}, {labels[1]} {fmt_num(a, unit)}" for d, b, a in rows
-    )
-    out = [
-        _svg_open(
-            width,
-            height,
-            f"{title}. {words}",
-            title,
-            "chart-bars",
-            f' data-rows="{len(rows)}" data-points="{len(rows)}"',
-        )
+        return empty_chart(title, "no updated device has reported telemetry yet")
+    words = "; ".join(f"{d}: {labels[0]} {fmt_num(b, unit)}, {labels[1]} {fmt_num(a, unit)}" for d, b, a in rows)
+    colours = [
+        version_colour(v) if v else default for v, default in zip(versions, (PALETTE[4], PALETTE[0]), strict=True)
     ]
-    for i, (name, colour) in enumerate(zip(labels, (PALETTE[4], PALETTE[0]), strict=True)):
-        lx = ml + i * 90
-        out.append(f'<rect x="{lx}" y="6" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{lx + 14}" y="15" class="legend">{escape(name)}</text>')
-    for i, (device, before, after) in enumerate(rows):
-        y0 = mt + i * (2 * bar + gap)
-        out.append(
-            f'<text x="{ml - 6}" y="{y0 + bar + 4}" text-anchor="end" class="tick">{escape(device)}</text>'
-        )
-        for j, (v, colour) in enumerate(((before, PALETTE[4]), (after, PALETTE[0]))):
-            yy = y0 + j * bar
-            w = 0.0 if v is None else max(1.0, v / vmax * pw)
-            out.append(
-                f'<rect x="{ml}" y="{yy}" width="{w:.1f}" height="{bar - 2}" fill="{colour}" '
-                f'class="bar" data-value="{"" if v is None else f"{v:.4g}"}"/>'
-            )
-            out.append(
-                f'<text x="{ml + w + 4:.1f}" y="{yy + bar - 3}" class="tick">{fmt_num(v, unit)}</text>'
-            )
-    out.append("</svg>")
-    return Markup("".join(out))
+    doc = {
+        "unit": unit,
+        "devices": [d for d, _, _ in rows],
+        "series": [{"label": labels[i], "colour": colours[i], "values": [r[i + 1] for r in rows]} for i in (0, 1)],
+    }
+
+    def cell(v: float | None) -> str:
+        return f'<td class="bar" data-value="{"" if v is None else f"{v:.4g}"}">{fmt_num(v, unit)}</td>'
+
+    body = "".join(f'<tr><th scope="row">{escape(d)}</th>{cell(b)}{cell(a)}</tr>' for d, b, a in rows)
+    table = (
+        f'<table class="chart-table"><thead><tr><th scope="col">Device</th><th scope="col">{escape(labels[0])}</th>'
+        f'<th scope="col">{escape(labels[1])}</th></tr></thead><tbody>{body}</tbody></table>'
+    )
+    attrs = f' data-rows="{len(rows)}" data-points="{len(rows)}"'
+    return _chart("bars", f"{title}. {words}", title, doc, attrs, table)
 
 
 ORDER = (

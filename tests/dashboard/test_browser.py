@@ -24,9 +24,28 @@ UNLABELLED_JS = """() => Array.from(document.querySelectorAll('input, select, te
   .filter(el => el.type !== 'hidden')
   .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
   .map(el => el.outerHTML.slice(0, 120))"""
-# Every chart is an image with a text alternative.
-UNNAMED_SVG_JS = """() => Array.from(document.querySelectorAll('svg'))
+# Every chart (and wave bar) is an image with a text alternative.
+UNNAMED_SVG_JS = """() => Array.from(document.querySelectorAll('svg, .chart'))
   .filter(s => s.getAttribute('role') !== 'img' || !s.getAttribute('aria-label')).length"""
+# What Chart.js drew on a chart's canvas: its series (label, colour, points), and the geometry of its
+# legend and value axis (is the legend clear of the plot? does the widest tick label fit its axis?).
+DRAWN_JS = """el => {
+  const c = Chart.getChart(el.querySelector('canvas'));
+  if (!c) return null;
+  const valueAxis = c.options.indexAxis === 'y' ? c.scales.x : c.scales.y;
+  const ctx = c.ctx;
+  const tickFont = Chart.helpers.toFont(valueAxis.options.ticks.font);
+  ctx.save(); ctx.font = tickFont.string;
+  const widest = Math.max(...valueAxis.ticks.map(t => ctx.measureText(String(t.label)).width));
+  ctx.restore();
+  return {
+    series: c.data.datasets.map(d => ({label: d.label, colour: d.borderColor, points: d.data.length})),
+    legendFont: Chart.helpers.toFont(c.options.plugins.legend.labels.font).size,
+    legendBottom: c.legend.bottom, plotTop: c.chartArea.top,
+    axis: {left: valueAxis.left, width: valueAxis.width, widestLabel: widest,
+           horizontal: c.options.indexAxis === 'y'},
+  };
+}"""
 
 
 class Tab:
@@ -56,9 +75,7 @@ class Tab:
 
     def check_accessible(self) -> None:
         assert self.page.evaluate(UNLABELLED_JS) == [], f"unlabelled form controls on {self.page.url}"
-        assert self.page.evaluate(UNNAMED_SVG_JS) == 0, (
-            f"charts without a text alternative on {self.page.url}"
-        )
+        assert self.page.evaluate(UNNAMED_SVG_JS) == 0, f"charts without a text alternative on {self.page.url}"
         assert self.page.locator("main#main").count() == 1
         assert self.page.locator("h1").count() == 1
 
@@ -92,6 +109,27 @@ def confirm_action(t: Tab, action: str) -> None:
     with t.page.expect_navigation():
         t.page.locator("#confirm-ok").click()
     assert t.page.locator("#flash-done").inner_text().startswith(f"Done: {action}")
+
+
+def check_charts(page: Any) -> dict[str, str]:
+    """Every chart on the page is drawn, readable and consistent; returns each series' colour.
+
+    The fixes of issue 17: a value axis wide enough for its widest tick label (no "i6.1" for 46.1), a
+    legend in a readable size above the plot (not on the lines), one colour per series label on the page."""
+    charts = page.locator(".chart[data-chart]")
+    assert charts.count() > 0
+    page.locator('.chart[data-chart]:not([data-rendered="1"])').first.wait_for(state="detached", timeout=5_000)
+    colours: dict[str, str] = {}
+    for i in range(charts.count()):
+        drawn = charts.nth(i).evaluate(DRAWN_JS)
+        assert drawn, f"chart {i} was not drawn"
+        axis = drawn["axis"]
+        if not axis["horizontal"]:
+            assert axis["left"] >= 0 and axis["widestLabel"] <= axis["width"], drawn
+        assert drawn["legendFont"] >= 12 and drawn["legendBottom"] <= drawn["plotTop"], drawn
+        for s in drawn["series"]:
+            assert colours.setdefault(s["label"], s["colour"]) == s["colour"], (s, colours)
+    return colours
 
 
 # --- tests --------------------------------------------------------------------------------------------
@@ -158,12 +196,13 @@ def test_overview_models_device_and_audit_pages(tab: Tab, dash_fleet: DashFleet)
     # Device page: five charts drawn from telemetry that came over MQTT, reported vs desired, events.
     page.goto("/devices/pi-lab-01")
     for metric in ("decode_tok_s", "ttft_p95_ms", "rss_bytes", "cpu_temp_c", "disk_free_bytes"):
-        chart = page.locator(f'figure[data-metric="{metric}"] svg.chart')
+        chart = page.locator(f'figure[data-metric="{metric}"] .chart[data-rendered="1"]')
         assert int(chart.get_attribute("data-points") or 0) >= 3, metric
-        assert chart.locator("polyline").count() >= 1, metric
+        drawn = chart.evaluate(DRAWN_JS)
+        assert drawn and sum(s["points"] for s in drawn["series"]) >= 3, (metric, drawn)
         assert "samples" in (chart.get_attribute("aria-label") or "")
     # The decode chart's numbers are the ones the device published (100..104 tok/s on v1).
-    label = page.locator('figure[data-metric="decode_tok_s"] svg').get_attribute("aria-label") or ""
+    label = page.locator('figure[data-metric="decode_tok_s"] .chart').get_attribute("aria-label") or ""
     lo, hi = (float(x) for x in re.search(r"min ([\d.]+) tok/s, max ([\d.]+) tok/s", label).groups())  # type: ignore[union-attr]
     assert 100 <= lo <= hi <= 104
     assert page.locator("#device-model").inner_text() == f"{BUNDLE}@1"
@@ -193,9 +232,7 @@ def test_overview_models_device_and_audit_pages(tab: Tab, dash_fleet: DashFleet)
     tab.shot("05-audit")
 
 
-def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(
-    tab: Tab, dash_fleet: DashFleet
-) -> None:
+def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(tab: Tab, dash_fleet: DashFleet) -> None:
     page = tab.page
     page.goto("/deployments")
     tab.check_accessible()
@@ -252,19 +289,11 @@ def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(
 
     # Before/after charts from the updated devices' telemetry: v1 ~100 tok/s and 10% errors, v2 ~130 and 0%.
     def charts_full() -> bool:
-        return all(
-            page.locator(f"{c} svg").get_attribute("data-rows") == "4" for c in ("#chart-tok", "#chart-err")
-        )
+        return all(page.locator(f"{c} .chart").get_attribute("data-rows") == "4" for c in ("#chart-tok", "#chart-err"))
 
     wait_for(charts_full, timeout=15, what="before/after charts for 4 devices")
-    tok = [
-        float(v)
-        for v in page.locator("#chart-tok svg rect.bar").evaluate_all("rs => rs.map(r => r.dataset.value)")
-    ]
-    err = [
-        float(v)
-        for v in page.locator("#chart-err svg rect.bar").evaluate_all("rs => rs.map(r => r.dataset.value)")
-    ]
+    tok = [float(v) for v in page.locator("#chart-tok td.bar").evaluate_all("rs => rs.map(r => r.dataset.value)")]
+    err = [float(v) for v in page.locator("#chart-err td.bar").evaluate_all("rs => rs.map(r => r.dataset.value)")]
     before_tok, after_tok = tok[0::2], tok[1::2]
     assert all(100 <= b <= 104 for b in before_tok), tok
     assert all(130 <= a <= 134 for a in after_tok), tok
@@ -272,14 +301,19 @@ def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(
     summary = page.locator("#ba-summary").inner_text()
     assert summary.startswith("4 updated devices with telemetry") and "10.0 % → 0.00 %" in summary, summary
     tab.check_accessible()
+    bars = check_charts(page)
     tab.shot("08-rollout-completed")
 
     # The device page now shows both model versions in its charts and the update in its history.
     page.goto("/devices/pi-field-02")
-    series = page.locator('figure[data-metric="decode_tok_s"] polyline').evaluate_all(
-        "ps => ps.map(p => p.dataset.series)"
-    )
-    assert f"{BUNDLE}@2" in series
+    lines = check_charts(page)
+    series = [
+        s["label"] for s in page.locator('figure[data-metric="decode_tok_s"] .chart').evaluate(DRAWN_JS)["series"]
+    ]
+    assert f"{BUNDLE}@1" in series and f"{BUNDLE}@2" in series
+    # v2 is one colour everywhere: on every line chart of the device, and on the deployment's "after" bars.
+    assert lines[f"{BUNDLE}@2"] == bars[f"this one ({BUNDLE}@2)"] != lines[f"{BUNDLE}@1"]
+    assert lines[f"{BUNDLE}@1"] == bars[f"previous ({BUNDLE}@1)"]
     assert "ui-rollout" in page.locator("#update-history").inner_text()
     tab.shot("09-device-after-update")
 
@@ -288,9 +322,7 @@ def test_rollout_from_the_ui_with_live_progress_pause_resume_rollback(
     confirm_action(tab, "rollback")
     page.locator("#dep-status", has_text="rolled_back").wait_for(timeout=45_000)
     with dash_fleet.admin() as admin:
-        wait_for(
-            lambda: {d["model"] for d in admin.devices()} == {f"{BUNDLE}@1"}, what="every device back on v1"
-        )
+        wait_for(lambda: {d["model"] for d in admin.devices()} == {f"{BUNDLE}@1"}, what="every device back on v1")
     tab.shot("10-rolled-back")
 
     # The audit log tells the story, actions attributed to the dashboard.
@@ -342,11 +374,9 @@ def test_automatic_abort_shows_its_reason_and_the_regression(tab: Tab, dash_flee
         page.get_by_role("button", name="Apply manifest").click()
     page.locator("#abort-reason").wait_for(timeout=30_000)
     reason = page.locator("#abort-reason").inner_text()
-    assert re.search(
-        r"decode [\d.]+ tok/s is \d+% below [\d.]+ tok/s on its previous model \(limit 20%\)", reason
-    )
+    assert re.search(r"decode [\d.]+ tok/s is \d+% below [\d.]+ tok/s on its previous model \(limit 20%\)", reason)
     page.locator("#dep-status", has_text="rolled_back").wait_for(timeout=30_000)
-    bars = page.locator("#chart-tok svg rect.bar").evaluate_all("rs => rs.map(r => Number(r.dataset.value))")
+    bars = page.locator("#chart-tok td.bar").evaluate_all("rs => rs.map(r => Number(r.dataset.value))")
     assert len(bars) == 2 and 100 <= bars[0] <= 104 and 60 <= bars[1] <= 64, bars
     tab.shot("14-automatic-abort")
     with dash_fleet.admin() as admin:

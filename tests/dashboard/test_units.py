@@ -1,9 +1,11 @@
 """Unit tests of the dashboard's pieces that need no server: session signing, redirects, throttling,
-manifest composition and the SVG charts."""
+manifest composition and the charts (their data, text alternatives and colours)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 
 import pytest
 
@@ -101,23 +103,48 @@ def test_pasted_manifest_errors_name_fields() -> None:
     assert ok.metadata.name == "j"
 
 
-def test_line_chart_draws_each_series_and_escapes_labels() -> None:
+def _chart_data(html: str) -> dict:
+    m = re.search(r'<script type="application/json" class="chart-data">(.*?)</script>', html)
+    assert m, html
+    return json.loads(m.group(1))
+
+
+def test_line_chart_carries_each_series_and_escapes_labels() -> None:
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     s1 = Series("m@1", [(t0 + dt.timedelta(seconds=i), 100.0 + i) for i in range(5)])
     s2 = Series("<script>x</script>", [(t0 + dt.timedelta(seconds=10 + i), 130.0) for i in range(3)])
-    svg = str(charts.line_chart("Decode", [s1, s2], "tok/s"))
-    assert svg.count("<polyline") == 2 and 'data-points="8"' in svg
-    assert "<script>" not in svg and "&lt;script&gt;" in svg
-    assert "min 100 tok/s, max 130 tok/s, latest 130 tok/s" in svg
+    html = str(charts.line_chart("Decode", [s1, s2], "tok/s"))
+    doc = _chart_data(html)
+    assert [s["label"] for s in doc["series"]] == ["m@1", "<script>x</script>"]
+    assert [len(s["points"]) for s in doc["series"]] == [5, 3] and 'data-points="8"' in html
+    assert doc["series"][0]["points"][0] == [round(t0.timestamp() * 1000), 100.0]
+    # Nothing in the page can end the JSON block or open a tag: labels are escaped everywhere.
+    assert "<script>x" not in html and "&lt;script&gt;" in html
+    assert 'role="img"' in html and "min 100 tok/s, max 130 tok/s, latest 130 tok/s" in html
     empty = str(charts.line_chart("Decode", [Series("m@1", [])]))
-    assert 'data-points="0"' in empty and "no data yet" in empty
+    assert 'data-points="0"' in empty and "no data yet" in empty and "<canvas" not in empty
+
+
+def test_a_version_has_one_colour_on_every_chart() -> None:
+    assert charts.version_colour("a@1") == charts.version_colour("b@1") == charts.PALETTE[0]
+    assert charts.version_colour("a@2") == charts.PALETTE[1] != charts.version_colour("a@1")
+    assert charts.version_colour("no model") == charts.NO_VERSION_COLOUR
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    # m@2 is the only series of this chart, the second of that one: the same colour in both.
+    only = _chart_data(str(charts.line_chart("A", [Series("m@2", [(t0, 1.0)])])))
+    both = _chart_data(str(charts.line_chart("B", [Series("m@1", [(t0, 1.0)]), Series("m@2", [(t0, 2.0)])])))
+    bars = _chart_data(str(charts.before_after_chart("C", [("d", 1.0, 2.0)], versions=("m@1", "m@2"))))
+    assert only["series"][0]["colour"] == both["series"][1]["colour"] == bars["series"][1]["colour"]
+    assert both["series"][0]["colour"] == bars["series"][0]["colour"]
 
 
 def test_before_after_and_wave_bars() -> None:
-    svg = str(
+    html = str(
         charts.before_after_chart("tok/s", [("d1", 100.0, 130.0), ("d2", None, None), ("d3", 90.0, None)])
     )
-    assert 'data-rows="2"' in svg and svg.count('class="bar"') == 4
+    assert 'data-rows="2"' in html and html.count('class="bar"') == 4
+    assert _chart_data(html)["devices"] == ["d1", "d3"]
+    assert _chart_data(html)["series"][1]["values"] == [130.0, None]
     bar = str(charts.stacked_bar({"succeeded": 2, "failed": 1, "pending": 1}, "Wave 1"))
     assert 'data-total="4"' in bar and 'data-done="3"' in bar
     assert "Wave 1: 3 of 4 finished (2 succeeded, 1 failed, 1 pending)" in bar

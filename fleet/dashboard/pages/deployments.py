@@ -92,11 +92,20 @@ def _deployment_ctx(session: Session, name: str) -> dict[str, Any] | None:
     if view is None:
         return None
     ba = queries.before_after(session, view.dep)
+    dep = view.dep
+    # Bars in the colours of the versions they measure (the same as on the device pages' lines).
+    previous = {f"{t.previous_name}@{t.previous_version}" for t in dep.targets if t.previous_name}
+    versions = (previous.pop() if len(previous) == 1 else None, f"{dep.bundle_name}@{dep.bundle_version}")
+    labels = (f"previous ({versions[0]})" if versions[0] else "previous model", f"this one ({versions[1]})")
     return {
         "v": view,
         "dep": view.dep,
-        "tok_chart": charts.before_after_chart("Decode speed before and after the update", ba.tok_s, "tok/s"),
-        "err_chart": charts.before_after_chart("Error rate before and after the update", ba.error_rate, "%"),
+        "tok_chart": charts.before_after_chart(
+            "Decode speed before and after the update", ba.tok_s, "tok/s", labels, versions
+        ),
+        "err_chart": charts.before_after_chart(
+            "Error rate before and after the update", ba.error_rate, "%", labels, versions
+        ),
         "ba": ba,
         "audit": queries.audit_entries(session, deployment=name, limit=50),
     }
