@@ -45,7 +45,9 @@ from manifests import KeyFormatError, atomic_write_text, fsync_dir, load_public_
 from manifests.signing import key_id_of, public_pem
 
 from .config import load_config
+from .datadir import DataDir
 from .errors import AgentError
+from .identity import ensure_device_key
 
 CONFIG_FILE = "agent.yaml"
 PASSWORD_FILE = "mqtt.password"
@@ -435,14 +437,22 @@ def _enroll_into(req: EnrollRequest, fleet: FleetEndpoint, staging: Path, device
         "tags": req.tags,
         "groups": req.groups,
     }
-    # H6's per-board ed25519 key goes here once device/agent/identity.py lands (the fleet's enrolment
-    # request then carries it):  body["device_public_key"] = ensure_device_key(req.data_dir)...
+    # The board's own ed25519 key (identity.py): the fleet registers its public half. A board enrolled
+    # before keeps its key; a new one is made in staging and moved in with the rest.
+    key_home = req.data_dir if DataDir(req.data_dir).device_key.exists() else staging / "data"
+    try:
+        body["device_public_key"] = ensure_device_key(key_home)
+    except AgentError as exc:
+        raise EnrollError(exc.message) from exc
     creds = fleet.enroll({k: v for k, v in body.items() if v is not None})
     if not isinstance(creds.get("device_token"), str):
         raise EnrollError("the fleet's enrolment answer has no device_token")
     _write_secret(staging / PASSWORD_FILE, creds["device_token"])
     config = folder / CONFIG_FILE
     _write_config(staging / CONFIG_FILE, config_document(req, folder, **build), final=config, check=False)
+    if key_home != req.data_dir:
+        _move_device_key(DataDir(key_home).device_key, DataDir(req.data_dir).device_key)
+        shutil.rmtree(key_home)
     _move_into_place(staging, folder)
     return Enrollment(
         device_id=str(creds.get("device_id") or device_id),
@@ -467,6 +477,20 @@ def _write_config(path: Path, doc: dict[str, Any], *, final: Path, check: bool =
     except AgentError as exc:
         lines = [x.strip() for x in exc.message.replace(f"{path}: ", "").splitlines() if x.strip()]
         raise EnrollError(lines[0] + " " + "; ".join(lines[1:]) if len(lines) > 1 else lines[0]) from exc
+
+
+def _move_device_key(src: Path, dest: Path) -> None:
+    """Into the data folder (another filesystem, maybe): a 0600 copy made under a temp name, then renamed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.enroll")
+    tmp.unlink(missing_ok=True)
+    _write_secret(tmp, "")
+    with open(tmp, "wb") as fh:
+        fh.write(src.read_bytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
 
 
 def _move_into_place(staging: Path, folder: Path) -> None:

@@ -72,6 +72,15 @@ def test_enroll_writes_a_working_enrolment(running_fleet: RunningFleet, tmp_path
     with running_fleet.admin() as admin:
         dev = admin.device("pi-one")
     assert dev["tags"] == {"site": "lab"} and dev["groups"] == ["field"]
+    # The board's own key, made here (0600, in its data folder), its public half registered with the fleet.
+    key_file = board / "device.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    from device.agent import load_device_key
+    from fleet.db import Device
+
+    with running_fleet.server.svc.sessions() as s:
+        registered = s.get(Device, "pi-one").public_key
+    assert registered == load_device_key(board).public_pem().decode("ascii")
 
 
 @pytest.mark.slow
