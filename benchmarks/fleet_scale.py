@@ -153,7 +153,7 @@ def fleet_config(
     signing_key: Path,
     blobs: Path,
     shared: bool = True,
-    **extra: Any,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """A fleet server's config file (several servers: one per node id, everything else shared)."""
     cfg: dict[str, Any] = {
@@ -175,7 +175,7 @@ def fleet_config(
         "cluster": {"shared": shared, "node_id": node_id, "lease_poll_s": 0.5},
         "tick_s": 0.5,
     }
-    for key, value in extra.items():
+    for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
         else:

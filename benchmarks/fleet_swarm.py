@@ -170,6 +170,16 @@ class Swarm:
                     out[d.login.device_id] = at
         return out
 
+    def report_state(self, device_id: str, state: str) -> None:
+        """Make one device report ``state`` now (as an agent moving through its update states)."""
+        d = next(x for x in self.devices if x.login.device_id == device_id)
+
+        def report() -> None:
+            d.state = state
+            self._report(d)
+
+        self.call(report)
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the swarm's loop thread (paho clients are not thread-safe)."""
         self._calls.append(fn)

@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -58,7 +59,7 @@ class BrokerAccounts(Protocol):
 
     def remove_device(self, device_id: str) -> None: ...
 
-    def prune(self, known: set[str]) -> int: ...
+    def prune(self, known: Callable[[], set[str]], grace_s: float = 10.0) -> int: ...
 
 
 class NoAccounts:
@@ -79,7 +80,7 @@ class NoAccounts:
     def remove_device(self, device_id: str) -> None:
         pass
 
-    def prune(self, known: set[str]) -> int:
+    def prune(self, known: Callable[[], set[str]], grace_s: float = 10.0) -> int:
         return 0
 
 
@@ -276,10 +277,14 @@ class DynsecAccounts:
                 return out
             offset += page
 
-    def prune(self, known: set[str]) -> int:
+    def prune(self, known: Callable[[], set[str]], grace_s: float = 10.0) -> int:
         """Delete device clients the fleet does not know (revoked while this was unreachable, or left by a
-        failed enrolment); returns how many."""
-        extra = self.device_clients() - known
+        failed enrolment); returns how many. ``known`` is asked twice, ``grace_s`` apart: an enrolment
+        creates its broker client just before its transaction commits, and must not lose it here."""
+        extra = self.device_clients() - known()
+        if extra:
+            time.sleep(grace_s)
+            extra -= known()
         for username in sorted(extra):
             self.remove_device(username)
         if extra:

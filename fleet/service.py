@@ -286,6 +286,19 @@ class FleetService:
     def _became_leader(self) -> None:
         # The previous holder may have committed desired states it died before publishing.
         self.inbox.put_message(Inbound(RECONNECTED, b""))
+        threading.Thread(target=self._prune_accounts, name="fleet-prune", daemon=True).start()
+
+    def _prune_accounts(self) -> None:
+        """Broker logins of devices the database does not know go (deleted while the broker was away, or
+        left by an enrolment whose transaction failed after the broker call)."""
+        def known() -> set[str]:
+            with self.sessions() as s:
+                return set(s.scalars(select(Device.id)))
+
+        try:
+            self.accounts.prune(known)
+        except Exception:  # noqa: BLE001 - retried at the next lease acquisition
+            log.exception("pruning broker logins failed")
 
     # Artifacts -----------------------------------------------------------------------------------
     def _bundle_url(self, name: str, version: int) -> str:

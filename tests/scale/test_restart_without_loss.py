@@ -1,0 +1,40 @@
+"""Nothing the broker acknowledged is lost when the fleet stops, cleanly (SIGTERM) or not (SIGKILL), while
+devices keep sending: the fleet acknowledges a message only once its batch is committed, and its broker
+session is persistent, so whatever it had not committed (in its queue, in flight, or sent while it was
+down) is delivered again when it is back. The broker's acknowledgements are what the devices count."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .conftest import Cluster, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_acknowledged_messages_survive_sigterm_and_sigkill(cluster: Cluster, database: str) -> None:
+    if database == "sqlite":
+        cluster.database_url, cluster.schema = f"sqlite:///{cluster.work / 'fleet.db'}", None
+    srv = cluster.server("only", shared=False)
+    swarm = cluster.swarm(cluster.enrol(30))
+    swarm.wait_connected(timeout=60)
+    swarm.set_rate(600)  # more than one batch in flight at every moment
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        time.sleep(3)
+        before = cluster.stored()
+        srv.signal(sig)
+        acked_while_down = swarm.totals()["acked"]
+        time.sleep(2)  # devices keep sending: the broker keeps it for the fleet's session
+        assert swarm.totals()["acked"] > acked_while_down, "the broker stopped acknowledging"
+        srv.start()
+        assert before, "nothing was stored before the stop"
+    time.sleep(2)
+    swarm.set_rate(0)
+    wait_for(lambda: (t := swarm.totals())["acked"] == t["sent"], 30, what="every message acknowledged")
+    wait_for(lambda: cluster.missing(swarm) == 0, 60, interval=0.5, what="every acknowledged message stored")
+    totals = swarm.totals()
+    assert sum(len(v) for v in cluster.stored().values()) == totals["acked"] > 3000
