@@ -143,7 +143,9 @@ class FleetConfig(_Strict):
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {p}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+            # PyYAML names a parsed string "<unicode string>": name the file, on one line.
+            where = " ".join(str(exc).replace('"<unicode string>"', f'"{p}"').split())
+            raise ConfigError(f"{p} is not valid YAML: {where}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a YAML mapping")
         try:

@@ -46,3 +46,11 @@ def test_yaml_errors_name_the_file_on_one_line(tmp_path: Path) -> None:
     assert f'in "{bad}", line 2' in r.lines[0] and "<unicode string>" not in r.lines[0]
     # The user's text is shown as written (brackets are not taken for terminal markup).
     assert "mqtt: [a" in r.lines[0], r.lines
+
+
+def test_fleet_config_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("port: 8600\nbroker: {embedded: true\n")
+    r = nanofleet("fleet", "serve", "--config", str(bad))
+    assert r.returncode == 1 and len(r.lines) == 1, r.lines
+    assert f'in "{bad}", line' in r.lines[0] and "<unicode string>" not in r.lines[0], r.lines
