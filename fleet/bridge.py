@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -109,6 +110,7 @@ class _Connection:
         self.epoch = 0  # bumped on every connection: a PUBACK belongs to the connection that got the message
         self.stopping = False
         self._next = 0
+        self._failures = 0  # connection attempts failed in a row (for the next-retry delay in the log)
         v5 = opts.protocol == mqtt.MQTTv5
         kwargs = {} if v5 else {"clean_session": not opts.persistent}
         self.client = mqtt.Client(
@@ -171,6 +173,7 @@ class _Connection:
             self._rotate()
             return
         self.epoch += 1
+        self._failures = 0
         # A resumed session keeps its subscriptions; subscribing again would replay every retained message.
         if self.subscribe and not getattr(flags, "session_present", False):
             for t in self.topics:
@@ -181,7 +184,19 @@ class _Connection:
         log.info("MQTT %s connected to %s:%s", self.client_id, self.host, self.port)
 
     def _on_connect_fail(self, _c: mqtt.Client, _ud: object) -> None:
-        log.warning("MQTT %s: no connection to %s:%s", self.client_id, self.host, self.port)
+        # paho calls this inside its `except OSError`: the exception says why; its back-off doubles
+        # from 1 s to 5 s (reconnect_delay_set above) until a connection succeeds.
+        exc = sys.exc_info()[1]
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc or "failed")
+        self._failures += 1
+        log.warning(
+            "MQTT %s: cannot connect to %s:%s: %s; next try in %d s",
+            self.client_id,
+            self.host,
+            self.port,
+            why.lower(),
+            min(2 ** (self._failures - 1), 5),
+        )
         self._rotate()
 
     def _on_disconnect(self, _c: mqtt.Client, _ud: object, _flags: object, reason: object, _p: object) -> None:

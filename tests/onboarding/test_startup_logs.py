@@ -99,3 +99,34 @@ def test_agent_with_a_missing_key_fails_in_one_line_before_creating_its_data(tmp
     r = nanofleet("device", "run", "--config", str(config))
     assert r.returncode == 1 and len(r.lines) == 1 and "nope.pub" in r.lines[0], r.lines
     assert not (tmp_path / "data").exists()
+
+
+def test_fleet_says_where_it_is_and_why_its_broker_is_unreachable(tmp_path: Path) -> None:
+    mqtt_port = free_port()  # nothing listens here
+    config = tmp_path / "fleet.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": "data",
+                "port": free_port(),
+                "broker": {"embedded": False, "url": f"mqtt://127.0.0.1:{mqtt_port}"},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanofleet.cli", "fleet", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    try:
+        out = _read_until(proc, ["dashboard http://", "next try in 2 s"], timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert f"(admin token: {tmp_path / 'data' / 'admin.token'})" in out, out
+    assert f"broker mqtt://127.0.0.1:{mqtt_port}" in out and f"data {tmp_path / 'data'}" in out, out
+    assert f"cannot connect to 127.0.0.1:{mqtt_port}: connection refused; next try in 1 s" in out, out
+    assert "next try in 2 s" in out, out
+    # Library chatter (migrations, the HTTP server) only with --verbose.
+    assert "alembic" not in out and "Uvicorn running" not in out and "Started server process" not in out, out
