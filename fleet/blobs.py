@@ -157,6 +157,8 @@ class S3BlobStore:
             raise ConfigError("blobs.s3 needs boto3: pip install 'nanofleet[s3]'") from exc
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix
+        # Devices fetch the published tree anonymously: readable by ACL here, or by the bucket's policy.
+        self.acl: dict[str, str] = {"ACL": "public-read"} if cfg.public_read else {}
         self.s3: Any = boto3.client(
             "s3",
             endpoint_url=cfg.endpoint_url,
@@ -232,11 +234,19 @@ class S3BlobStore:
         base = f"{self.prefix}{PUBLISHED}/{name}/{version}"
         for rel, sha in files:
             self.s3.copy_object(
-                Bucket=self.bucket, Key=f"{base}/{rel}", CopySource={"Bucket": self.bucket, "Key": self.key(sha)}
+                Bucket=self.bucket,
+                Key=f"{base}/{rel}",
+                CopySource={"Bucket": self.bucket, "Key": self.key(sha)},
+                **self.acl,
             )
-        self.s3.put_object(Bucket=self.bucket, Key=f"{base}/{SIGNATURE_NAME}", Body=signature)
+        # The manifest last: a mirror that has it has every file it lists.
+        self.s3.put_object(Bucket=self.bucket, Key=f"{base}/{SIGNATURE_NAME}", Body=signature, **self.acl)
         self.s3.put_object(
-            Bucket=self.bucket, Key=f"{base}/{MANIFEST_NAME}", Body=manifest, ContentType="application/yaml"
+            Bucket=self.bucket,
+            Key=f"{base}/{MANIFEST_NAME}",
+            Body=manifest,
+            ContentType="application/yaml",
+            **self.acl,
         )
 
 

@@ -91,6 +91,10 @@ class S3Config(_Strict):
     region: str | None = None
     access_key_id: str | None = Field(None, description="default: the usual AWS environment and files")
     secret_access_key: str | None = None
+    public_read: bool = Field(
+        False,
+        description="published bundles get the public-read ACL (else a bucket policy or a CDN makes bundles/ public)",
+    )
 
 
 class BlobsConfig(_Strict):

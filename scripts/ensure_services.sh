@@ -81,6 +81,9 @@ echo "NANOFLEET_TEST_PG_URL=$PG_URL" >> "$ENV_FILE.tmp"
 command -v qemu-aarch64-static >/dev/null || apt_install qemu-user-static
 command -v debootstrap >/dev/null || apt_install debootstrap
 
+# --- nginx (tests/scale: bundles served from the blob store by a plain web server; each test starts its own) ---
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
+
 # --- chromium (dashboard browser tests; Playwright drives Debian's build, never a downloaded one) ---
 [ -x /usr/bin/chromium ] || apt_install chromium
 

@@ -74,7 +74,7 @@ class Cluster:
     swarms: list[Swarm] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.signing_key, _ = write_keypair(self.work / "fleet-key", SigningKey.generate())
+        self.signing_key, self.fleet_pub = write_keypair(self.work / "fleet-key", SigningKey.generate())
         self.blobs = self.work / "shared-blobs"
 
     def server(self, node_id: str, *, shared: bool = True, **extra: Any) -> FleetServer:
