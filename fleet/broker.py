@@ -234,8 +234,11 @@ class _FleetBroker(Broker):
             raise AMQTTError(exc) from exc
         if not await super()._authenticate(session, None):  # type: ignore[arg-type]
             handler.attach(session, reader, writer)
-            await handler.mqtt_connack_authorize(False)
-            await writer.close()
+            try:
+                await handler.mqtt_connack_authorize(False)
+                await writer.close()
+            except (OSError, MQTTError):
+                pass  # the client is gone already (it dropped the socket): nothing to tell it
             raise AMQTTError("login refused")
         if not session.client_id:
             session.client_id = gen_client_id()

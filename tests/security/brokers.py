@@ -3,9 +3,10 @@ small interface the attack suite is written against (tests/security/test_broker_
 
 - ``embedded``: the fleet's own amqtt broker (fleet/broker.py), per-device credentials and ACL.
 - ``mosquitto-role``: mosquitto configured by the real ``ansible/roles/mosquitto`` role (run with
-  ansible-playbook into a scratch root, as tests/ansible does), on a free port; the fleet service connects
-  to it as the role's superuser. A device is provisioned the way the role's password file is kept:
-  ``mosquitto_passwd`` then SIGHUP (the role's reload handler).
+  ansible-playbook into a scratch root, as tests/ansible does), on free ports; the fleet service connects
+  to the role's service listener as its superuser, devices to the device listener. A device is
+  provisioned the way the role's password file is kept: ``mosquitto_passwd`` then SIGHUP (the role's
+  reload handler).
 
 To run the suite against another broker configuration, add a ``start_*`` function to ``BROKERS``: it gets
 a scratch directory and the bundle-signing public key and returns a ``BrokerUnderTest``.
@@ -57,6 +58,7 @@ class BrokerUnderTest:
     provision_login: Callable[[str, str], None]  # (username, password): make the broker accept it
     log_file: Path | None = None
     stop_broker: Callable[[], None] = lambda: None
+    service_port: int | None = None  # where the fleet logs in, when the broker has a listener for it
     _count: int = field(default=0)
 
     @property
@@ -111,12 +113,13 @@ def start_embedded(work: Path, bundle_pub: Path) -> BrokerUnderTest:
 def start_mosquitto_role(work: Path, bundle_pub: Path) -> BrokerUnderTest:
     from tests.ansible._harness import ANSIBLE_DIR, VENV_BIN, ansible_env, broker_host_vars
 
-    port = free_port()
+    port, service_port = free_port(), free_port()
     fleet_password = secrets.token_urlsafe(24)
     root = work / "root"
     host = {
         **broker_host_vars(root, port),
         "mosquitto_port": port,
+        "mosquitto_service_port": service_port,
         "mosquitto_users": [{"username": FLEET_MQTT_USER, "password": fleet_password}],
         "mosquitto_superusers": [FLEET_MQTT_USER],
     }
@@ -148,6 +151,7 @@ def start_mosquitto_role(work: Path, bundle_pub: Path) -> BrokerUnderTest:
     with open(log_file, "ab") as log:
         proc = subprocess.Popen([mosquitto_bin(), "-c", str(etc / "mosquitto.conf")], stdout=log, stderr=log)
     wait_port(port)
+    wait_port(service_port)
 
     def provision_login(username: str, password: str) -> None:
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), username, password], check=True, timeout=30)
@@ -171,13 +175,17 @@ def start_mosquitto_role(work: Path, bundle_pub: Path) -> BrokerUnderTest:
             work,
             bundle_pub,
             BrokerConfig(
-                embedded=False, url=f"mqtt://127.0.0.1:{port}", username=FLEET_MQTT_USER, password=fleet_password
+                embedded=False,
+                url=f"mqtt://127.0.0.1:{service_port}",  # the role's service listener
+                device_url=f"mqtt://127.0.0.1:{port}",
+                username=FLEET_MQTT_USER,
+                password=fleet_password,
             ),
         )
     ).start()
     assert fleet.svc.bridge is not None and fleet.svc.bridge.connected.wait(20), "the fleet did not reach mosquitto"
     return BrokerUnderTest(
-        "mosquitto-role", "127.0.0.1", port, mqtt.MQTTv5, fleet, provision_login, log_file, stop_broker
+        "mosquitto-role", "127.0.0.1", port, mqtt.MQTTv5, fleet, provision_login, log_file, stop_broker, service_port
     )
 
 

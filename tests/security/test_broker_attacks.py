@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import time
 import uuid
@@ -184,6 +185,7 @@ def test_foreign_publishes_change_nothing_and_payload_identity_is_not_trusted(
     pa = agent(broker, a, peers)
     tag = marker()
     identity_before = metric(broker, "nanofleet_mqtt_dropped_total", reason="identity")
+    denied_before = metric(broker, "nanofleet_mqtt_acl_denied_total", action="publish")
     for topic, payload in [
         (c.reported_topic(b.device_id), reported(b.device_id, tag)),
         (c.telemetry_topic(b.device_id), telemetry(b.device_id, 1, tag)),
@@ -214,6 +216,8 @@ def test_foreign_publishes_change_nothing_and_payload_identity_is_not_trusted(
         rec_b = admin.device(b.device_id)
         assert admin.telemetry(b.device_id) == []
     assert rec_b["online"] and tag not in json.dumps(rec_b)
+    if broker.name == "embedded":  # item 7: each ACL refusal is counted (and logged, fleet.broker)
+        assert metric(broker, "nanofleet_mqtt_acl_denied_total", action="publish") >= denied_before + 7
     assert not any(tag.encode() in m.payload for m in pb.messages), "B received A's forgeries"
     assert still_connected(pb, b.device_id)
 
@@ -251,6 +255,7 @@ def test_wildcard_and_foreign_subscriptions_see_nothing_of_other_devices(
     wait_for(lambda: pb.payloads(c.desired_topic(b.device_id)), what="B's desired state (the control)")
     assert deployment_id.encode() in pb.payloads(c.desired_topic(b.device_id))[-1]
     pa = agent(broker, a, peers)
+    denied_before = metric(broker, "nanofleet_mqtt_acl_denied_total", action="subscribe")
     granted = {}
     for topic in [
         c.desired_topic(b.device_id),
@@ -270,6 +275,8 @@ def test_wildcard_and_foreign_subscriptions_see_nothing_of_other_devices(
     time.sleep(2.0)
     foreign = [t for t in pa.topics() if not t.startswith(f"nanofleet/v1/devices/{a.device_id}/")]
     assert foreign == [], f"A received {foreign[:10]}"
+    if broker.name == "embedded":
+        assert metric(broker, "nanofleet_mqtt_acl_denied_total", action="subscribe") >= denied_before + 8
     assert still_connected(pb, b.device_id)
 
 
@@ -337,3 +344,35 @@ def test_oversized_packets_are_refused_and_the_fleet_stores_nothing(broker: Brok
     with broker.admin() as admin:
         assert admin.telemetry(a.device_id) == []
     assert still_connected(pb, b.device_id)
+
+
+def test_no_device_can_take_the_fleets_connections_over(
+    broker: BrokerUnderTest, peers: list[Peer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A logs in with each client id the fleet's bridge uses, on the devices' listener and (where the broker
+    has one) the fleet's own: the fleet is never disconnected and keeps ingesting."""
+    (a,) = broker.provision(1, prefix="fl")
+    caplog.set_level(logging.INFO, logger="fleet.bridge")
+    caplog.clear()
+    bridge = broker.fleet.svc.bridge
+    assert bridge is not None
+    fleet_ids = list(bridge.client_ids)  # every connection the bridge holds
+    ports = [broker.port] + ([broker.service_port] if broker.service_port else [])
+    for port in ports:
+        for cid in fleet_ids:
+            raw = RawClient(broker.host, port, broker.raw_version)
+            rc = raw.connect(cid, a.username, a.password)
+            print(f"{broker.name}: device login with the fleet's client id {cid} on port {port} -> {rc}")
+            if port == broker.service_port:
+                assert rc != 0, "a device logged in on the fleet's listener"
+            raw.sock.close()
+    time.sleep(1.5)
+    kicked = [r.getMessage() for r in caplog.records if r.name == "fleet.bridge" and "disconnected" in r.getMessage()]
+    assert not kicked, kicked
+    pa = agent(broker, a, peers)
+    pa.publish(c.reported_topic(a.device_id), reported(a.device_id, "after", state="idle"))
+    with broker.admin() as admin:
+        wait_for(
+            lambda: (admin.device(a.device_id)["reported"] or {}).get("agent_version") == "after",
+            what="the fleet still ingesting",
+        )
