@@ -54,3 +54,45 @@ def test_fleet_config_yaml_errors_name_the_file(tmp_path: Path) -> None:
     r = nanofleet("fleet", "serve", "--config", str(bad))
     assert r.returncode == 1 and len(r.lines) == 1, r.lines
     assert f'in "{bad}", line' in r.lines[0] and "<unicode string>" not in r.lines[0], r.lines
+
+
+def test_fleet_commands_take_their_connection_after_the_sub_command(running_fleet, tmp_path: Path) -> None:  # noqa: ANN001
+    import yaml
+
+    from nanofleet.resign import resign_bundle
+
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(running_fleet.server.svc.config.data_dir)}))
+    r = nanofleet("fleet", "status", "--config", str(config), "--json")
+    assert r.returncode == 0, r.stderr
+    # Without a token: a 401 that says what to do, not a bare "HTTP 401".
+    r = nanofleet("fleet", "status", "--url", running_fleet.url)
+    assert r.returncode == 1 and len(r.lines) == 1, r.lines
+    assert "401" in r.lines[0] and "no admin token given: pass --token" in r.lines[0], r.lines
+    r = nanofleet("fleet", "devices", "--url", running_fleet.url, "--token", "nfa_wrong")
+    assert r.returncode == 1 and "refused the admin token" in r.lines[0], r.lines
+    # Sizes in MiB, as everywhere.
+    bundle = tmp_path / "b"
+    resign_bundle(_default_bundle(), bundle, running_fleet.bundle_key, version=1)
+    assert nanofleet("fleet", "models", "push", str(bundle), "--config", str(config)).returncode == 0
+    r = nanofleet("fleet", "models", "--config", str(config))
+    assert r.returncode == 0 and " MiB" in r.stdout and " MB" not in r.stdout, r.stdout
+
+
+def _default_bundle() -> Path:
+    from tests.export.bundle_cache import cached_bundle
+
+    return cached_bundle("int8", [])[0]
+
+
+def test_export_hides_library_warnings_unless_verbose() -> None:
+    import warnings
+
+    from export.export_cli import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn_explicit("deprecated thing", FutureWarning, "x.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="export.pipeline")
+    assert [str(w.message) for w in seen] == ["ours"]
