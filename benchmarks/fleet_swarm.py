@@ -316,7 +316,9 @@ class Swarm:
     def _reconnect(self, d: SimState) -> None:
         host, port = d.urls[d.url_index % len(d.urls)]
         try:
-            d.client.host, d.client.port = host, port
+            d.connects += 1
+            # connect_async re-targets a lost connection (paho's host setter refuses one); then connect now.
+            d.client.connect_async(host, port, keepalive=self.keepalive)
             d.client.reconnect()
         except (OSError, RuntimeError):
             d.url_index += 1

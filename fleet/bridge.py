@@ -124,6 +124,9 @@ class _Connection:
             self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.max_queued_messages_set(0)
+        # Desired states of a 10,000-device wave go out at once; paho's default of 20 unacknowledged would
+        # stall them all behind one slow acknowledgement.
+        self.client.max_inflight_messages_set(1000)
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
@@ -138,7 +141,13 @@ class _Connection:
         return self.urls[self._next][1]
 
     def start(self) -> None:
-        host, port = self.urls[self._next]
+        self._connect_to(self._next)
+        self.client.loop_start()
+
+    def _connect_to(self, index: int) -> None:
+        """Point the client at node ``index`` (paho connects, and reconnects, to the last host given)."""
+        host, port = self.urls[index]
+        self._next = index
         if self.opts.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.opts.session_expiry_s if self.opts.persistent else 0
@@ -148,7 +157,6 @@ class _Connection:
             )
         else:
             self.client.connect_async(host, port, keepalive=self.opts.keepalive)
-        self.client.loop_start()
 
     def stop(self) -> None:
         self.stopping = True
@@ -157,15 +165,14 @@ class _Connection:
         self.client.loop_stop()
 
     def _rotate(self) -> None:
-        # A cluster: the next connection attempt goes to the next node.
-        if len(self.urls) < 2:
+        # A cluster: the next connection attempt goes to the next node. (paho's host setter refuses a
+        # lost connection; connect_async re-targets it, and paho's reconnect loop then goes there.)
+        if len(self.urls) < 2 or self.stopping:
             return
-        nxt = (self._next + 1) % len(self.urls)
         try:
-            self.client.host, self.client.port = self.urls[nxt]
-            self._next = nxt
-        except RuntimeError:
-            pass  # still closing; the next failure moves on
+            self._connect_to((self._next + 1) % len(self.urls))
+        except (RuntimeError, ValueError) as exc:
+            log.warning("MQTT %s: cannot move on to the next broker node: %s", self.client_id, exc)
 
     def _on_connect(self, client: mqtt.Client, _ud: object, flags: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):

@@ -136,6 +136,9 @@ class FleetConfig(_Strict):
     blobs: BlobsConfig = Field(default_factory=BlobsConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     start_batch: int = Field(1000, ge=1, description="devices a rollout tick starts at most (bounded steps)")
+    resend_s: float = Field(
+        15.0, gt=0, description="an online device that has not started its command gets its desired state again"
+    )
     tick_s: float = Field(0.5, gt=0, description="how often the rollout engine re-evaluates")
     rollback_validity_s: float = Field(7 * 24 * 3600, gt=0)
 

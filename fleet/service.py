@@ -76,6 +76,7 @@ class FleetService:
                 rollback_validity_s=config.rollback_validity_s,
             ),
             start_batch=config.start_batch,
+            resend_s=config.resend_s,
         )
         self.node_id = config.resolved_node_id()
         self.client_id = f"nanofleet-fleet-{self.node_id}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,12 +91,18 @@ class _Tick:
 
 
 class RolloutEngine:
-    def __init__(self, ctx: RolloutContext, *, start_batch: int = 1000) -> None:
+    def __init__(self, ctx: RolloutContext, *, start_batch: int = 1000, resend_s: float = 15.0) -> None:
         self.ctx = ctx
         self.desired = DesiredStates(ctx)
         # Devices one tick starts at most: a rollout to 10,000 devices is started in bounded steps, each
         # its own transaction, so no tick holds the writer (or a lock) for long.
         self.start_batch = start_batch
+        # An online device that has not reported its command this long after it was given it gets its
+        # desired state again (retained QoS 1 is not delivery: a clustered broker can lose it while it
+        # fails over). In memory only: after a restart every such device is resent once, harmlessly
+        # (agents deduplicate commands by id).
+        self.resend_s = resend_s
+        self._resent: dict[str, float] = {}
 
     # Tick ------------------------------------------------------------------------------------------
     def tick(self, session: Session) -> set[str]:
@@ -122,6 +129,7 @@ class RolloutEngine:
         abort = self._collect_results(run) or self._check_rules(run)
         if abort is not None:
             return run.changed | self._abort(session, dep, abort, now)
+        self._resend_lost(run)
         self._adopt_new_devices(run)
         self._start_wave(run)
         if self._finish_wave(run):
@@ -170,6 +178,17 @@ class RolloutEngine:
                 return Abort(f"device {t.device_id} {error}")
         run.session.flush()
         return None
+
+    def _resend_lost(self, run: _Tick) -> None:
+        """Phase 1b: online devices that never started their command get their desired state again."""
+        cutoff = run.now - dt.timedelta(seconds=self.resend_s)
+        mono = time.monotonic()
+        for device_id in Q.not_yet_started(run.session, run.dep.id, cutoff, self.start_batch):
+            if mono - self._resent.get(device_id, 0.0) >= self.resend_s:
+                self._resent[device_id] = mono
+                run.changed.add(device_id)
+        if len(self._resent) > 100_000:
+            self._resent = {k: v for k, v in self._resent.items() if mono - v < self.resend_s}
 
     def _check_rules(self, run: _Tick) -> Abort | None:
         """Phase 2: the first deployment-wide abort rule that fires, with its evidence in the audit log."""

@@ -78,6 +78,26 @@ def assigned_before(session: Session, dep_id: str, state: TargetState, cutoff: d
     return list(session.scalars(q.order_by(T.position)))
 
 
+def not_yet_started(session: Session, dep_id: str, cutoff: dt.datetime, limit: int) -> list[str]:
+    """Online devices of in-flight targets, given their command before ``cutoff``, that have not reported
+    it yet: their desired state may have been lost on the way (a broker node failing over)."""
+    reported = Device.reported["deployment_id"].as_string()
+    q = (
+        select(T.device_id)
+        .join(Device, Device.id == T.device_id)
+        .where(
+            T.deployment_id == dep_id,
+            T.state == TargetState.IN_FLIGHT.value,
+            T.assigned_at < cutoff,
+            Device.online.is_(True),
+            or_(reported.is_(None), reported != T.command_id),
+        )
+        .order_by(T.assigned_at)
+        .limit(limit)
+    )
+    return list(session.scalars(q))
+
+
 def next_pending(session: Session, dep_id: str, wave: int, limit: int) -> list[DeploymentTarget]:
     q = (
         select(T)

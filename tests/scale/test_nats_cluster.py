@@ -1,0 +1,136 @@
+"""A clustered broker: three NATS servers with MQTT and JetStream (replicated sessions and retained
+messages), the fleet's bridge and the devices each given the three nodes. One node is SIGKILLed
+mid-rollout: its devices and, if it was on it, the fleet reconnect to the others, the rollout completes,
+and no telemetry message the cluster acknowledged is missing from the database."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fleet_scale import FleetServer, fleet_config, free_port, missing_acked, stored_seqs, wait_port
+from benchmarks.fleet_swarm import Login, Swarm
+
+from .conftest import manifest, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class NatsNode:
+    name: str
+    client_port: int
+    route_port: int
+    mqtt_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+
+def nats_bin() -> str:
+    path = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(path).exists():
+        pytest.fail("nats-server is not installed (apt-get install nats-server)")
+    return path
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsNode]]:
+    nodes = [NatsNode(f"n{i}", free_port(), free_port(), free_port()) for i in range(3)]
+    routes = ", ".join(f"nats://127.0.0.1:{n.route_port}" for n in nodes)
+    for n in nodes:
+        conf = tmp_path / f"{n.name}.conf"
+        conf.write_text(
+            f"server_name: {n.name}\nlisten: 127.0.0.1:{n.client_port}\n"
+            f"jetstream {{ store_dir: {tmp_path / n.name} }}\n"
+            f"cluster {{ name: nanofleet, listen: 127.0.0.1:{n.route_port}, routes: [{routes}] }}\n"
+            # Sessions, their unacknowledged messages and retained messages, on all three nodes.
+            f"mqtt {{ listen: 127.0.0.1:{n.mqtt_port}, stream_replicas: 3, consumer_replicas: 3 }}\n"
+        )
+        log = open(tmp_path / f"{n.name}.log", "ab")  # noqa: SIM115 - the process keeps it
+        n.proc = subprocess.Popen([nats_bin(), "-c", str(conf)], stdout=log, stderr=log)
+    for n in nodes:
+        wait_port(n.mqtt_port, 30)
+    yield nodes
+    for n in nodes:
+        if n.proc is not None and n.proc.poll() is None:
+            n.proc.terminate()
+            n.proc.wait(10)
+
+
+@pytest.mark.parametrize("victim", [2, 0], ids=["a-devices-node", "the-fleets-node"])
+def test_rollout_survives_the_loss_of_one_broker_node(
+    tmp_path: Path, nats_cluster: list[NatsNode], bundles, release_key, pg, victim: int
+) -> None:
+    from fleet.client import FleetClient
+    from manifests import SigningKey, write_keypair
+
+    urls = [n.mqtt_url for n in nats_cluster]
+    signing, _ = write_keypair(tmp_path / "fleet-key", SigningKey.generate())
+    # NATS speaks MQTT 3.1.1; the bridge fails over to the next node in urls.
+    broker_cfg = {"urls": urls[1:], "protocol": "3.1.1"}
+    cfg = fleet_config(
+        tmp_path,
+        node_id="solo",
+        database_url=pg[0],
+        schema=pg[1],
+        broker=urls[0],
+        trusted_key=release_key[1],
+        admin_token="nfa_nats-cluster-test-token",
+        signing_key=signing,
+        blobs=tmp_path / "blobs",
+        shared=False,
+        # A desired state lost while the cluster fails over is sent again after resend_s.
+        overrides={"broker": broker_cfg, "resend_s": 5},
+    )
+    srv = FleetServer(cfg, log_level="info").start()
+    swarm: Swarm | None = None
+    try:
+        with FleetClient(srv.url, "nfa_nats-cluster-test-token") as admin:
+            admin.upload_bundle(bundles[1])
+            token = admin.enrollment_token(uses=24)["token"]
+            logins = []
+            for i in range(24):
+                creds = admin.enroll(token, device_id=f"nats-{i:02d}")
+                logins.append(Login(creds["device_id"], creds["mqtt"]["username"], creds["mqtt"]["password"]))
+        # Device i starts on node i % 3 and fails over to the next ones.
+        swarm = Swarm(logins, lambda i: urls[i % 3:] + urls[: i % 3], install_s=1.5, keepalive=5).start()
+        swarm.wait_connected(timeout=60)
+        swarm.set_rate(100)
+        time.sleep(2)
+        with FleetClient(srv.url, "nfa_nats-cluster-test-token") as admin:
+            admin.apply(manifest("across-nodes", 1))
+            time.sleep(0.5)
+            node = nats_cluster[victim]  # the fleet's bridge is on node 0
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGKILL)  # mid-rollout: a third of the devices lose their node
+            node.proc.wait(10)
+            dep = wait_for(
+                lambda: (d := admin.deployment("across-nodes"))["status"] == "completed" and d,
+                120,
+                interval=0.5,
+                what="the rollout completed after losing a node",
+            )
+        assert dep["counts"].get("succeeded") == 24, dep["counts"]
+        assert sum(d.connects > 1 for d in swarm.devices) >= 8  # the dead node's devices reconnected elsewhere
+        swarm.set_rate(0)
+        wait_for(lambda: (t := swarm.totals())["acked"] == t["sent"], 30, what="acknowledgements")
+        wait_for(
+            lambda: missing_acked(swarm.acked(), stored_seqs(pg[0], pg[1], "nats-")) == 0,
+            60,
+            interval=1,
+            what="every acknowledged message stored",
+        )
+    finally:
+        if swarm is not None:
+            swarm.stop()
+        srv.stop()
