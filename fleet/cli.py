@@ -39,13 +39,8 @@ class Conn:
     def resolve(self) -> tuple[str, str | None]:
         url = self._url or os.environ.get("NANOFLEET_FLEET_URL")
         token = self._token or os.environ.get("NANOFLEET_FLEET_TOKEN")
-        config = self._config
-        if config is None and (url is None or token is None):
-            config = _local_service_config()
-        if config is not None and (url is None or token is None):
-            from .config import FleetConfig
-
-            cfg = FleetConfig.load(config) if config.name != DEFAULT_DATA_MARKER else FleetConfig()
+        cfg = self._service_config() if url is None or token is None else None
+        if cfg is not None:
             info = cfg.data_dir / "service.json"
             if url is None:
                 if info.is_file():
@@ -59,21 +54,21 @@ class Conn:
                     token = tok_file.read_text().strip()
         return url or "http://127.0.0.1:8600", token
 
+    def _service_config(self) -> Any:
+        """--config's service config; else the default one when `fleet serve` runs from this folder
+        (its data in ./.nanofleet-fleet); else None."""
+        from .config import FleetConfig
+
+        if self._config is not None:
+            return FleetConfig.load(self._config)
+        default = FleetConfig()
+        return default if (default.data_dir / "service.json").is_file() else None
+
     def client(self) -> Any:
         from .client import FleetClient
 
         url, token = self.resolve()
         return FleetClient(url, token)
-
-
-# `fleet serve` without --config keeps its data in ./.nanofleet-fleet: the other commands find it there.
-DEFAULT_DATA_MARKER = "<default>"
-
-
-def _local_service_config() -> Path | None:
-    from .config import FleetConfig
-
-    return Path(DEFAULT_DATA_MARKER) if (FleetConfig().data_dir / "service.json").is_file() else None
 
 
 JSON_HELP = "Print JSON for scripts (errors as JSON too)."
