@@ -1,13 +1,18 @@
 """Devices: the registry (admin), each device's own record, credentials, desired state, telemetry, events."""
 
+import base64
+import binascii
+import datetime as dt
+import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
-from sqlalchemy import select
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import and_, or_, select
 
 from .. import commands
 from .. import schemas as S
-from ..db import Device, DeviceEvent
+from ..db import Device, DeviceEvent, aware
+from ..errors import FleetError
 from ..views import credentials_out, device_out, event_out, telemetry_points
 from .deps import Admin, Db, SelfOrAdmin, Svc, device_or_404
 
@@ -15,9 +20,53 @@ router = APIRouter(tags=["devices"])
 MINE = {403: {"model": S.ErrorBody}, 404: {"model": S.ErrorBody}}
 
 
-@router.get("/api/v1/devices", response_model=list[S.DeviceOut])
-def list_devices(session: Db, p: Admin) -> list[S.DeviceOut]:
-    return [device_out(d) for d in session.scalars(select(Device).order_by(Device.enrolled_at, Device.id))]
+class BadCursor(FleetError):
+    reason = "bad_cursor"
+
+
+def _cursor(d: Device) -> str:
+    raw = json.dumps([aware(d.enrolled_at).isoformat(), d.id]).encode()  # type: ignore[union-attr]
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        enrolled, device_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return dt.datetime.fromisoformat(enrolled), str(device_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise BadCursor("cursor is not one this API returned (take it from the Link header)") from None
+
+
+@router.get(
+    "/api/v1/devices",
+    response_model=list[S.DeviceOut],
+    responses={400: {"model": S.ErrorBody}},
+)
+def list_devices(
+    request: Request,
+    response: Response,
+    session: Db,
+    p: Admin,
+    limit: Annotated[int | None, Query(ge=1, le=5000, description="page size (default: every device)")] = None,
+    cursor: Annotated[str | None, Query(max_length=512, description="from a previous page's Link header")] = None,
+) -> list[S.DeviceOut]:
+    """Every device in enrolment order; with ``limit``, one page of it. A page that is not the last says
+    where the next starts: ``Link: <...?limit=N&cursor=C>; rel="next"`` (and ``X-Next-Cursor: C``). The
+    body is the same list either way."""
+    q = select(Device).order_by(Device.enrolled_at, Device.id)
+    if cursor is not None:
+        enrolled, device_id = _after(cursor)
+        q = q.where(or_(Device.enrolled_at > enrolled, and_(Device.enrolled_at == enrolled, Device.id > device_id)))
+    if limit is None:
+        return [device_out(d) for d in session.scalars(q)]
+    rows = list(session.scalars(q.limit(limit + 1)))
+    if len(rows) > limit:
+        rows = rows[:limit]
+        nxt = _cursor(rows[-1])
+        url = request.url.include_query_params(limit=limit, cursor=nxt)
+        response.headers["link"] = f'<{url}>; rel="next"'
+        response.headers["x-next-cursor"] = nxt
+    return [device_out(d) for d in rows]
 
 
 @router.get("/api/v1/devices/{device_id}", response_model=S.DeviceOut, responses=MINE)
