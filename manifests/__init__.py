@@ -4,6 +4,22 @@
 """
 
 from ._files import atomic_write_bytes, atomic_write_text, fsync_dir, sha256_file
+from .adapter import (
+    ADAPTER_FILE,
+    ADAPTER_FORMAT,
+    AdapterBase,
+    AdapterBaseMismatchError,
+    AdapterEffect,
+    AdapterEval,
+    AdapterManifest,
+    AdapterQuality,
+    LoraSpec,
+    check_adapter_base,
+    manifest_sha256,
+    read_adapter_manifest_unverified,
+    verify_adapter,
+    write_signed_adapter_manifest,
+)
 from .bundle import (
     BUNDLE_FORMAT,
     CHAT_TEMPLATE_FILE,
@@ -39,22 +55,6 @@ from .bundle import (
     verify_file,
     verify_manifest_bytes,
     write_signed_manifest,
-)
-from .adapter import (
-    ADAPTER_FILE,
-    ADAPTER_FORMAT,
-    AdapterBase,
-    AdapterBaseMismatchError,
-    AdapterEffect,
-    AdapterEval,
-    AdapterManifest,
-    AdapterQuality,
-    LoraSpec,
-    check_adapter_base,
-    manifest_sha256,
-    read_adapter_manifest_unverified,
-    verify_adapter,
-    write_signed_adapter_manifest,
 )
 from .deployment import DeploymentManifest
 from .errors import (
