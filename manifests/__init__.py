@@ -56,7 +56,8 @@ from .bundle import (
     verify_manifest_bytes,
     write_signed_manifest,
 )
-from .deployment import DeploymentManifest
+from .capabilities import CAPABILITIES_SCHEMA, CPU_PROVIDER, BoardCapabilities
+from .deployment import DeploymentManifest, ReleaseSelector
 from .errors import (
     BadSignatureError,
     ExpiredError,
@@ -75,5 +76,6 @@ from .errors import (
 )
 from .signed_doc import SignedDocument, canonical_json
 from .signing import Signature, SigningKey, TrustStore, load_public_key, write_keypair
+from .variants import Release, Variant, VariantChoice, VariantRefusal, VariantRules, resolve_variant
 
 __all__ = [name for name in dir() if not name.startswith("_")]

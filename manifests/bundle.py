@@ -124,10 +124,16 @@ class Runtime(_Model):
     min_onnxruntime: str
     operators: list[str] = Field(description="'domain:OpType' for every node in the graph, sorted")
     verified_onnxruntime: list[str] = Field(default_factory=list)
+    execution_providers: list[str] = Field(
+        default_factory=list,
+        description="onnxruntime execution providers the bundle wants, most preferred first (e.g. "
+        "CUDAExecutionProvider for an fp16 Jetson variant). Empty: CPU. The engine uses the first the board "
+        "has; CPUExecutionProvider in the list allows falling back to it (device/engine/providers.py)",
+    )
 
 
 class Recipe(_Model):
-    precision: Literal["fp32", "int8", "int4"]
+    precision: Literal["fp32", "fp16", "int8", "int4"]
     method: str = Field(description="'none', 'matmulnbits' (weight-only, block-wise) or 'dynamic-int8'")
     bits: int | None = None
     block_size: int | None = None

@@ -4,7 +4,7 @@
     kind: Deployment
     metadata: {name: smollm2-v2}
     spec:
-      bundle: {name: smollm2-135m-instruct, version: 2}
+      bundle: {name: smollm2-135m-instruct, version: 2}   # or release: {name: smollm2, version: 1}
       selector: {tags: {site: lab}, groups: [pilot], hardware_class: [pi5]}
       strategy: {type: canary, canary: {devices: 1}, wait_seconds: 30, max_in_flight: 10}
       abort: {failure_rate_pct: 20, min_devices: 2, on_abort: rollback}
@@ -34,6 +34,13 @@ class Metadata(_Strict):
 
 
 class BundleSelector(_Strict):
+    name: str
+    version: int = Field(ge=1)
+
+
+class ReleaseSelector(_Strict):
+    """A release (manifests/variants.py): each device gets the variant its reported capabilities fit."""
+
     name: str
     version: int = Field(ge=1)
 
@@ -102,11 +109,18 @@ class AbortRules(_Strict):
 
 
 class DeploymentSpec(_Strict):
-    bundle: BundleSelector
+    bundle: BundleSelector | None = None
+    release: ReleaseSelector | None = None
     selector: Selector = Field(default_factory=Selector)
     strategy: Strategy = Field(default_factory=Strategy)
     abort: AbortRules = Field(default_factory=AbortRules)
     rollback: bool = Field(False, description="a deliberate, signed rollback to an older version")
+
+    @model_validator(mode="after")
+    def _bundle_or_release(self) -> DeploymentSpec:
+        if (self.bundle is None) == (self.release is None):
+            raise ValueError("give exactly one of spec.bundle or spec.release")
+        return self
 
 
 class DeploymentManifest(_Strict):

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .adapter import AdapterInfo, AdapterRef
 from .bundle import format_validation_error
+from .capabilities import BoardCapabilities
 from .errors import SchemaError
 from .signed_doc import SignedDocument
 
@@ -93,6 +95,8 @@ class DesiredState(_Payload):
     device_id: str
     deployment_id: str
     bundle: BundleRef | None = None
+    # An adapter deployment: the model stays as it is (``bundle`` is None) and this adapter is made resident.
+    adapter: AdapterRef | None = None
     # A signed RollbackAuthorization lets the device go below its highest committed version.
     rollback: SignedDocument | None = None
     issued_at: dt.datetime
@@ -150,6 +154,9 @@ class ReportedState(_Payload):
     hardware_class: str | None = None
     cpu_arch: str | None = None
     ram_bytes: int | None = None
+    # What the board can run (manifests/capabilities.py): the fleet resolves release variants from it.
+    capabilities: BoardCapabilities | None = None
+    adapters: list[AdapterInfo] = Field(default_factory=list, description="the board's LoRA adapters")
     ts: dt.datetime
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
@@ -183,6 +190,9 @@ class Telemetry(_Payload):
     uptime_s: float = 0.0
     agent_version: str = ""
     dropped: int = Field(0, description="entries dropped from the store-and-forward queue so far")
+    capabilities: BoardCapabilities | None = Field(
+        None, description="sent in the first sample after start and whenever they change (else null)"
+    )
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
 
