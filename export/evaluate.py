@@ -9,7 +9,7 @@ from typing import Any
 from manifests import ManifestError, TrustStore, read_manifest_unverified
 
 from .errors import EvalTextError, ExportError
-from .gate import DEFAULT_EVAL_TEXT, _engine_api
+from .gate import DEFAULT_EVAL_TEXT, engine_api
 
 
 class EvalError(ExportError):
@@ -24,7 +24,7 @@ def evaluate_bundles(
     threads: int | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    api = _engine_api()
+    api = engine_api()
     text_path = text_path or DEFAULT_EVAL_TEXT
     try:
         text = text_path.read_text(encoding="utf-8")

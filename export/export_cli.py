@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +55,10 @@ def export(
         help="ed25519 private key (from `nanofleet keygen`). "
         "Default: ~/.config/nanofleet/keys/nanofleet.key, created on first use.",
     ),
-    version: int = typer.Option(
-        None, "--version", min=1, help="Monotonic bundle version. Default: unix time."
-    ),
-    name: str = typer.Option(
-        None, "--name", help="Bundle name. Default: from the source, plus the precision."
-    ),
+    version: int = typer.Option(None, "--version", min=1, help="Monotonic bundle version. Default: unix time."),
+    name: str = typer.Option(None, "--name", help="Bundle name. Default: from the source, plus the precision."),
     out_dir: Path = typer.Option(None, "--out", help="Bundle folder to create. Default: bundles/<name>."),
-    eval_text: Path = typer.Option(
-        None, "--eval-text", help="Text for the perplexity gate (default: shipped)."
-    ),
+    eval_text: Path = typer.Option(None, "--eval-text", help="Text for the perplexity gate (default: shipped)."),
     max_ppl_increase: float = typer.Option(
         None,
         "--max-ppl-increase",
@@ -86,9 +83,7 @@ def export(
     ),
     expires_days: int = typer.Option(365, "--expires-days", min=0, help="Bundle lifetime in days; 0: never."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
-    work_dir: Path = typer.Option(
-        None, "--work-dir", help="Where temporary files go. Default: beside --out."
-    ),
+    work_dir: Path = typer.Option(None, "--work-dir", help="Where temporary files go. Default: beside --out."),
     threads: int = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the gate."),
     graph: str = typer.Option(
         "auto",
@@ -133,68 +128,86 @@ def export(
     """
     if not verbose:
         quiet_libraries()
-    from export import errors
-    from export.gate import PRECISION_DEFAULTS, GateThresholds
-    from export.keys import load_signing_key
-    from export.pipeline import ExportRequest, run_export
+    opts = ExportOptions(model, target, precision, recipe, key, version, name, out_dir, eval_text, max_ppl_increase,
+                         max_kl, min_top_match, expires_days, force, work_dir, threads, graph, builder, lora_sites,
+                         tuple(verify_target), as_json)  # fmt: skip
+    _export(opts)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """`nanofleet export`'s options as given (None: the option's default, chosen by the pipeline)."""
+
+    model: str | None
+    target: str
+    precision: str
+    recipe: str | None
+    key: Path | None
+    version: int | None
+    name: str | None
+    out_dir: Path | None
+    eval_text: Path | None
+    max_ppl_increase: float | None
+    max_kl: float | None
+    min_top_match: float | None
+    expires_days: int
+    force: bool
+    work_dir: Path | None
+    threads: int | None
+    graph: str
+    builder: str
+    lora_sites: str
+    verify_target: tuple[str, ...]
+    as_json: bool
+
+
+def _export(o: ExportOptions) -> None:
+    from export.pipeline import run_export
     from export.progress import Reporter
 
-    if target not in ("arm64", "x86_64"):
-        fail(f"--target must be arm64 or x86_64, not {target!r}", as_json=as_json, reason="bad_argument")
-    if precision not in ("int8", "int4", "fp32"):
-        fail(
-            f"--precision must be int8, int4 or fp32, not {precision!r}",
-            as_json=as_json,
-            reason="bad_argument",
-        )
-    defaults = PRECISION_DEFAULTS[precision]
-    sites = tuple(s.strip() for s in lora_sites.split(",") if s.strip() and s.strip() != "none")
-    from manifests import LORA_SITES
-
-    if any(s not in LORA_SITES for s in sites):
-        fail(f"--lora-sites takes {', '.join(LORA_SITES)} or none, not {lora_sites!r}", as_json=as_json,
-             reason="bad_argument")  # fmt: skip
+    sites = _checked_args(o)
     # Ctrl-C and SIGTERM both unwind through the pipeline's cleanup.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        if key is None:
-            # The source first: a model that cannot be found must not leave a new key in ~/.config.
-            from export.sources import resolve_source
-
-            resolve_source(model)
-        signing_key, key_path, created = load_signing_key(key)
-        if created:
-            console.print(
-                f"[yellow]no --key given: created a signing key at {key_path} (public key beside it)[/]"
-            )
-        elif key is None:
-            console.print(f"signing with the default key {key_path}")
-        req = ExportRequest(
-            model=model,
-            target=target,
-            precision=precision,
-            recipe=recipe,  # type: ignore[arg-type]
-            key=signing_key,
-            version=version,
-            name=name,
-            out=out_dir,
-            eval_text=eval_text,
-            thresholds=GateThresholds(
-                max_ppl_increase_pct=defaults.max_ppl_increase_pct if max_ppl_increase is None else max_ppl_increase,
-                max_kl_mean=defaults.max_kl_mean if max_kl is None else max_kl,
-                min_top_token_match=defaults.min_top_token_match if min_top_match is None else min_top_match,
-            ),
-            expires_days=expires_days or None,
-            force=force,
-            threads=threads,
-            work_dir=work_dir,
-            verify_targets=tuple(verify_target),
-            graph=graph,  # type: ignore[arg-type]
-            builder=builder,  # type: ignore[arg-type]
-            lora_sites=sites,
-        )
-        with Reporter(enabled=not as_json) as reporter:
+    with _exit_codes(o.as_json):
+        signing_key, key_path = _signing_key(o.key, o.model)
+        req = _request(o, sites, signing_key)
+        with Reporter(enabled=not o.as_json) as reporter:
             result = run_export(req, reporter)
+    summary = result.summary()
+    summary["signing_key"] = str(key_path)
+    if o.as_json:
+        emit_json(summary)
+        return
+    _print_summary(summary)
+
+
+def _checked_args(o: ExportOptions) -> tuple[str, ...]:
+    """Refuse bad --target/--precision/--lora-sites values (exit 1, reason bad_argument); the LoRA sites."""
+    from manifests import LORA_SITES
+
+    if o.target not in ("arm64", "x86_64"):
+        fail(f"--target must be arm64 or x86_64, not {o.target!r}", as_json=o.as_json, reason="bad_argument")
+    if o.precision not in ("int8", "int4", "fp32"):
+        fail(
+            f"--precision must be int8, int4 or fp32, not {o.precision!r}",
+            as_json=o.as_json,
+            reason="bad_argument",
+        )
+    sites = tuple(s.strip() for s in o.lora_sites.split(",") if s.strip() and s.strip() != "none")
+    if any(s not in LORA_SITES for s in sites):
+        fail(f"--lora-sites takes {', '.join(LORA_SITES)} or none, not {o.lora_sites!r}", as_json=o.as_json,
+             reason="bad_argument")  # fmt: skip
+    return sites
+
+
+@contextlib.contextmanager
+def _exit_codes(as_json: bool) -> Iterator[None]:
+    """The export's errors as exit codes: a failed gate 3 (with its report's path), an interruption 130,
+    any other export error 1, each with its reason."""
+    from export import errors
+
+    try:
+        yield
     except errors.QualityGateError as exc:
         fail(exc.message, code=GATE_FAILED_EXIT, as_json=as_json, reason=exc.reason, report=exc.report_path)
     except errors.ExportInterruptedError as exc:
@@ -203,12 +216,56 @@ def export(
         fail(exc.message, as_json=as_json, reason=exc.reason)
     except KeyboardInterrupt:
         fail("interrupted", code=INTERRUPTED_EXIT, as_json=as_json, reason="interrupted")
-    summary = result.summary()
-    summary["signing_key"] = str(key_path)
-    if as_json:
-        emit_json(summary)
-        return
-    _print_summary(summary)
+
+
+def _signing_key(key: Path | None, model: str | None) -> tuple[Any, Path]:
+    """The signing key and its path; without --key the default one, created on first use."""
+    from export.keys import load_signing_key
+
+    if key is None:
+        # The source first: a model that cannot be found must not leave a new key in ~/.config.
+        from export.sources import resolve_source
+
+        resolve_source(model)
+    signing_key, key_path, created = load_signing_key(key)
+    if created:
+        console.print(f"[yellow]no --key given: created a signing key at {key_path} (public key beside it)[/]")
+    elif key is None:
+        console.print(f"signing with the default key {key_path}")
+    return signing_key, key_path
+
+
+def _request(o: ExportOptions, sites: tuple[str, ...], signing_key: Any) -> Any:
+    """The pipeline's ExportRequest; a gate limit not given is the precision's default."""
+    from export.gate import PRECISION_DEFAULTS, GateThresholds
+    from export.pipeline import ExportRequest
+
+    defaults = PRECISION_DEFAULTS[o.precision]
+    thresholds = GateThresholds(
+        max_ppl_increase_pct=defaults.max_ppl_increase_pct if o.max_ppl_increase is None else o.max_ppl_increase,
+        max_kl_mean=defaults.max_kl_mean if o.max_kl is None else o.max_kl,
+        min_top_token_match=defaults.min_top_token_match if o.min_top_match is None else o.min_top_match,
+    )
+    return ExportRequest(
+        model=o.model,
+        target=o.target,
+        precision=o.precision,
+        recipe=o.recipe,  # type: ignore[arg-type]
+        key=signing_key,
+        version=o.version,
+        name=o.name,
+        out=o.out_dir,
+        eval_text=o.eval_text,
+        thresholds=thresholds,
+        expires_days=o.expires_days or None,
+        force=o.force,
+        threads=o.threads,
+        work_dir=o.work_dir,
+        verify_targets=o.verify_target,
+        graph=o.graph,  # type: ignore[arg-type]
+        builder=o.builder,  # type: ignore[arg-type]
+        lora_sites=sites,
+    )
 
 
 def _print_summary(s: dict[str, Any]) -> None:

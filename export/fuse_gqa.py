@@ -270,159 +270,210 @@ def build_gqa_graph(
     """The fused graph as an onnx.ModelProto. Weights are fetched with ``get`` (checkpoint name -> fp32 array in
     HF layout) one layer at a time, handed to ``observer`` and to ``sink``, and dropped before the next layer.
     ``lora_sites`` (of LORA_SITES) get LoRA slots in every layer (``lora_slots`` describes them)."""
-    from onnx import TensorProto, helper
-
     direct, reason = _direct_spec(config)
     if reason:
         raise FuseGqaError(reason)
-    names = direct.names
-    arch = str(config.get("model_type", ""))
-    L = int(config["num_hidden_layers"])
-    H = int(config["hidden_size"])
-    nq = int(config["num_attention_heads"])
-    nkv = int(config.get("num_key_value_heads") or nq)
-    hd = int(config.get("head_dim") or H // nq)
-    inter = int(config["intermediate_size"])
-    vocab = int(config["vocab_size"])
-    eps = float(config.get("rms_norm_eps", 1e-6))
-    ctx = int(max_seq or config.get("max_position_embeddings", 2048))
+    b = _GraphBuilder(config, direct.names, get, has, sink, observer, lora_slots(config, lora_sites))
+    b.embedding(int(max_seq or config.get("max_position_embeddings", 2048)))
     window = config.get(direct.sliding_window_attr) if direct.sliding_window_attr else None
-    tied = bool(config.get("tie_word_embeddings", False)) or not has(names.lm_head)
+    for i in range(b.layers):
+        b.layer(i, window)
+        if on_layer_done:
+            on_layer_done(i)
+    b.head()
+    return b.model(str(config.get("model_type", "")))
 
-    def w(name: str) -> np.ndarray:
-        if not has(name):
+
+class _GraphBuilder:
+    """build_gqa_graph's state, one method per block of the graph (module doc): the nodes so far, the
+    residual stream's tensor names, the LoRA slot inputs. Weights go to ``sink`` as each block is built."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        names: Any,
+        get: Callable[[str], np.ndarray],
+        has: Callable[[str], bool],
+        sink: WeightSink,
+        observer: Observer | None,
+        slots: LoraSlots | None,
+    ) -> None:
+        self.names, self.get, self.has, self.sink, self.observer, self.slots = names, get, has, sink, observer, slots
+        self.layers = int(config["num_hidden_layers"])
+        hidden = int(config["hidden_size"])
+        self.nq = int(config["num_attention_heads"])
+        self.nkv = int(config.get("num_key_value_heads") or self.nq)
+        self.hd = int(config.get("head_dim") or hidden // self.nq)
+        self.inter = int(config["intermediate_size"])
+        self.vocab = int(config["vocab_size"])
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.tied = bool(config.get("tie_word_embeddings", False)) or not has(names.lm_head)
+        self.config = config
+        self.nodes: list[Any] = []
+        self.lora_inputs: list[Any] = []
+        self.residual = "embeddings"
+        self.pending: str | None = None  # the last sub-layer output, not yet added to the residual
+
+    def w(self, name: str) -> np.ndarray:
+        if not self.has(name):
             raise FuseGqaError(f"checkpoint lacks {name}")
-        return get(name)
+        return self.get(name)
 
-    nodes: list[Any] = []
-    slots = lora_slots(config, lora_sites)
-    lora_inputs: list[Any] = []
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
+        from onnx import helper
 
-    def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
-    def project(i: int, site: str, name: str, weight_name: str, x: str, weight: np.ndarray, out: str) -> None:
+    def project(self, i: int, site: str, name: str, weight_name: str, x: str, weight: np.ndarray, out: str) -> None:
         """``out = x @ weight``, plus ``(x @ A) @ B`` from the layer's LoRA slot when ``site`` has one."""
-        if slots is None or slots.site(site) is None:
-            nodes.extend(sink.matmul(name, weight_name, x, weight, out))
+        from onnx import TensorProto, helper
+
+        if self.slots is None or self.slots.site(site) is None:
+            self.nodes.extend(self.sink.matmul(name, weight_name, x, weight, out))
             return
-        nodes.extend(sink.matmul(name, weight_name, x, weight, out + "/base"))
+        self.nodes.extend(self.sink.matmul(name, weight_name, x, weight, out + "/base"))
         a, b = lora_input_names(i, site)
         rank = f"lora_rank_{i}_{site}"  # one symbol per slot: an adapter's rank may differ per layer
         k, n = weight.shape
-        lora_inputs.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [k, rank]),
-                            helper.make_tensor_value_info(b, TensorProto.FLOAT, [rank, n])])  # fmt: skip
+        self.lora_inputs.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [k, rank]),
+                                 helper.make_tensor_value_info(b, TensorProto.FLOAT, [rank, n])])  # fmt: skip
         # rank-0 defaults (an overridable initializer of the same name): a run that feeds nothing gets the base
         # model, and onnxruntime's own RunOptions.add_active_adapter can fill the slots in a plain Run
-        sink.constant(a, np.zeros((k, 0), dtype=np.float32))
-        sink.constant(b, np.zeros((0, n), dtype=np.float32))
+        self.sink.constant(a, np.zeros((k, 0), dtype=np.float32))
+        self.sink.constant(b, np.zeros((0, n), dtype=np.float32))
         lp = name.rsplit("/", 1)[0]
-        node("MatMul", [x, a], [f"{lp}/lora/down"], f"{lp}/lora/MatMul_a")  # [b, s, rank]
-        node("MatMul", [f"{lp}/lora/down", b], [f"{lp}/lora/delta"], f"{lp}/lora/MatMul_b")  # [b, s, out]
-        node("Add", [out + "/base", f"{lp}/lora/delta"], [out], f"{lp}/lora/Add")
+        self.node("MatMul", [x, a], [f"{lp}/lora/down"], f"{lp}/lora/MatMul_a")  # [b, s, rank]
+        self.node("MatMul", [f"{lp}/lora/down", b], [f"{lp}/lora/delta"], f"{lp}/lora/MatMul_b")  # [b, s, out]
+        self.node("Add", [out + "/base", f"{lp}/lora/delta"], [out], f"{lp}/lora/Add")
 
-    table = w(names.embed)  # [vocab, H]
-    if observer:
-        observer.embed(table)
-    nodes.extend(sink.embedding(table, "input_ids", "embeddings", tied))  # [b, s, H]
-    del table
-    cos, sin = _rope_caches(config, hd, ctx)
-    sink.constant("cos_cache", cos)  # [ctx, hd/2]
-    sink.constant("sin_cache", sin)
+    def embedding(self, ctx: int) -> None:
+        """The token embedding (Gather; also the tied LM head's table) and the rotary caches."""
+        table = self.w(self.names.embed)  # [vocab, H]
+        if self.observer:
+            self.observer.embed(table)
+        self.nodes.extend(self.sink.embedding(table, "input_ids", "embeddings", self.tied))  # [b, s, H]
+        del table
+        cos, sin = _rope_caches(self.config, self.hd, ctx)
+        self.sink.constant("cos_cache", cos)  # [ctx, hd/2]
+        self.sink.constant("sin_cache", sin)
 
-    residual = "embeddings"
-    pending: str | None = None  # the last sub-layer output, not yet added to the residual
-    for i in range(L):
+    def layer(self, i: int, window: Any) -> None:
+        """Decoder layer ``i``: its weights are fetched, built into the graph and dropped here."""
+        names = self.names.layer(i)
+        t = {role: self.w(n) for role, n in names.items() if not role.endswith("_bias") or self.has(n)}
+        if self.observer:
+            self.observer.layer(i, {names[r]: a for r, a in t.items()})
+        x = self.input_norm(i, t["input_norm"])
+        o = self.attention(i, t, x, window)
         lp, p = f"/model/layers.{i}", f"model.layers.{i}"
-        t = {role: w(n) for role, n in names.layer(i).items() if not role.endswith("_bias") or has(n)}
-        if observer:
-            observer.layer(i, {names.layer(i)[r]: a for r, a in t.items()})
-        ln1 = sink.constant(f"{p}.input_layernorm.weight", t["input_norm"])
+        ln2 = self.sink.constant(f"{p}.post_attention_layernorm.weight", t["post_norm"])
+        x2, res2 = f"{lp}/post_attention_layernorm/output_0", f"{lp}/post_attention_layernorm/residual"
+        self.node("SkipSimplifiedLayerNormalization", [o, self.residual, ln2], [x2, "", "", res2],
+                  f"{lp}/post_attention_layernorm", domain="com.microsoft", epsilon=self.eps)  # fmt: skip
+        self.residual = res2
+        self.pending = self.mlp(i, t, x2)
+
+    def input_norm(self, i: int, weight: np.ndarray) -> str:
+        """The layer's input RMSNorm; from layer 1 on it also adds the previous layer's MLP output to the
+        residual (SkipSimplifiedLayerNormalization)."""
+        lp = f"/model/layers.{i}"
+        ln1 = self.sink.constant(f"model.layers.{i}.input_layernorm.weight", weight)
         x = f"{lp}/input_layernorm/output_0"
-        if pending is None:
-            node("SimplifiedLayerNormalization", [residual, ln1], [x], f"{lp}/input_layernorm",
-                 axis=-1, epsilon=eps, stash_type=1)  # fmt: skip
+        if self.pending is None:
+            self.node("SimplifiedLayerNormalization", [self.residual, ln1], [x], f"{lp}/input_layernorm",
+                      axis=-1, epsilon=self.eps, stash_type=1)  # fmt: skip
         else:
             new_res = f"{lp}/input_layernorm/residual"
-            node("SkipSimplifiedLayerNormalization", [pending, residual, ln1], [x, "", "", new_res],
-                 f"{lp}/input_layernorm", domain="com.microsoft", epsilon=eps)  # fmt: skip
-            residual = new_res
+            self.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, ln1], [x, "", "", new_res],
+                      f"{lp}/input_layernorm", domain="com.microsoft", epsilon=self.eps)  # fmt: skip
+            self.residual = new_res
+        return x
+
+    def attention(self, i: int, t: dict[str, np.ndarray], x: str, window: Any) -> str:
+        """Packed QKV (+ biases), GroupQueryAttention with rotary inside and the shared KV buffer, o_proj."""
+        lp, p = f"/model/layers.{i}", f"model.layers.{i}"
         # packed QKV: [H, (nq + 2 nkv) hd]
         qkv = f"{lp}/attn/qkv_proj/output_0"
         wqkv = np.concatenate([t["q"], t["k"], t["v"]], axis=0).T  # rows packed (a memcpy), then a [K, N] view
-        project(i, "qkv", f"{lp}/attn/qkv_proj/MatMul", f"{p}.self_attn.qkv_proj.weight", x, wqkv, qkv)
+        self.project(i, "qkv", f"{lp}/attn/qkv_proj/MatMul", f"{p}.self_attn.qkv_proj.weight", x, wqkv, qkv)
         del wqkv
         if "q_bias" in t:
-            b = sink.constant(
+            b = self.sink.constant(
                 f"{p}.self_attn.qkv_proj.bias", np.concatenate([t["q_bias"], t["k_bias"], t["v_bias"]])
             )
-            node("Add", [qkv, b], [qkv + "_biased"], f"{lp}/attn/qkv_proj/Add")
+            self.node("Add", [qkv, b], [qkv + "_biased"], f"{lp}/attn/qkv_proj/Add")
             qkv += "_biased"
         attn = f"{lp}/attn/GroupQueryAttention/output_0"
-        gqa_attrs: dict[str, Any] = {"num_heads": nq, "kv_num_heads": nkv, "do_rotary": 1, "rotary_interleaved": 0,
-                                     "scale": 1.0 / math.sqrt(hd)}  # fmt: skip
+        gqa_attrs: dict[str, Any] = {"num_heads": self.nq, "kv_num_heads": self.nkv, "do_rotary": 1,
+                                     "rotary_interleaved": 0, "scale": 1.0 / math.sqrt(self.hd)}  # fmt: skip
         if window:
             gqa_attrs["local_window_size"] = int(window)
-        node("GroupQueryAttention",
-             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-              "total_sequence_length", "cos_cache", "sin_cache"],
-             [attn, f"present.{i}.key", f"present.{i}.value"], f"{lp}/attn/GroupQueryAttention",
-             domain="com.microsoft", **gqa_attrs)  # fmt: skip
+        self.node("GroupQueryAttention",
+                  [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                   "total_sequence_length", "cos_cache", "sin_cache"],
+                  [attn, f"present.{i}.key", f"present.{i}.value"], f"{lp}/attn/GroupQueryAttention",
+                  domain="com.microsoft", **gqa_attrs)  # fmt: skip
         o = f"{lp}/attn/o_proj/output_0"
-        project(i, "o", f"{lp}/attn/o_proj/MatMul", f"{p}.self_attn.o_proj.weight", attn, t["o"].T, o)
-        ln2 = sink.constant(f"{p}.post_attention_layernorm.weight", t["post_norm"])
-        x2, res2 = f"{lp}/post_attention_layernorm/output_0", f"{lp}/post_attention_layernorm/residual"
-        node("SkipSimplifiedLayerNormalization", [o, residual, ln2], [x2, "", "", res2],
-             f"{lp}/post_attention_layernorm", domain="com.microsoft", epsilon=eps)  # fmt: skip
-        residual = res2
+        self.project(i, "o", f"{lp}/attn/o_proj/MatMul", f"{p}.self_attn.o_proj.weight", attn, t["o"].T, o)
+        return o
+
+    def mlp(self, i: int, t: dict[str, np.ndarray], x2: str) -> str:
+        """Packed gate|up, SiLU(gate) * up, down_proj; returns the output, added to the residual by the next
+        norm."""
+        lp, p = f"/model/layers.{i}", f"model.layers.{i}"
         gu, gate, up = (f"{lp}/mlp/{n}" for n in ("gate_up", "gate", "up"))
         wgu = np.concatenate([t["gate"], t["up"]], axis=0).T  # packed gate|up: [H, 2 inter] (a view)
-        project(i, "gate_up", f"{lp}/mlp/gate_up_proj/MatMul", f"{p}.mlp.gate_up_proj.weight", x2, wgu, gu)
+        self.project(i, "gate_up", f"{lp}/mlp/gate_up_proj/MatMul", f"{p}.mlp.gate_up_proj.weight", x2, wgu, gu)
         del wgu
-        split = sink.constant(f"{lp}/mlp/split_sizes", np.array([inter, inter], dtype=np.int64))
-        node("Split", [gu, split], [gate, up], f"{lp}/mlp/Split", axis=-1)
+        split = self.sink.constant(f"{lp}/mlp/split_sizes", np.array([self.inter, self.inter], dtype=np.int64))
+        self.node("Split", [gu, split], [gate, up], f"{lp}/mlp/Split", axis=-1)
         sig, act, prod = (f"{lp}/mlp/{n}" for n in ("sigmoid", "silu", "act"))
-        node("Sigmoid", [gate], [sig], f"{lp}/mlp/Sigmoid")
-        node("Mul", [gate, sig], [act], f"{lp}/mlp/SiLU")
-        node("Mul", [act, up], [prod], f"{lp}/mlp/Mul")
-        pending = f"{lp}/mlp/down_proj/output_0"
-        project(i, "down", f"{lp}/mlp/down_proj/MatMul", f"{p}.mlp.down_proj.weight", prod, t["down"].T, pending)
-        del t
-        if on_layer_done:
-            on_layer_done(i)
+        self.node("Sigmoid", [gate], [sig], f"{lp}/mlp/Sigmoid")
+        self.node("Mul", [gate, sig], [act], f"{lp}/mlp/SiLU")
+        self.node("Mul", [act, up], [prod], f"{lp}/mlp/Mul")
+        out = f"{lp}/mlp/down_proj/output_0"
+        self.project(i, "down", f"{lp}/mlp/down_proj/MatMul", f"{p}.mlp.down_proj.weight", prod, t["down"].T, out)
+        return out
 
-    final_norm = w(names.final_norm)
-    lnf = sink.constant("model.norm.weight", final_norm)
-    node("SkipSimplifiedLayerNormalization", [pending, residual, lnf], ["/model/norm/output_0"], "/model/norm",
-         domain="com.microsoft", epsilon=eps)  # fmt: skip
-    # Only the rows asked for go through the LM head: generation needs the last one (a prefill of n tokens
-    # skips n-1 of the [H x vocab] products and the [n, vocab] logits buffer); perplexity asks for all.
-    node("Gather", ["/model/norm/output_0", "logits_index"], ["/lm_head/rows"], "/lm_head/Gather", axis=1)
-    head = None if tied else w(names.lm_head)  # [vocab, H]
-    if observer:
-        observer.head(final_norm, head)
-    nodes.extend(sink.lm_head("/lm_head/rows", None if head is None else head.T, "logits"))
-    del head
+    def head(self) -> None:
+        """The final norm and the LM head, over the rows ``logits_index`` asks for."""
+        final_norm = self.w(self.names.final_norm)
+        lnf = self.sink.constant("model.norm.weight", final_norm)
+        self.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, lnf], ["/model/norm/output_0"],
+                  "/model/norm", domain="com.microsoft", epsilon=self.eps)  # fmt: skip
+        # Only the rows asked for go through the LM head: generation needs the last one (a prefill of n tokens
+        # skips n-1 of the [H x vocab] products and the [n, vocab] logits buffer); perplexity asks for all.
+        self.node("Gather", ["/model/norm/output_0", "logits_index"], ["/lm_head/rows"], "/lm_head/Gather", axis=1)
+        head = None if self.tied else self.w(self.names.lm_head)  # [vocab, H]
+        if self.observer:
+            self.observer.head(final_norm, head)
+        self.nodes.extend(self.sink.lm_head("/lm_head/rows", None if head is None else head.T, "logits"))
+        del head
 
-    f32 = TensorProto.FLOAT
-    kv_shape = ["batch_size", nkv, "max_sequence_length", hd]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["logits_length"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", vocab])]
-    for i in range(L):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, kv_shape))
-    inputs.extend(lora_inputs)  # after the KV inputs: the order gqa_graph_spec lists them in
-    graph = helper.make_graph(nodes, f"{arch}-gqa", inputs, outputs, initializer=getattr(sink, "initializers", []))
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="nanofleet.fuse_gqa")
-    model.ir_version = 8
-    return model
+    def model(self, arch: str) -> Any:
+        """The graph's I/O (module doc) around the nodes, as a ModelProto."""
+        from onnx import TensorProto, helper
+
+        f32 = TensorProto.FLOAT
+        kv_shape = ["batch_size", self.nkv, "max_sequence_length", self.hd]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+            helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["logits_length"]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", self.vocab])]
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, kv_shape))
+        inputs.extend(self.lora_inputs)  # after the KV inputs: the order gqa_graph_spec lists them in
+        initializers = getattr(self.sink, "initializers", [])
+        graph = helper.make_graph(self.nodes, f"{arch}-gqa", inputs, outputs, initializer=initializers)
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="nanofleet.fuse_gqa")
+        model.ir_version = 8
+        return model
 
 
 def save_model(model: Any, out_dir: str | Path, model_file: str = MODEL_FILE) -> Path:

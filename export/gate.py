@@ -124,7 +124,9 @@ class GateResult:
         return self.report.passed
 
 
-def _engine_api() -> Any:
+def engine_api() -> Any:
+    """The device engine package (device.engine): the gate, `nanofleet eval` and the adapter gate score
+    models with the code the boards run. Imported on first use, with a named error when it is missing."""
     try:
         from device import engine
     except ImportError as exc:  # pragma: no cover - device/ ships in the same distribution
@@ -149,7 +151,7 @@ def score_model(
 
     Without ``reference`` this is the fp32 reference: its log-probabilities are kept. With it, each chunk is
     compared with the reference's as it comes (``comparison``), and the golden-check candidates are decoded."""
-    api = _engine_api()
+    api = engine_api()
     t0 = time.perf_counter()
     ids = evalset.token_ids[: arch.context_length]
     engine = api.Engine.from_parts(model_dir, arch, graph, api.EngineOptions(threads=threads))

@@ -44,7 +44,7 @@ from manifests import (
 from manifests.adapter import ADAPTER_ROLE
 
 from ..errors import ExportError, OutputExistsError, QualityGateError
-from ..gate import DEFAULT_EVAL_TEXT, _engine_api
+from ..gate import DEFAULT_EVAL_TEXT, engine_api
 from ..progress import Reporter
 from .pack import PackedAdapter, pack, write_adapter_file
 from .peft_dir import AdapterSourceError, PeftAdapter, read_peft
@@ -214,7 +214,7 @@ def _provenance(folder: Path, peft: PeftAdapter) -> Provenance:
 def _score(req: AdapterRequest, base: BundleManifest, stage: Path, reporter: Reporter) -> AdapterQuality:
     from ..sources import resolve_source
 
-    api = _engine_api()
+    api = engine_api()
     text_path = req.eval_text or DEFAULT_EVAL_TEXT
     try:
         text = text_path.read_text(encoding="utf-8")
