@@ -26,6 +26,7 @@ from manifests.errors import SchemaError
 from manifests.mqtt import DesiredState, ReportedState, telemetry_topic
 
 from . import sdnotify
+from .capabilities import CapabilityProbe, SystemProbe, probe_safely
 from .config import AgentConfig
 from .datadir import DataDir
 from .disk import Disk
@@ -65,8 +66,11 @@ class Agent:
         hooks: Hooks | None = None,
         link: LinkFactory = MqttLink,
         extensions: Sequence[ExtensionFactory] = (),
+        capabilities: CapabilityProbe | None = None,
     ) -> None:
         self.config = config
+        # What the board can run, probed once (its hardware and onnxruntime do not change while it runs).
+        self.capabilities = probe_safely(capabilities or SystemProbe(config.hardware_class))
         self.version = agent_version()
         self.data_dir = config.data_dir
         self.layout = config.layout.ensure()
@@ -104,7 +108,7 @@ class Agent:
         if problem is not None and rec.error is None and rec.state in RESTING:
             # The committed slot does not serve (e.g. its key was revoked): say so beside the record.
             rec = rec.model_copy(update={"error": f"{problem.reason}: {problem.message}"})
-        return reported_state(self.config, rec, version=self.version, ts=now_utc())
+        return reported_state(self.config, rec, version=self.version, ts=now_utc(), capabilities=self.capabilities)
 
     def _publish_reported(self, rec: UpdateRecord) -> None:
         self.link.publish_reported(self.reported(rec).to_bytes())
@@ -131,7 +135,7 @@ class Agent:
         dropped = self.outbox.dropped
 
         def build(seq: int) -> bytes:
-            return self.sampler.sample(seq, stats, serving, dropped).to_bytes()
+            return self.sampler.sample(seq, stats, serving, dropped, self.capabilities).to_bytes()
 
         self.outbox.put(telemetry_topic(self.config.device_id), build)
 

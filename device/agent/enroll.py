@@ -44,6 +44,7 @@ import yaml
 from manifests import KeyFormatError, atomic_write_text, fsync_dir, load_public_key
 from manifests.signing import key_id_of, public_pem
 
+from .capabilities import CapabilityProbe, SystemProbe, probe_safely
 from .config import load_config
 from .datadir import DataDir
 from .errors import AgentError
@@ -81,6 +82,7 @@ class EnrollRequest:
     trusted_keys: list[Path] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # dotted.key -> value, from --set
     timeout_s: float = 30.0
+    probe: CapabilityProbe | None = None  # None: this board's /proc and onnxruntime (capabilities.py)
 
     @property
     def folder(self) -> Path:
@@ -193,6 +195,11 @@ def detect_hardware_class(model_file: Path = Path("/proc/device-tree/model")) ->
         if needle in model:
             return cls
     return None
+
+
+def _capabilities(req: EnrollRequest) -> dict[str, Any] | None:
+    caps = probe_safely(req.probe or SystemProbe(req.hardware_class))
+    return None if caps is None else caps.to_json()
 
 
 def _ram_bytes() -> int | None:
@@ -434,6 +441,8 @@ def _enroll_into(req: EnrollRequest, fleet: FleetEndpoint, staging: Path, device
         "hardware_class": req.hardware_class,
         "cpu_arch": platform.machine() or None,
         "ram_bytes": _ram_bytes(),
+        # What the board can run (capabilities.py): the fleet picks its variant of a release from it.
+        "capabilities": _capabilities(req),
         "tags": req.tags,
         "groups": req.groups,
     }

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from manifests import BoardCapabilities
 from manifests.mqtt import ModelRef, Telemetry
 
 from .runtime import ServingInfo
@@ -68,8 +69,18 @@ class Sampler:
         self.agent_version = agent_version
         self.data_dir = data_dir
         self.started = time.monotonic()
+        self._capabilities_sent: BoardCapabilities | None = None
 
-    def sample(self, seq: int, stats: dict[str, Any], serving: ServingInfo | None, dropped: int) -> Telemetry:
+    def sample(
+        self,
+        seq: int,
+        stats: dict[str, Any],
+        serving: ServingInfo | None,
+        dropped: int,
+        capabilities: BoardCapabilities | None = None,
+    ) -> Telemetry:
+        """One sample; ``capabilities`` ride along only when they differ from the last sample's (the first
+        after start, or after a change): the retained reported state carries them always."""
         def num(key: str, cast: type = float) -> Any:
             v = stats.get(key)
             return None if v is None else cast(v)
@@ -98,4 +109,11 @@ class Sampler:
             uptime_s=round(time.monotonic() - self.started, 3),
             agent_version=self.agent_version,
             dropped=dropped,
+            capabilities=self._fresh(capabilities),
         )
+
+    def _fresh(self, capabilities: BoardCapabilities | None) -> BoardCapabilities | None:
+        if capabilities is None or capabilities == self._capabilities_sent:
+            return None
+        self._capabilities_sent = capabilities
+        return capabilities

@@ -12,9 +12,10 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from manifests import TrustStore
+from manifests import BoardCapabilities, TrustStore
 from manifests.mqtt import Event, ReportedState, SlotInfo, events_topic
 
+from .adapters import AdapterStore
 from .config import AgentConfig
 from .disk import Disk
 from .fetch import DownloadLimits, Fetcher, HttpFetcher
@@ -74,8 +75,16 @@ class OutboxEmitter:
         self.outbox.put(events_topic(self.device_id), build)
 
 
-def reported_state(cfg: AgentConfig, rec: UpdateRecord, *, version: str, ts: dt.datetime) -> ReportedState:
-    """The retained ``reported`` document for an update record (contract: manifests/mqtt.py)."""
+def reported_state(
+    cfg: AgentConfig,
+    rec: UpdateRecord,
+    *,
+    version: str,
+    ts: dt.datetime,
+    capabilities: BoardCapabilities | None = None,
+) -> ReportedState:
+    """The retained ``reported`` document for an update record (contract: manifests/mqtt.py), with what the
+    board can run (device/agent/capabilities.py) when the caller probed it."""
     return ReportedState(
         device_id=cfg.device_id,
         state=rec.state,
@@ -89,6 +98,8 @@ def reported_state(cfg: AgentConfig, rec: UpdateRecord, *, version: str, ts: dt.
         hardware_class=cfg.hardware_class,
         cpu_arch=cpu_arch(),
         ram_bytes=ram_bytes(),
+        capabilities=capabilities,
+        adapters=AdapterStore(cfg.data_dir).report(rec.committed.manifest_sha256 if rec.committed else None),
         ts=ts,
     )
 

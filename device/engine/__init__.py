@@ -17,6 +17,7 @@ from .errors import (
 )
 from .graph import RunState
 from .options import EngineOptions, SamplingParams
+from .providers import ExecutionProviderUnavailableError, choose_providers
 from .spec import arch_from_hf_config, graph_spec_for_folder, optimum_kv_graph
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "EngineClosedError",
     "EngineError",
     "EngineOptions",
+    "ExecutionProviderUnavailableError",
     "InvalidParamsError",
     "NoTokenizerError",
     "RunState",
@@ -35,6 +37,7 @@ __all__ = [
     "TokenStream",
     "UnsupportedGraphError",
     "arch_from_hf_config",
+    "choose_providers",
     "graph_spec_for_folder",
     "optimum_kv_graph",
 ]

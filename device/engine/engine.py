@@ -42,6 +42,7 @@ from .errors import (
 )
 from .graph import RunState, make_driver
 from .options import EngineOptions, SamplingParams
+from .providers import available_providers, choose_providers
 from .sampling import Constraint, Sampler, TokenLogprob, token_logprob
 from .session import load_session
 from .text import ChatTemplate, IncrementalDecoder, StopMatcher
@@ -124,7 +125,11 @@ class Engine:
         self._lock = threading.Lock()
         # A verified manifest vouches for the files' content: the weights cache keys on its hashes.
         hashes = {f.path: f.sha256 for f in manifest.files} if manifest is not None else None
-        self._session, self.weights = load_session(model_path, options, hashes)
+        # The execution provider the bundle declares, when this onnxruntime has it (providers.py).
+        declared = manifest.runtime.execution_providers if manifest is not None else []
+        what = manifest.ref if manifest is not None else "the model"
+        self.providers = choose_providers(declared, available_providers() if declared else [], bundle=what)
+        self._session, self.weights = load_session(model_path, options, hashes, self.providers)
         release_free_heap()
         # The tokenizer (~30 MB for a 49k vocabulary) is built after the session: onnxruntime's load-time
         # transient then does not stack on top of it, which lowers the process's peak RSS by as much.

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
@@ -13,6 +14,7 @@ import onnxruntime as ort
 from . import weights_cache
 from .errors import BundleLoadError
 from .options import EngineOptions
+from .providers import ACCELERATORS, CPU
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,18 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
 
 
 def load_session(
-    model_path: Path, options: EngineOptions, file_hashes: dict[str, str] | None = None
+    model_path: Path,
+    options: EngineOptions,
+    file_hashes: dict[str, str] | None = None,
+    providers: Sequence[str] = (CPU,),
 ) -> tuple[ort.InferenceSession, str]:
     """The session and where its weights came from: "mapped" (the prepacked-weights cache, see
-    weights_cache.py), or "packed" (a plain load that packs the weights in this process's memory)."""
+    weights_cache.py), "packed" (a plain load that packs the weights in this process's memory), or
+    "device" (an accelerator provider holds them: providers.py chose it from the bundle's declaration)."""
     if not model_path.is_file():
         raise BundleLoadError(f"model file {model_path} not found")
+    if providers[0] in ACCELERATORS:  # the CPU's prepacked weights mean nothing to a GPU session
+        return _create(model_path, options, providers), "device"
     if options.weights_cache and options.prepack_weights:  # without prepacking there is nothing to cache
         session = _load_via_cache(model_path, options, file_hashes)
         if session is not None:
@@ -79,11 +87,10 @@ def _load_via_cache(
         return None
 
 
-def _create(model_path: Path, options: EngineOptions) -> ort.InferenceSession:
+def _create(model_path: Path, options: EngineOptions, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
     try:
-        session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(options), providers=["CPUExecutionProvider"]
-        )
+        so = session_options(options)
+        session = ort.InferenceSession(str(model_path), sess_options=so, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise BundleLoadError(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
     _release_freed_memory()
