@@ -444,3 +444,28 @@ def test_live_page_goes_to_sign_in_when_the_session_ends(tab: Tab) -> None:
         page.get_by_role("button", name="Sign in").click()
     assert page.url.endswith("/audit?action=enrolled")
     assert page.locator("#audit tbody tr[data-action='enrolled']").count() >= 4
+
+
+def test_a_transition_is_said_once_on_the_device_page(tab: Tab, dash_fleet: DashFleet) -> None:
+    """The agent's transition events carry "idle -> downloading" as their message: the page shows the
+    states once ("idle → downloading"), not "idle → downloading idle -> downloading"."""
+    import datetime as dt
+
+    from manifests import mqtt as c
+
+    (dev,) = dash_fleet.enroll(["pi-events-01"], tags={"site": "events"}, groups=[])
+    ts = dt.datetime.now(dt.timezone.utc)
+    for seq, (a, b, msg) in enumerate(
+        [("idle", "downloading", "idle -> downloading"), ("downloading", "failed", "disk full on slot b")], 1
+    ):
+        event = c.Event(device_id=dev.id, seq=seq, ts=ts, kind="transition", from_state=a, to_state=b, message=msg)
+        dev.client.publish(c.events_topic(dev.id), event.to_bytes(), qos=1).wait_for_publish(5)
+    page = tab.page
+    page.goto(f"/devices/{dev.id}")
+    page.locator("#events tbody tr", has_text="disk full").wait_for(timeout=20_000)
+    events = page.locator("#events").inner_text()
+    history = page.locator("#state-history").inner_text()
+    for text in (events, history):
+        assert "idle → downloading" in text and "idle -> downloading" not in text, text
+        assert "disk full on slot b" in text, text  # a message that says more is kept
+    dev.stop()
