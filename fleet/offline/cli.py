@@ -83,8 +83,10 @@ def import_telemetry(
 ) -> None:
     """Import telemetry exports written by `nanofleet device export-telemetry`.
 
-    Each file is checked against its device's credential (HMAC) and imported in one transaction, or not
-    at all; importing the same file twice ingests nothing twice. The devices' update results then count
+    Each file (format 2) is checked against the ed25519 signature its board made with the board's own
+    key (the fleet holds only the public half) and imported in one transaction, or not at all; a format-1
+    file, a board with no registered key or a bad signature is refused with its reason. Importing the same
+    file twice ingests nothing twice. The devices' update results then count
     in their rollouts. Exit code 1 when any file was refused.
     """
     from manifests.cli_output import emit_json, fail, out

@@ -32,3 +32,12 @@ def test_help_shows_no_bool_metavar() -> None:
         r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "160"})
         assert r.exit_code == 0, r.output
         assert "<bool>" not in r.output and "list[" not in r.output, (path, r.output)
+
+
+def test_no_help_text_describes_the_old_telemetry_authentication() -> None:
+    """Offline telemetry format 2 is signed by each board's own ed25519 key; format 1's HMAC (keyed by what
+    the fleet's database stores) is refused at import, so no --help may still say a file is HMAC-checked."""
+    stale = [" ".join(path) for path, cmd in _commands(get_command(app)) if "HMAC" in (cmd.help or "")]
+    assert stale == [], f"help texts that still say HMAC: {stale}"
+    cmd = get_command(app).commands["fleet"].commands["import-telemetry"]  # type: ignore[attr-defined]
+    assert "ed25519" in (cmd.help or ""), cmd.help
