@@ -72,6 +72,9 @@ class Device(Base):
     telemetry_ts: Mapped[dt.datetime | None] = mapped_column(TS)
     desired: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     desired_at: Mapped[dt.datetime | None] = mapped_column(TS)
+    # manifests.BoardCapabilities sent at enrolment; the reported state's copy, when newer, wins
+    # (fleet/rollout/variants.py).
+    capabilities: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class EnrollmentToken(Base):
@@ -128,6 +131,10 @@ class Deployment(Base):
     spec_sha256: Mapped[str] = mapped_column(String(64))
     bundle_name: Mapped[str] = mapped_column(String(128))
     bundle_version: Mapped[int] = mapped_column(Integer)
+    # A deployment of a release (manifests/variants.py): each target gets its own variant's bundle;
+    # bundle_name/version then name the release's first variant.
+    release_name: Mapped[str | None] = mapped_column(String(128))
+    release_version: Mapped[int | None] = mapped_column(Integer)
     # a fleet.rollout.DeploymentStatus value; moves only through fleet/rollout/states.py's table
     status: Mapped[str] = mapped_column(String(32), default="in_progress")
     wave: Mapped[int] = mapped_column(Integer, default=0)
@@ -162,7 +169,25 @@ class DeploymentTarget(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(TS)
     error: Mapped[str | None] = mapped_column(Text)
     health: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A release deployment: the variant resolved for this device and its bundle (None: the deployment's).
+    variant: Mapped[str | None] = mapped_column(String(64))
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[int | None] = mapped_column(Integer)
     deployment: Mapped[Deployment] = relationship(back_populates="targets")
+
+
+class ReleaseRecord(Base):
+    """A release: several bundles of one model, each with the rules a board must meet (manifests/variants.py).
+    Immutable once created: a deployment resolves its devices' variants from it at any later tick."""
+
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_releases_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
 class TelemetrySample(Base):

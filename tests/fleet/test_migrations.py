@@ -40,10 +40,12 @@ def test_upgrade_from_0001_keeps_rows_and_drops_service_state(engine) -> None:
     tables = set(inspect(engine).get_table_names())
     assert "service_state" not in tables and "devices" in tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
         assert conn.execute(text("SELECT id FROM devices")).scalars().all() == ["old-1"]
         # 0003: a board enrolled before has no public key (its offline telemetry is refused until re-enrolled)
         assert conn.execute(text("SELECT public_key FROM devices")).scalars().all() == [None]
+        # 0005: nor capabilities (its reported state brings them; variants wait for them)
+        assert conn.execute(text("SELECT capabilities FROM devices")).scalars().all() == [None]
         # The schema the migrations made is the one the models declare: nothing for autogenerate to add.
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
