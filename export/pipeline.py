@@ -479,8 +479,8 @@ def _check_space_for(work: Path, need_bytes: float) -> None:
     free = shutil.disk_usage(work).free
     if free < need:
         raise OutOfSpaceError(
-            f"exporting this model needs about {need / 1e9:.2f} GB free in {work.parent}, only "
-            f"{free / 1e9:.2f} GB are; free space or pass --out/--work-dir on a larger disk"
+            f"exporting this model needs about {need / 2**30:.2f} GiB free in {work.parent}, only "
+            f"{free / 2**30:.2f} GiB are; free space or pass --out/--work-dir on a larger disk"
         )
 
 

@@ -3,6 +3,7 @@ there, YAML errors, repeated messages, sizes."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -96,3 +97,19 @@ def test_export_hides_library_warnings_unless_verbose() -> None:
         warnings.warn_explicit("deprecated thing", FutureWarning, "x.py", 1, module="transformers.modeling_utils")
         warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="export.pipeline")
     assert [str(w.message) for w in seen] == ["ours"]
+
+
+def test_no_message_prints_a_size_in_decimal_units() -> None:
+    """Issue 17: a model's size was printed five ways (114.2 MB, 118 MB, 117.8 MB, 112.3 MiB, 109). Every size
+    nanofleet prints is binary (MiB, GiB): no f-string puts a decimal unit after a value."""
+    from .conftest import REPO
+
+    decimal = re.compile(r"\}\s?[kMGT]B\b|/\s*1e[369]\b")
+    found = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for part in ("nanofleet", "fleet", "device", "export", "manifests")
+        for path in sorted((REPO / part).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if decimal.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert found == [], "\n".join(found)
