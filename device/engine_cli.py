@@ -83,6 +83,7 @@ def serve(
             loaded = engine.load_adapter(path, trust, replace=False)
         except EngineError as exc:
             engine.close()
+            sock.close()
             _fail(f"{exc} ({exc.reason})")
         _err.print(f"adapter [bold]{engine.name}:{loaded.name}[/] ({loaded.ref}, {loaded.nbytes / 2**20:.1f} MiB)")
     settings = ApiSettings(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)

@@ -163,6 +163,51 @@ class AdapterManifest(_Model):
             raise SchemaError(format_validation_error(exc, "adapter manifest")) from exc
 
 
+class AdapterRef(BaseModel):
+    """In a desired state (manifests/mqtt.py): a LoRA adapter bundle to make resident over the board's base."""
+
+    name: str
+    version: int
+    manifest_sha256: str | None = None
+    # The exact base it needs (the base bundle's manifest sha256): the agent checks it before a byte is fetched.
+    base_manifest_sha256: str
+    base_name: str | None = None
+    base_version: int | None = None
+    # Where to fetch: {base_url}/manifest.yaml, /manifest.sig and each file's path beneath it.
+    base_url: str
+
+
+class AdapterInfo(BaseModel):
+    """In a reported state: one adapter on the board, resident over the serving base or not (its base is not
+    the one serving), with the version kept on disk for a rollback."""
+
+    name: str
+    version: int
+    manifest_sha256: str
+    base_manifest_sha256: str
+    resident: bool = True
+    previous_version: int | None = None
+
+
+def verify_adapter_manifest_bytes(
+    body: bytes, sig: bytes, trust: TrustStore, *, now: dt.datetime | None = None
+) -> AdapterManifest:
+    """Signature over the exact bytes → format version → expiry (files are checked once they are on disk)."""
+    trust.verify(body, Signature.from_json(sig))
+    manifest = AdapterManifest.from_yaml(body)
+    check_not_expired(manifest.expires_at, manifest.ref, now=now)
+    return manifest
+
+
+def is_adapter_manifest(body: bytes) -> bool:
+    """Whether manifest bytes claim the adapter format (a cheap look before the full, verified parse)."""
+    try:
+        data = yaml.safe_load(body)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and data.get("format") == ADAPTER_FORMAT
+
+
 def manifest_sha256(bundle_dir: str | Path) -> str:
     """sha256 of a bundle's manifest.yaml bytes: what an adapter's ``base.manifest_sha256`` names."""
     path = Path(bundle_dir) / MANIFEST_NAME
@@ -235,14 +280,18 @@ __all__ = [
     "LORA_SITES",
     "AdapterBase",
     "AdapterBaseMismatchError",
+    "AdapterInfo",
+    "AdapterRef",
     "AdapterEffect",
     "AdapterEval",
     "AdapterManifest",
     "AdapterQuality",
     "LoraSpec",
     "check_adapter_base",
+    "is_adapter_manifest",
     "manifest_sha256",
     "read_adapter_manifest_unverified",
     "verify_adapter",
+    "verify_adapter_manifest_bytes",
     "write_signed_adapter_manifest",
 ]

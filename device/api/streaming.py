@@ -42,7 +42,8 @@ class ResponseWriter:
         self.job = job
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.model = job.engine.name
+        # the id the request chose: the base's name, or "<base>:<adapter>" (OpenAI echoes the model asked for)
+        self.model = job.engine.name + (f":{job.adapter.name}" if job.adapter is not None else "")
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
