@@ -127,6 +127,23 @@ class HttpFetcher:
         reason = "too_slow" if isinstance(last, TooSlowError) else "network"
         raise DownloadError(f"GET {url} failed after {self.retries + 1} attempts: {last}", reason=reason)
 
+    def get_range(self, url: str, start: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of ``url`` from ``start`` (HTTP Range; a server that ignores it is an error:
+        the caller, device/agent/reuse.py, then downloads the whole file instead)."""
+        httpx = self._httpx
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._client.get(url, headers={"Range": f"bytes={start}-{start + length - 1}"})
+                if resp.status_code != 206 or len(resp.content) != length:
+                    raise DownloadError(f"GET {url} bytes {start}+{length}: HTTP {resp.status_code}, "
+                                        f"{len(resp.content)} bytes", reason="http_status")  # fmt: skip
+                return resp.content
+            except httpx.HTTPError as exc:
+                last = exc
+                time.sleep(self.backoff_s * (2**attempt))
+        raise DownloadError(f"GET {url} bytes {start}+{length} failed: {last}", reason="network")
+
     def fetch_to(self, url: str, dest: Path, size: int, progress: Progress | None = None) -> None:
         if url.startswith("file://"):
             return _local_copy(url, dest, size, progress)

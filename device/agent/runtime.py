@@ -121,6 +121,9 @@ class EngineRuntime:
             raise ModelLoadError(f"cannot load {manifest.ref}: {type(exc).__name__}: {exc}") from exc
 
     def serve(self, model: LoadedModel, info: ServingInfo) -> None:
+        from .adapters import attach_resident
+
+        attach_resident(model, self.config.data_dir)  # before it serves: no request sees it without them
         with self._lock:
             # swap drains: in-flight requests and streams finish on the old engine, which is then closed
             self._holder.swap(model)
@@ -128,6 +131,20 @@ class EngineRuntime:
 
     def serving(self) -> ServingInfo | None:
         return self._info
+
+    def activate_adapter(self, folder: Path, manifest: Any, probe_ids: list[int]) -> dict[str, Any]:
+        """Make a verified adapter resident over the serving engine (device/agent/adapters.py)."""
+        from .adapters import activate_on_engine
+
+        engine = self._holder.engine if self._holder is not None else None
+        if engine is None:
+            raise ModelLoadError("no model is serving: an adapter needs its base loaded")
+        return activate_on_engine(engine, folder, probe_ids)
+
+    def adapter_version(self, name: str) -> int | None:
+        engine = self._holder.engine if self._holder is not None else None
+        found = [a for a in engine.adapters.snapshot() if a.name == name] if engine is not None else []
+        return found[0].version if found else None
 
     def stats(self) -> dict[str, Any]:
         if self._holder is None:

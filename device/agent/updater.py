@@ -33,6 +33,7 @@ from manifests.errors import ManifestError, SchemaError, VerificationError
 from manifests.mqtt import BundleRef, DesiredState, RollbackAuthorization, SlotInfo
 from manifests.runtime_compat import RuntimeIncompatibleError, check_local_runtime
 
+from .adapters import AdapterUpdater
 from .datadir import DataDir
 from .disk import Disk, RealDisk, is_disk_full
 from .errors import (
@@ -45,6 +46,7 @@ from .errors import (
     UpdateError,
 )
 from .fetch import Fetcher
+from .reuse import DownloadStats, fetch_file, held_files
 from .runtime import ModelRuntime, ServingInfo, health_check
 from .slots import Slots
 from .states import IN_FLIGHT, RESTING, Event, Resume, State, next_state, resume_action
@@ -158,6 +160,8 @@ class Updater:
         # reported with the state (the record itself still says what is committed) and it keeps a
         # desired state for that same bundle from being taken as already in service.
         self.serving_error: UpdateError | None = None
+        self.adapters = AdapterUpdater(self)  # adapter deployments (adapters.py): same record, same edges
+        self.download_stats: DownloadStats | None = None  # bytes of this process's last bundle download
 
     # ---- the one place a state changes -------------------------------------------------------------
     def _fire(self, event: Event, **changes: Any) -> State:
@@ -319,6 +323,8 @@ class Updater:
             return "duplicate"  # QoS 1 redelivery or the retained message again
         if rec.state not in RESTING:
             raise AgentError(f"an update is in flight ({rec.state.value}); finish or resume it first")
+        if getattr(desired, "adapter", None) is not None and desired.bundle is None:
+            return self.adapters.handle(desired)
         ref = desired.bundle
         if ref is None:
             self._save(seen_deployments=[*rec.seen_deployments, desired.deployment_id][-64:])
@@ -566,9 +572,16 @@ class Updater:
         total = manifest.total_size
         done_before = 0
         base = self._bundle_url(ref)
+        local = held_files(self)  # reuse.py: what the board holds already is copied, not fetched
+        stats = self.download_stats = DownloadStats()
         for f in manifest.files:
             dest = dests[f.path]
             if dest.is_file() and dest.stat().st_size == f.size:
+                done_before += f.size
+                continue
+            if local.copy_to(f.sha256, f.size, dest):
+                stats.copied += f.size
+                stats.files_copied += 1
                 done_before += f.size
                 continue
             part = dest.with_name(dest.name + ".part")
@@ -577,7 +590,7 @@ class Updater:
             def progress(n: int, offset: int = offset) -> None:
                 self.hooks.on_progress(State.DOWNLOADING, offset + n, total)
 
-            self.fetcher.fetch_to(base + f.path, part, f.size, progress)
+            fetch_file(self.fetcher, base + f.path, part, f, local, stats, progress)
             os.replace(part, dest)
             done_before += f.size
 
@@ -639,7 +652,7 @@ class Updater:
             f"{manifest.ref} committed in slot {slot}",
             deployment_id=self.record.deployment_id,
             bundle=manifest.ref,
-            details={"health": result},
+            details={"health": result, **({"bytes": self.download_stats.as_dict()} if self.download_stats else {})},
         )
 
     def _rollback(self) -> None:
