@@ -91,6 +91,16 @@ class FleetClient:
     def delete_model(self, name: str, version: int) -> None:
         self.request("DELETE", f"/api/v1/models/{name}/{version}")
 
+    # releases
+    def create_release(self, release: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/releases", json=release)
+
+    def releases(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/releases")
+
+    def release(self, name: str, version: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/releases/{name}/{version}")
+
     # deployments
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/api/v1/deployments", json=manifest)

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from manifests import BoardCapabilities
+
 # Device ids end up in MQTT topics, file names and database keys: one level of a topic (no / + # $),
 # no dot first (a hidden file), at most 64 characters (the column).
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -52,6 +54,15 @@ def _ed25519_pem(value: str) -> str:
     return value
 
 
+def _capabilities_text(caps: BoardCapabilities) -> BoardCapabilities:
+    """Every string a board sends is stored and shown: the same rule as any other text."""
+    for value in caps.model_dump().values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                _text(item)
+    return caps
+
+
 Text = Annotated[str, AfterValidator(_text)]
 ShortText = Annotated[str, Field(max_length=64), AfterValidator(_text)]
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN), AfterValidator(_device_id)]
@@ -91,6 +102,9 @@ class EnrollRequest(BaseModel):
     ram_bytes: int | None = Field(None, ge=0, le=2**50)
     tags: Tags = Field(default_factory=dict)
     groups: Groups = Field(default_factory=list)
+    capabilities: Annotated[BoardCapabilities, AfterValidator(_capabilities_text)] | None = Field(
+        None, description="what the board can run (manifests.BoardCapabilities): the fleet picks release variants"
+    )
     device_public_key: Annotated[str, AfterValidator(_ed25519_pem)] | None = Field(
         None,
         max_length=1024,
@@ -214,6 +228,8 @@ class TargetOut(BaseModel):
     device_id: str
     wave: int
     state: str
+    variant: str | None = Field(None, description="a release deployment: the variant chosen for this device")
+    bundle: str | None = Field(None, description="name@version this device is sent (null: not started or unfit)")
     previous: str | None
     assigned_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -226,7 +242,8 @@ class DeploymentOut(BaseModel):
     id: str
     name: str
     generation: int
-    bundle: str
+    bundle: str = Field(description="name@version; for a release, its first variant's (each target has its own)")
+    release: str | None = Field(None, description="name@version of the release, when the deployment names one")
     strategy: str
     status: str
     wave: int
@@ -238,6 +255,27 @@ class DeploymentOut(BaseModel):
     counts: dict[str, int]
     manifest: dict[str, Any]
     targets: list[TargetOut] = Field(default_factory=list)
+
+
+class VariantOut(BaseModel):
+    name: str
+    bundle: str = Field(description="name@version")
+    rules: dict[str, Any] = Field(description="the declared rules (manifests/variants.py VariantRules)")
+    description: str = ""
+
+
+class ReleaseOut(BaseModel):
+    name: str
+    version: int
+    description: str
+    created_at: dt.datetime
+    variants: list[VariantOut]
+    document: dict[str, Any] = Field(description="the release document as stored")
+
+
+class CreateReleaseResult(BaseModel):
+    result: str = Field(description="created | unchanged")
+    release: ReleaseOut
 
 
 class ApplyResult(BaseModel):

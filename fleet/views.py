@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manifests import load_public_key
+from manifests import Release, load_public_key
 from manifests import mqtt as contract
 from manifests.signing import key_id_of, public_pem
 
@@ -18,6 +18,7 @@ from .db import (
     DeploymentTarget,
     Device,
     DeviceEvent,
+    ReleaseRecord,
     TelemetryRollup,
     TelemetrySample,
     aware,
@@ -62,17 +63,48 @@ def model_out(public_url: str, session: Session, b: BundleRecord) -> S.ModelOut:
     )
 
 
+def _target_bundle(t: DeploymentTarget) -> str | None:
+    """What the device is sent: its variant's bundle, else (a plain deployment, once started) the deployment's."""
+    if t.bundle_name is not None:
+        return f"{t.bundle_name}@{t.bundle_version}"
+    if t.assigned_at is None or t.deployment.release_name is not None:
+        return None
+    return f"{t.deployment.bundle_name}@{t.deployment.bundle_version}"
+
+
 def target_out(t: DeploymentTarget) -> S.TargetOut:
     return S.TargetOut(
         device_id=t.device_id,
         wave=t.wave,
         state=t.state,
+        variant=t.variant,
+        bundle=_target_bundle(t),
         previous=f"{t.previous_name}@{t.previous_version}" if t.previous_name else None,
         assigned_at=aware(t.assigned_at),
         finished_at=aware(t.finished_at),
         error=t.error,
         baseline=t.baseline,
         health=t.health,
+    )
+
+
+def release_out(rec: ReleaseRecord) -> S.ReleaseOut:
+    release = Release.from_obj(rec.document)
+    return S.ReleaseOut(
+        name=rec.name,
+        version=rec.version,
+        description=release.metadata.description,
+        created_at=aware(rec.created_at),  # type: ignore[arg-type]
+        variants=[
+            S.VariantOut(
+                name=v.name,
+                bundle=f"{v.bundle.name}@{v.bundle.version}",
+                rules=v.rules.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                description=v.description,
+            )
+            for v in release.spec.variants
+        ],
+        document=rec.document,
     )
 
 
@@ -86,6 +118,7 @@ def deployment_out(dep: Deployment, *, targets: bool = True) -> S.DeploymentOut:
         name=dep.name,
         generation=dep.generation,
         bundle=f"{dep.bundle_name}@{dep.bundle_version}",
+        release=f"{dep.release_name}@{dep.release_version}" if dep.release_name else None,
         strategy=(dep.manifest.get("spec", {}).get("strategy", {}) or {}).get("type", "all-at-once"),
         status=dep.status,
         wave=dep.wave,

@@ -15,6 +15,7 @@ from .deployments import apply_deployment, control_deployment, delete_deployment
 from .devices import create_enrollment_token, delete_device, enroll, rotate_credentials, update_device
 from .models import UploadedModel, delete_model, discard_blobs, stage_upload, upload_model
 from .offline import PackageOptions, import_telemetry_file, prepare_package
+from .releases import create_release
 
 __all__ = [
     "CommandContext",
@@ -24,6 +25,7 @@ __all__ = [
     "apply_deployment",
     "control_deployment",
     "create_enrollment_token",
+    "create_release",
     "delete_deployment",
     "delete_device",
     "delete_model",

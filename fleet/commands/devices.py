@@ -66,6 +66,7 @@ def enroll(ctx: CommandContext, req: S.EnrollRequest) -> CommandResult[S.EnrollR
             groups=groups,
             secret_hash=hash_secret(token),
             public_key=req.device_public_key,
+            capabilities=req.capabilities.to_json() if req.capabilities else None,
             enrolled_at=ctx.now,
             online=False,
         )

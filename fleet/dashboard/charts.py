@@ -32,6 +32,7 @@ STATE_COLOURS = {
     "rollback_failed": "#A83A00",
     "rolled_back": "#CC79A7",
     "skipped": "#9A9A9A",
+    "unfit": "#E69F00",
     "pending": "#DADADA",
 }
 _VERSION = re.compile(r"@(\d+)$")
@@ -169,6 +170,7 @@ ORDER = (
     "rolling_back",
     "in_flight",
     "skipped",
+    "unfit",
     "pending",
 )
 
@@ -176,7 +178,7 @@ ORDER = (
 def stacked_bar(counts: dict[str, int], label: str, width: int = 400, height: int = 18) -> Markup:
     """One wave's progress: a bar split by target state, with the counts in words for screen readers."""
     total = sum(counts.values())
-    done = sum(counts.get(k, 0) for k in ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed"))
+    done = sum(counts.get(k, 0) for k in ("succeeded", "failed", "skipped", "rolled_back", "rollback_failed", "unfit"))
     words = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ORDER if counts.get(k))
     aria = f"{label}: {done} of {total} finished" + (f" ({words})" if words else "")
     out = [

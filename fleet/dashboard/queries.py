@@ -340,6 +340,7 @@ TARGET_ROWS = 300
 TARGET_ORDER = {
     TargetState.FAILED.value: 0,
     TargetState.ROLLBACK_FAILED.value: 0,
+    TargetState.UNFIT.value: 0,
     TargetState.IN_FLIGHT.value: 1,
     TargetState.ROLLING_BACK.value: 1,
 }

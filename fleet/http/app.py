@@ -10,7 +10,7 @@ from .. import metrics
 from .. import schemas as S
 from ..dashboard import mount_dashboard
 from ..service import FleetService
-from . import artifacts, deployments, devices, enrolment, errors, models, offline, status
+from . import artifacts, deployments, devices, enrolment, errors, models, offline, releases, status
 
 # In the order they were always mounted (routing tries them in this order; the OpenAPI lists them so).
 ROUTERS = (
@@ -20,6 +20,7 @@ ROUTERS = (
     models.router,
     artifacts.router,
     deployments.router,
+    releases.router,
     status.router,
     offline.router,
 )

@@ -53,6 +53,7 @@ from .states import (
     next_status,
     states_allowing,
 )
+from .variants import start_variants
 
 log = logging.getLogger(__name__)
 ROLLOUT = "rollout"  # the actor of every decision the engine makes on its own
@@ -314,11 +315,16 @@ class RolloutEngine:
         now: dt.datetime,
         *,
         devices: dict[str, Device] | None = None,
+        bundle: tuple[str, int] | None = None,
     ) -> set[str]:
         """Start these pending targets with a fixed number of queries whatever their count; returns the
-        devices whose desired state changed."""
+        devices whose desired state changed. ``bundle``: the one to send (default: the deployment's); a
+        release deployment first resolves each device's variant (variants.py), then comes back here per bundle."""
         if not targets:
             return set()
+        if bundle is None and dep.release_name is not None:
+            return start_variants(self, session, dep, targets, manifest, now, devices)
+        name, version = bundle or (dep.bundle_name, dep.bundle_version)
         ids = [t.device_id for t in targets]
         if devices is None:
             devices = Q.devices_by_id(session, ids)
@@ -340,7 +346,7 @@ class RolloutEngine:
         base = baselines(session, found)
         bundle_sha = None
         if found:
-            bundle_sha = registry.get_bundle(session, dep.bundle_name, dep.bundle_version).manifest_sha256
+            bundle_sha = registry.get_bundle(session, name, version).manifest_sha256
         changed: set[str] = set()
         for t in targets:
             # A retried device needs a fresh command id: agents deduplicate commands by it.
@@ -353,13 +359,13 @@ class RolloutEngine:
                 t.baseline = base.get(device.id)
                 rollback = None
                 if manifest.spec.rollback:
-                    rollback = self.sign_rollback(t.command_id, dep.bundle_name, dep.bundle_version, device.id, now)
+                    rollback = self.sign_rollback(t.command_id, name, version, device.id, now)
                 self.desired.set(
                     session,
                     device,
                     t.command_id,
-                    dep.bundle_name,
-                    dep.bundle_version,
+                    name,
+                    version,
                     rollback,
                     now,
                     manifest_sha256=bundle_sha,

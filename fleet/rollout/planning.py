@@ -20,6 +20,7 @@ from ..audit import audit
 from ..db import Deployment, DeploymentTarget, Device
 from ..errors import InvalidManifestError, NotFoundError
 from .states import DeploymentStatus, TargetEvent, TargetState, can_target, move_target
+from .variants import get_release
 
 MAX_VERSION = 2_147_483_647  # bundle versions are positive 32-bit integers everywhere (database columns)
 
@@ -94,8 +95,12 @@ def get_deployment(session: Session, name: str) -> Deployment:
     return dep
 
 
-def _check_bundle(session: Session, manifest: DeploymentManifest) -> None:
+def _check_bundle(session: Session, manifest: DeploymentManifest) -> tuple[str, int]:
+    """The bundle the deployment sends (for a release: its first variant's; each target gets its own)."""
     spec = manifest.spec
+    if spec.release is not None:
+        return _check_release(session, manifest)
+    assert spec.bundle is not None  # the contract: exactly one of bundle or release
     if spec.bundle.version > MAX_VERSION:
         msg = f"bundle version {spec.bundle.version} is over the maximum {MAX_VERSION}"
         raise InvalidManifestError(msg, [{"path": "spec.bundle.version", "msg": msg}])
@@ -103,6 +108,20 @@ def _check_bundle(session: Session, manifest: DeploymentManifest) -> None:
         registry.get_bundle(session, spec.bundle.name, spec.bundle.version)
     except NotFoundError as exc:
         raise InvalidManifestError(exc.message, [{"path": "spec.bundle", "msg": exc.message}]) from exc
+    return spec.bundle.name, spec.bundle.version
+
+
+def _check_release(session: Session, manifest: DeploymentManifest) -> tuple[str, int]:
+    sel = manifest.spec.release
+    assert sel is not None
+    if sel.version > MAX_VERSION:
+        msg = f"release version {sel.version} is over the maximum {MAX_VERSION}"
+        raise InvalidManifestError(msg, [{"path": "spec.release.version", "msg": msg}])
+    try:
+        first = get_release(session, sel.name, sel.version).spec.variants[0].bundle
+    except NotFoundError as exc:
+        raise InvalidManifestError(exc.message, [{"path": "spec.release", "msg": exc.message}]) from exc
+    return first.name, first.version
 
 
 def _supersede(session: Session, dep: Deployment, actor: str, now: dt.datetime) -> int:
@@ -122,7 +141,7 @@ def apply_manifest(
     session: Session, manifest: DeploymentManifest, actor: str, now: dt.datetime
 ) -> tuple[Deployment, str]:
     """Make the manifest the desired state. Returns (deployment, 'created' | 'configured' | 'unchanged')."""
-    _check_bundle(session, manifest)
+    bundle_name, bundle_version = _check_bundle(session, manifest)
     spec = manifest.spec
     digest = spec_digest(manifest)
     old = session.scalar(select(Deployment).where(Deployment.name == manifest.metadata.name))
@@ -139,8 +158,10 @@ def apply_manifest(
         generation=generation,
         manifest=manifest.model_dump(mode="json"),
         spec_sha256=digest,
-        bundle_name=spec.bundle.name,
-        bundle_version=spec.bundle.version,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+        release_name=spec.release.name if spec.release else None,
+        release_version=spec.release.version if spec.release else None,
         status=status.value,
         wave=0,
         waves=len(sizes),
@@ -165,7 +186,8 @@ def apply_manifest(
         ts=now,
         result=result,
         generation=generation,
-        bundle=f"{spec.bundle.name}@{spec.bundle.version}",
+        bundle=None if spec.release else f"{bundle_name}@{bundle_version}",
+        release=f"{spec.release.name}@{spec.release.version}" if spec.release else None,
         devices=len(devices),
         waves=sizes,
         strategy=spec.strategy.type,

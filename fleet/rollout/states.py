@@ -13,6 +13,7 @@ explicit phases are the model for the deployment's status::
                  in_flight --FAILED | TIMED_OUT--> failed --RETRY--> pending
                  pending --CANCEL--> skipped            (superseded, aborted, rolled back before it started)
                  pending | in_flight --TAKEN_OVER--> skipped   (a newer deployment reached the device)
+                 pending --NO_VARIANT--> unfit --RETRY--> pending  (no variant of the release fits the board)
                  in_flight | succeeded | failed --ROLL_BACK--> rolling_back
                  in_flight | succeeded | failed --CANNOT_ROLL_BACK--> rollback_failed
                  rolling_back --ROLLED_BACK--> rolled_back
@@ -57,6 +58,7 @@ class TargetState(str, enum.Enum):
     ROLLING_BACK = "rolling_back"
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"
+    UNFIT = "unfit"  # a release deployment: no variant fits the board (the reason in error); nothing sent
 
 
 class TargetEvent(str, enum.Enum):
@@ -71,6 +73,7 @@ class TargetEvent(str, enum.Enum):
     CANNOT_ROLL_BACK = "cannot_roll_back"  # there is no previous model to send it back to
     ROLLED_BACK = "rolled_back"  # it runs its previous model again
     ROLLBACK_FAILED = "rollback_failed"  # the rollback failed or did not converge in time
+    NO_VARIANT = "no_variant"  # no variant of the release fits the board's capabilities
 
 
 D, DE, T, TE = DeploymentStatus, DeploymentEvent, TargetState, TargetEvent
@@ -92,6 +95,8 @@ TARGET_TRANSITIONS: dict[tuple[TargetState, TargetEvent], TargetState] = {
     (T.IN_FLIGHT, TE.FAILED): T.FAILED,
     (T.IN_FLIGHT, TE.TIMED_OUT): T.FAILED,
     (T.FAILED, TE.RETRY): T.PENDING,
+    (T.PENDING, TE.NO_VARIANT): T.UNFIT,
+    (T.UNFIT, TE.RETRY): T.PENDING,  # resumed: resolved again from what the board reports now
     (T.PENDING, TE.CANCEL): T.SKIPPED,
     (T.PENDING, TE.TAKEN_OVER): T.SKIPPED,
     (T.IN_FLIGHT, TE.TAKEN_OVER): T.SKIPPED,
@@ -108,7 +113,7 @@ TICKED = frozenset({D.IN_PROGRESS, D.ROLLING_BACK})
 ACTIVE = frozenset({D.IN_PROGRESS, D.PAUSED, D.ROLLING_BACK})
 # Target states in which no result is awaited from the device: a wave whose targets are all here has
 # converged.
-SETTLED = frozenset({T.SUCCEEDED, T.FAILED, T.SKIPPED, T.ROLLED_BACK, T.ROLLBACK_FAILED})
+SETTLED = frozenset({T.SUCCEEDED, T.FAILED, T.SKIPPED, T.ROLLED_BACK, T.ROLLBACK_FAILED, T.UNFIT})
 
 # What an operator is told when a control action is refused (the API answers 409 with it).
 _REFUSALS = {

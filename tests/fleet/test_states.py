@@ -34,6 +34,7 @@ from manifests import mqtt as contract
 STORED_STATUSES = {"in_progress", "paused", "completed", "aborted", "rolling_back", "rolled_back"}
 STORED_STATES = {
     "pending", "in_flight", "succeeded", "failed", "skipped", "rolling_back", "rolled_back", "rollback_failed",
+    "unfit",
 }  # fmt: skip
 
 EXPECTED_DEPLOYMENT = {
@@ -54,6 +55,8 @@ EXPECTED_TARGET = {
     ("in_flight", "failed"): "failed",
     ("in_flight", "timed_out"): "failed",
     ("failed", "retry"): "pending",
+    ("pending", "no_variant"): "unfit",
+    ("unfit", "retry"): "pending",
     ("pending", "cancel"): "skipped",
     ("pending", "taken_over"): "skipped",
     ("in_flight", "taken_over"): "skipped",
