@@ -128,9 +128,12 @@ def test_used_token_unreachable_fleet_and_non_fleet_fail_in_one_line(
     running_fleet: RunningFleet, tmp_path: Path
 ) -> None:
     token = running_fleet.token()
+    expired = running_fleet.token(ttl_s=0.5)
     assert enroll(running_fleet.url, token, tmp_path / "first", "--device-id", "u1").returncode == 0
+    time.sleep(0.6)  # past the expired token's half-second life
     cases = {
         "used": (running_fleet.url, token, "refused the enrolment token"),
+        "expired": (running_fleet.url, expired, "refused the enrolment token"),
         "closed port": (f"http://127.0.0.1:{free_port()}", "nfe_x", "cannot reach the fleet"),
     }
     with _NotAFleet() as url:
