@@ -321,21 +321,26 @@ def _status_style(s: str) -> str:
 
 def deployment_detail(d: dict[str, Any]) -> Group:
     head = Table(show_header=False, title=f"deployment {d['name']} (generation {d['generation']})")
-    head.add_row("bundle", d["bundle"])
+    if d.get("release"):
+        head.add_row("release", d["release"])
+    else:
+        head.add_row("bundle", d["bundle"])
     head.add_row("strategy", d["strategy"])
     head.add_row("status", _status_style(d["status"]))
     head.add_row("wave", f"{min(d['wave'] + 1, d['waves'])} of {d['waves']}")
     if d.get("abort_reason"):
         head.add_row("abort reason", d["abort_reason"])
     t = Table(title="devices")
-    for col in ("device", "wave", "state", "previous", "health", "error"):
+    for col in ("device", "wave", "state", "variant", "previous", "health", "error"):
         t.add_column(col)
     for x in d["targets"]:
         health = ", ".join(f"{k}={v}" for k, v in (x.get("health") or {}).items())
+        variant = f"{x['variant']} ({x['bundle']})" if x.get("variant") else (x.get("bundle") or "-")
         t.add_row(
             x["device_id"],
             str(x["wave"] + 1),
             x["state"],
+            variant,
             x.get("previous") or "-",
             health,
             x.get("error") or "",
@@ -619,6 +624,8 @@ fleet_app.add_typer(deployments_app, name="deployments")
 
 def register(app: typer.Typer) -> None:
     from .offline.cli import register as register_offline
+    from .release_cli import releases_app
 
     register_offline(fleet_app)
+    fleet_app.add_typer(releases_app, name="release")  # fleet/release_cli.py: per-board variants
     app.add_typer(fleet_app, name="fleet")

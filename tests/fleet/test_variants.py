@@ -12,9 +12,15 @@ import httpx
 import pytest
 
 from fleet.client import FleetAPIError, FleetClient
-from manifests import BoardCapabilities, SigningKey, TrustStore, load_public_key, read_manifest_unverified
+from manifests import (
+    BoardCapabilities,
+    SigningKey,
+    TrustStore,
+    load_public_key,
+    read_manifest_unverified,
+    write_signed_manifest,
+)
 from manifests import mqtt as c
-from manifests import write_signed_manifest
 
 from .conftest import make_bundle, wait_for
 from .simdevice import SimDevice, now
@@ -143,12 +149,16 @@ def test_a_two_variant_release_lands_the_right_variant_on_each_board(make_fleet,
     assert zero.current is None and not any(t.endswith("/desired") for t in zero.topics_seen)
     assert dep["release"] == "tiny@1"
     rows = {t["device_id"]: t for t in dep["targets"]}
-    assert (rows["pi5-a"]["variant"], rows["pi5-a"]["bundle"], rows["pi5-a"]["state"]) == ("int8", "tiny-int8@1", "succeeded")
-    assert (rows["pi4-a"]["variant"], rows["pi4-a"]["bundle"], rows["pi4-a"]["state"]) == ("int4", "tiny-int4@1", "succeeded")
+    def row(device_id: str) -> tuple[str, str, str]:
+        return rows[device_id]["variant"], rows[device_id]["bundle"], rows[device_id]["state"]
+
+    assert row("pi5-a") == ("int8", "tiny-int8@1", "succeeded")
+    assert row("pi4-a") == ("int4", "tiny-int4@1", "succeeded")
     z = rows["zero-a"]
     assert z["state"] == "unfit" and z["variant"] is None and z["bundle"] is None
     assert z["error"] == (
-        "no variant of tiny@1 fits: int8 needs 4.0 GiB RAM, board has 0.5 GiB; int4 needs 1.0 GiB RAM, board has 0.5 GiB"
+        "no variant of tiny@1 fits: int8 needs 4.0 GiB RAM, board has 0.5 GiB; "
+        "int4 needs 1.0 GiB RAM, board has 0.5 GiB"
     )
     assert dep["counts"]["unfit"] == 1 and dep["counts"]["succeeded"] == 2
 
