@@ -42,7 +42,7 @@ from .errors import (
 )
 from .graph import RunState, make_driver
 from .options import EngineOptions, SamplingParams
-from .providers import available_providers, choose_providers
+from .providers import available_providers, check_session, choose_providers
 from .sampling import Constraint, Sampler, TokenLogprob, token_logprob
 from .session import load_session
 from .text import ChatTemplate, IncrementalDecoder, StopMatcher
@@ -130,6 +130,7 @@ class Engine:
         what = manifest.ref if manifest is not None else "the model"
         self.providers = choose_providers(declared, available_providers() if declared else [], bundle=what)
         self._session, self.weights = load_session(model_path, options, hashes, self.providers)
+        check_session(declared, self.providers, self._session.get_providers(), bundle=what)
         release_free_heap()
         # The tokenizer (~30 MB for a 49k vocabulary) is built after the session: onnxruntime's load-time
         # transient then does not stack on top of it, which lowers the process's peak RSS by as much.

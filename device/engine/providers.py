@@ -50,3 +50,19 @@ def choose_providers(declared: Sequence[str], available: Sequence[str], *, bundl
     have = ", ".join(available) or "none"
     hint = " (install onnxruntime-gpu for CUDA/TensorRT)" if set(declared) & ACCELERATORS else ""
     raise ExecutionProviderUnavailableError(f"{bundle} needs {want}; this onnxruntime has {have}{hint}")
+
+
+def check_session(
+    declared: Sequence[str], chosen: Sequence[str], running: Sequence[str], *, bundle: str = "the bundle"
+) -> None:
+    """After the session is made: onnxruntime quietly drops an accelerator it cannot start (CUDA or cuDNN
+    libraries missing, no GPU visible) and runs on CPU. That is a fallback only if the bundle declared it."""
+    if chosen[0] == CPU or chosen[0] in running:
+        return
+    if CPU in declared:
+        log.warning("%s: onnxruntime could not start %s; running on %s", bundle, chosen[0], ", ".join(running))
+        return
+    raise ExecutionProviderUnavailableError(
+        f"{bundle} needs {chosen[0]}, which this onnxruntime lists but could not start (running on "
+        f"{', '.join(running) or 'nothing'}): check the CUDA/cuDNN/TensorRT libraries and that a GPU is visible"
+    )

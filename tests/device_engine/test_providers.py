@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from device.engine import Engine, ExecutionProviderUnavailableError, choose_providers
+from device.engine.providers import check_session
 from manifests import SigningKey, TrustStore, read_manifest_unverified, write_signed_manifest
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -31,6 +32,15 @@ def test_choose_providers_with_fake_provider_lists() -> None:
         "smollm2-fp16@1 needs CUDAExecutionProvider or TensorrtExecutionProvider; this onnxruntime has "
         "CPUExecutionProvider (install onnxruntime-gpu for CUDA/TensorRT)"
     )
+
+
+def test_an_accelerator_onnxruntime_could_not_start_is_refused_unless_cpu_was_declared() -> None:
+    check_session([CUDA], [CUDA, CPU], [CUDA, CPU])  # it started
+    check_session([CUDA, CPU], [CUDA, CPU], [CPU])  # dropped, but the bundle allows CPU: a logged fallback
+    check_session([], [CPU], [CPU])
+    with pytest.raises(ExecutionProviderUnavailableError) as ei:
+        check_session([CUDA], [CUDA, CPU], [CPU], bundle="smollm2-fp16@1")
+    assert "lists but could not start (running on CPUExecutionProvider)" in ei.value.message
 
 
 def _declaring(src: Path, dest: Path, key: SigningKey, providers: list[str]) -> Path:
