@@ -14,6 +14,7 @@ from device.engine import Engine, ExecutionProviderUnavailableError, choose_prov
 from device.engine.providers import check_session
 from manifests import SigningKey, TrustStore, read_manifest_unverified, write_signed_manifest
 
+REPO = Path(__file__).resolve().parents[2]
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 JETSON = [TRT, CUDA, CPU]  # onnxruntime-gpu on a Jetson (JetPack wheel)
 
@@ -71,6 +72,29 @@ def test_real_bundle_refuses_a_missing_provider_and_falls_back_when_declared(
     try:
         assert engine.providers == [CPU] and engine.weights in ("packed", "mapped")
         m = read_manifest_unverified(either)
+        assert m.golden is not None
+        assert engine.greedy(m.golden.prompt_token_ids, len(m.golden.expected_token_ids)) == m.golden.expected_token_ids
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_the_fp16_variant_format_runs_here_on_cpu(tmp_path: Path, default_bundle: tuple[Path, Path]) -> None:
+    """scripts/check_gpu_variant.py --fp16 makes the Jetson variant (fp16 graph and KV cache); declared for CPU
+    it runs here, so only the CUDA provider itself is left to the NVIDIA machine. Golden tokens all match."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_gpu_variant", REPO / "scripts" / "check_gpu_variant.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bundle, pub = default_bundle
+    variant = script.make_variant(bundle, tmp_path / "fp16", pub.parent / "nanofleet.key", CPU, True)
+    engine = Engine.from_bundle(variant, TrustStore.from_paths([pub]))
+    try:
+        m = engine.manifest
+        assert m is not None and m.recipe.precision == "fp16" and m.graph.kv_dtype == "float16"
+        assert m.runtime.execution_providers == [CPU] and engine.providers == [CPU]
         assert m.golden is not None
         assert engine.greedy(m.golden.prompt_token_ids, len(m.golden.expected_token_ids)) == m.golden.expected_token_ids
     finally:
