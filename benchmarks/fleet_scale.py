@@ -101,6 +101,8 @@ class Broker:
                     f"listener {self.port} 127.0.0.1",
                     "allow_anonymous false",
                     "per_listener_settings false",
+                    # Sessions are named by login: no device can take over another's, or the fleet's.
+                    "use_username_as_clientid true",
                     "user root",  # the harness runs as root in a private directory; production uses its own user
                     "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
                     f"plugin_opt_config_file {self.dynsec}",
@@ -113,6 +115,9 @@ class Broker:
                     "max_queued_bytes 0",
                     "max_inflight_messages 1000",
                     "set_tcp_nodelay true",
+                    # Over every payload cap the fleet has (fleet/validation.py), as the ansible role sets it.
+                    "max_packet_size 262144",
+                    "connection_messages true",
                     "",
                 ]
             )
@@ -147,7 +152,7 @@ def fleet_config(
     node_id: str,
     database_url: str,
     schema: str | None,
-    broker: Broker,
+    broker: Broker | str,
     trusted_key: Path,
     admin_token: str,
     signing_key: Path,
@@ -165,13 +170,16 @@ def fleet_config(
         "signing_key": str(signing_key),
         "trusted_keys": [str(trusted_key)],
         "blobs": {"path": str(blobs)},
+        # Our Mosquitto: the fleet's login and dynamic security; a bare URL: a broker without logins.
         "broker": {
             "embedded": False,
             "url": broker.url,
             "username": FLEET_USER,
             "password": broker.fleet_password,
             "accounts": "dynsec",
-        },
+        }
+        if isinstance(broker, Broker)
+        else {"embedded": False, "url": broker},
         "cluster": {"shared": shared, "node_id": node_id, "lease_poll_s": 0.5},
         "tick_s": 0.5,
     }
@@ -305,3 +313,444 @@ def swarm(logins: Sequence[Login], urls: Sequence[str], **kw: Any) -> Iterator[S
         s.stop()
 
 
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+# Everything below drives the harness above; docs/benchmarks.md ("Fleet at scale") has the results.
+
+BENCH_SCHEMA = "bench_fleet"
+DEFAULT_WORK = Path("/tmp/nanofleet-fleet-scale")
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of one process (VmRSS), in MiB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {' '.join(map(str, _load()))}] {msg}", file=sys.stderr, flush=True)
+
+
+def _reset_schema(database_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(database_url)
+    with eng.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{BENCH_SCHEMA}" CASCADE'))
+        conn.execute(text(f'CREATE SCHEMA "{BENCH_SCHEMA}"'))
+    eng.dispose()
+
+
+def _sql(database_url: str, statement: str) -> Any:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(database_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(text(f'SET search_path TO "{BENCH_SCHEMA}"'))
+            r = conn.execute(text(statement))
+            return r.scalar() if r.returns_rows else None
+    finally:
+        eng.dispose()
+
+
+def _configs(work: Path, state: dict[str, Any], broker: Broker, nodes: Sequence[str]) -> list[Path]:
+    return [
+        fleet_config(
+            work,
+            node_id=n,
+            database_url=state["database_url"],
+            schema=BENCH_SCHEMA,
+            broker=broker,
+            trusted_key=Path(state["release_pub"]),
+            admin_token=state["admin_token"],
+            signing_key=Path(state["fleet_key"]),
+            blobs=work / "blobs",
+        )
+        for n in nodes
+    ]
+
+
+def bench_setup(work: Path, devices: int, database_url: str, workers: int) -> dict[str, Any]:
+    """Enrol ``devices`` devices (logins in dynamic security, rows in PostgreSQL) and upload three bundles."""
+    from fleet.client import FleetClient
+    from manifests import SigningKey, write_keypair
+    from tests.fleet.conftest import make_bundle
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    release_key = SigningKey.generate()
+    _, release_pub = write_keypair(work / "release-key", release_key)
+    fleet_key, _ = write_keypair(work / "fleet-key", SigningKey.generate())
+    state = {
+        "database_url": database_url,
+        "admin_token": "nfa_" + secrets.token_urlsafe(24),
+        "release_pub": str(release_pub),
+        "fleet_key": str(fleet_key),
+        "devices": devices,
+    }
+    _reset_schema(database_url)
+    broker = Broker(work / "broker").start()
+    (cfg,) = _configs(work, state, broker, ["setup"])
+    srv = FleetServer(cfg).start()
+    try:
+        with FleetClient(srv.url, state["admin_token"]) as c:
+            for v in (1, 2, 3):
+                c.upload_bundle(make_bundle(work / "bundles" / f"v{v}", release_key, v))
+        t0 = time.monotonic()
+        logins = enrol(srv.url, state["admin_token"], devices, prefix="dev", workers=workers)
+        state["enrol_s"] = round(time.monotonic() - t0, 1)
+    finally:
+        srv.stop()
+        broker.stop()
+    (work / "logins.json").write_text(json.dumps([[x.device_id, x.username, x.password] for x in logins]))
+    (work / "state.json").write_text(json.dumps(state, indent=2))
+    return {"devices": devices, "enrol_s": state["enrol_s"], "enrol_per_s": round(devices / state["enrol_s"], 1)}
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Every un-labelled-or-labelled sample of a server's /metrics, by its full name."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(httpx.HTTPError):
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+    return out
+
+
+def _lag(before: Sequence[dict[str, float]], after: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Commit lag (device send to fleet commit) over a phase, from the servers' histogram buckets."""
+    prefix = "nanofleet_ingest_commit_lag_seconds_bucket{le="
+    les = sorted({k for a in after for k in a if k.startswith(prefix)}, key=lambda k: float(k[len(prefix) + 1 : -2]))
+    counts = [sum(a.get(k, 0) for a in after) - sum(b.get(k, 0) for b in before) for k in les]
+    total = counts[-1] if counts else 0
+    bounds = [float(k[len(prefix) + 1 : -2]) for k in les]
+    p99 = next((b for b, n in zip(bounds, counts, strict=True) if total and n >= 0.99 * total), float("inf"))
+    under_2 = next((n for b, n in zip(bounds, counts, strict=True) if b == 2.0), 0)
+    return {"samples": int(total), "p99_bucket_s": p99, "share_under_2s": round(under_2 / total, 5) if total else None}
+
+
+class Run:
+    """One benchmark run: the broker, the fleet servers, the swarm, and what was measured."""
+
+    def __init__(self, work: Path, nodes: int, connect_rate: float) -> None:
+        self.work = work
+        self.state = json.loads((work / "state.json").read_text())
+        self.logins = [Login(*x) for x in json.loads((work / "logins.json").read_text())]
+        self.db = self.state["database_url"]
+        self.token = self.state["admin_token"]
+        self.broker = Broker(work / "broker")
+        self.names = ["a", "b", "c", "d"][:nodes]
+        self.servers: dict[str, FleetServer] = {}
+        self.connect_rate = connect_rate
+        self.swarm: Swarm | None = None
+        self.samples: list[dict[str, Any]] = []
+        self.run_id = time.strftime("%H%M%S")
+
+    # lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        _sql(self.db, "TRUNCATE telemetry, device_events")  # every seq counted below is this run's
+        self.broker.start()
+        for name, cfg in zip(self.names, _configs(self.work, self.state, self.broker, self.names), strict=True):
+            self.servers[name] = FleetServer(cfg).start()
+
+    def stop(self) -> None:
+        if self.swarm is not None:
+            self.swarm.stop()
+        for s in self.servers.values():
+            with contextlib.suppress(Exception):
+                s.stop()
+        self.broker.stop()
+
+    def api(self) -> httpx.Client:
+        srv = next(s for s in self.servers.values() if s.alive())
+        return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120)
+
+    def leader(self) -> str | None:
+        for name, s in self.servers.items():
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                if s.alive() and s.healthz()["leader"]:
+                    return name
+        return None
+
+    def sample(self, phase: str) -> dict[str, Any]:
+        assert self.swarm is not None
+        x = {
+            "phase": phase,
+            "t": round(time.time(), 1),
+            "load": _load(),
+            "rss_mb": {n: round(_rss_mb(s.pid), 1) for n, s in self.servers.items() if s.alive()},
+            "broker_rss_mb": round(_rss_mb(self.broker.proc.pid), 1) if self.broker.proc else 0,
+            **self.swarm.totals(),
+        }
+        self.samples.append(x)
+        return x
+
+    # phases ------------------------------------------------------------------------------------------------
+    def connect(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.swarm = Swarm(self.logins, [self.broker.url], connect_rate=self.connect_rate, install_s=0.5).start()
+        self.swarm.wait_connected(timeout=max(120.0, 3 * len(self.logins) / self.connect_rate))
+        connected_s = time.monotonic() - t0
+        with self.api() as api:
+            deadline = time.monotonic() + 300
+            while (online := api.get("/api/v1/status").json()["online"]) < len(self.logins):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        return {"devices": len(self.logins), "connected_s": round(connected_s, 1),
+                "fleet_sees_online": online, "online_s": round(time.monotonic() - t0, 1), "load": _load()}
+
+    def telemetry(self, rate: float, duration: float) -> dict[str, Any]:
+        assert self.swarm is not None
+        before = [_metrics(s.url) for s in self.servers.values()]
+        start = self.swarm.totals()
+        self.swarm.set_rate(rate)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < duration:
+            time.sleep(min(5.0, duration - (time.monotonic() - t0)) if duration > 0 else 0)
+            x = self.sample("telemetry")
+            _say(f"telemetry {x['acked'] - start['acked']} acked, rss {x['rss_mb']}")
+        self.swarm.set_rate(0)
+        elapsed = time.monotonic() - t0
+        end = self._settle()
+        after = [_metrics(s.url) for s in self.servers.values()]
+        phase = [x for x in self.samples if x["phase"] == "telemetry"]
+        acked = end["acked"] - start["acked"]
+        return {
+            "target_rate": rate,
+            "duration_s": round(elapsed, 1),
+            "sent": end["sent"] - start["sent"],
+            "acked": acked,
+            "acked_per_s": round(acked / elapsed, 1),
+            "stored_everything_after_s": end["stored_after_s"],
+            "missing_acked": end["missing"],
+            "commit_lag": _lag(before, after),
+            "rss_max_mb": {n: max(x["rss_mb"].get(n, 0) for x in phase) for n in self.servers},
+            "broker_rss_max_mb": max(x["broker_rss_mb"] for x in phase),
+            "load_1m_median": _pct([x["load"][0] for x in phase], 0.5),
+            "load_1m_max": max(x["load"][0] for x in phase),
+        }
+
+    def _settle(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Wait for every publish to be acknowledged, then for the database to hold every acknowledged one."""
+        assert self.swarm is not None
+        t0 = time.monotonic()
+        while (t := self.swarm.totals())["acked"] < t["sent"] and time.monotonic() - t0 < 60:
+            time.sleep(0.5)
+        t1 = time.monotonic()
+        while _sql(self.db, "SELECT count(*) FROM telemetry") < t["acked"] and time.monotonic() - t1 < timeout:
+            time.sleep(1)
+        stored_after = time.monotonic() - t1
+        missing = missing_acked(self.swarm.acked(), stored_seqs(self.db, BENCH_SCHEMA, "dev"))
+        return {**t, "stored_after_s": round(stored_after, 1), "missing": missing}
+
+    def read_side(self, background_rate: float) -> dict[str, Any]:
+        """Latencies measured by a child process (this one runs the swarm and would hold the GIL)."""
+        assert self.swarm is not None
+        self.swarm.set_rate(background_rate)
+        time.sleep(5)
+        srv = next(s for s in self.servers.values() if s.alive())
+        out = subprocess.run(
+            [sys.executable, __file__, "probe", "--url", srv.url, "--token", self.token],
+            capture_output=True, text=True, timeout=600, check=True,
+        )
+        self.swarm.set_rate(0)
+        return {**json.loads(out.stdout), "background_rate": background_rate, "load": _load()}
+
+    def rollout(self, name: str, version: int, strategy: dict[str, Any], *, kill_at: float | None = None,
+                rate: float = 0.0) -> dict[str, Any]:
+        """Apply a deployment to every device and follow it to completion (``kill_at``: SIGKILL the lease
+        holder once that share of the devices has succeeded)."""
+        assert self.swarm is not None
+        name = f"{name}-{self.run_id}"
+        body = {"apiVersion": "nanofleet/v1", "kind": "Deployment", "metadata": {"name": name},
+                "spec": {"bundle": {"name": "tiny-model", "version": version}, "strategy": strategy}}
+        self.swarm.set_rate(rate)
+        result: dict[str, Any] = {"name": name, "strategy": strategy, "telemetry_rate": rate}
+        with self.api() as api:
+            t0 = time.monotonic()
+            r = api.post("/api/v1/deployments", json=body)
+            result["apply_s"] = round(time.monotonic() - t0, 3)
+            r.raise_for_status()
+            dep_id = r.json()["deployment"]["id"]
+        applied_at = time.time()
+        result.update(self._follow(name, kill_at))
+        result["load_after"] = _load()
+        done = self.swarm.committed(dep_id)
+        result["devices_committed"] = len(done)
+        if done and result.get("finished_at"):
+            last = max(done.values())
+            result["last_device_commit_after_apply_s"] = round(last - applied_at, 2)
+            result["fleet_done_after_last_commit_s"] = round(result["finished_at"] - last, 2)
+        self.swarm.set_rate(0)
+        return result
+
+    def _follow(self, name: str, kill_at: float | None) -> dict[str, Any]:
+        import datetime as dt
+
+        n, out = len(self.logins), {}
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            try:
+                with self.api() as api:
+                    dep = next(d for d in api.get("/api/v1/deployments").json() if d["name"] == name)
+            except (httpx.HTTPError, StopIteration):
+                time.sleep(0.5)
+                continue
+            if kill_at is not None and "killed" not in out and dep["counts"].get("succeeded", 0) >= kill_at * n:
+                out.update(self._kill_leader())
+            if dep["status"] in ("completed", "aborted", "paused", "failed"):
+                out["status"], out["counts"] = dep["status"], dep["counts"]
+                if dep.get("finished_at"):
+                    out["finished_at"] = dt.datetime.fromisoformat(dep["finished_at"]).timestamp()
+                return out
+            time.sleep(0.25)
+        out["status"] = "timed out"
+        return out
+
+    def _kill_leader(self) -> dict[str, Any]:
+        victim = self.leader()
+        if victim is None:
+            return {"killed": None}
+        self.servers[victim].signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        while (now_leader := self.leader()) is None and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        _say(f"killed {victim}; {now_leader} took the lease")
+        return {"killed": victim, "new_leader": now_leader, "takeover_s": round(time.monotonic() - t0, 2),
+                "load_at_kill": _load()}
+
+
+def probe(url: str, token: str, page: int, rounds: int) -> dict[str, Any]:
+    """Read-side latencies: every page of the devices list (keyset cursor), the unpaginated list once, and
+    the dashboard overview (signed in as the form does it)."""
+    import re
+
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        pages: list[float] = []
+        for _ in range(rounds):
+            nxt: str | None = f"/api/v1/devices?limit={page}"
+            while nxt:
+                t0 = time.perf_counter()
+                r = http.get(nxt, headers=headers).raise_for_status()
+                pages.append(time.perf_counter() - t0)
+                nxt = r.links.get("next", {}).get("url")
+        t0 = time.perf_counter()
+        whole = http.get("/api/v1/devices", headers=headers).raise_for_status()
+        whole_s = time.perf_counter() - t0
+        login = http.get("/login").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', login)
+        assert csrf, "no login form"
+        http.post("/login", data={"token": token, "csrf_token": csrf.group(1), "next": "/"})
+        overview: list[float] = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            http.get("/").raise_for_status()
+            overview.append(time.perf_counter() - t0)
+    ms = lambda s: round(s * 1000, 1)  # noqa: E731
+    return {
+        "devices_page_size": page,
+        "devices_pages": len(pages),
+        "devices_page_p50_ms": ms(_pct(pages, 0.5)),
+        "devices_page_p95_ms": ms(_pct(pages, 0.95)),
+        "devices_unpaginated_ms": ms(whole_s),
+        "devices_unpaginated_mb": round(len(whole.content) / 2**20, 1),
+        "overview_p50_ms": ms(_pct(overview, 0.5)),
+        "overview_p95_ms": ms(_pct(overview, 0.95)),
+    }
+
+
+def bench_run(work: Path, args: Any) -> dict[str, Any]:
+    run = Run(work, args.servers, args.connect_rate)
+    res: dict[str, Any] = {"devices": len(run.logins), "servers": args.servers, "load_at_start": _load()}
+    run.start()
+    try:
+        res["leader"] = run.leader()
+        _say("connecting the swarm")
+        res["connect"] = run.connect()
+        _say(f"connected: {res['connect']}")
+        res["telemetry"] = run.telemetry(args.rate, args.duration)
+        _say(f"telemetry: {res['telemetry']}")
+        res["read_side"] = run.read_side(args.background_rate)
+        _say(f"read side: {res['read_side']}")
+        res["rollout_all"] = run.rollout("all", 1, {"type": "all-at-once"})
+        _say(f"all at once: {res['rollout_all']}")
+        waves = {"type": "waves", "waves": {"percent_steps": [10, 50, 100]}}
+        res["rollout_waves"] = run.rollout("waves", 2, waves)
+        _say(f"waves: {res['rollout_waves']}")
+        res["rollout_kill"] = run.rollout("kill", 3, waves, kill_at=0.2, rate=args.kill_rate)
+        settled = run._settle()
+        res["rollout_kill"]["missing_acked_whole_run"] = settled["missing"]
+        res["rollout_kill"]["acked_whole_run"] = settled["acked"]
+        res["rollout_kill"]["stored_everything_after_s"] = settled["stored_after_s"]
+        _say(f"kill: {res['rollout_kill']}")
+        res["telemetry_rows_per_device_day_at_30s"] = 86400 // 30
+    finally:
+        res["samples"] = run.samples
+        run.stop()
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("setup", help="enrol the devices and upload three bundles into a work directory")
+    r = sub.add_parser("run", help="connect every device and measure (after setup)")
+    for x in (s, r):
+        x.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"work directory (default {DEFAULT_WORK})")
+        x.add_argument("--json", action="store_true", help="print the result as JSON only")
+        x.add_argument("--out", type=Path, help="also write the result as JSON to this file")
+    s.add_argument("--devices", type=int, default=10_000, help="devices to enrol (default 10000)")
+    s.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                   help="PostgreSQL (the schema bench_fleet is dropped and created)")
+    s.add_argument("--workers", type=int, default=8, help="enrolments in flight (default 8)")
+    r.add_argument("--servers", type=int, default=2, choices=(1, 2, 3, 4), help="fleet servers (default 2)")
+    r.add_argument("--rate", type=float, default=2000, help="telemetry messages/s in the ingest phase (default 2000)")
+    r.add_argument("--duration", type=float, default=300, help="seconds of the ingest phase (default 300)")
+    r.add_argument("--background-rate", type=float, default=333,
+                   help="telemetry messages/s while the read side is measured (default 333: 10,000 boards every 30 s)")
+    r.add_argument("--kill-rate", type=float, default=333, help="telemetry messages/s during the SIGKILL rollout")
+    r.add_argument("--connect-rate", type=float, default=400, help="device connections started per second")
+    q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
+    q.add_argument("--url", required=True, help="a fleet server's URL")
+    q.add_argument("--token", required=True, help="the admin token")
+    q.add_argument("--page", type=int, default=100, help="devices per page (default 100)")
+    q.add_argument("--rounds", type=int, default=1, help="walks over every page (default 1)")
+    args = p.parse_args(argv)
+    if args.cmd == "probe":
+        print(json.dumps(probe(args.url, args.token, args.page, args.rounds)))
+        return 0
+    res = bench_setup(args.work, args.devices, args.database_url, args.workers) if args.cmd == "setup" \
+        else bench_run(args.work, args)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res if args.json else {k: v for k, v in res.items() if k != "samples"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

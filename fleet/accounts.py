@@ -19,6 +19,13 @@ ACL file (``acl_file_text``), which dynamic security defers to: ``ensure_roles``
 access to deny, which in Mosquitto means "ask the next check", here the pattern file. The device role
 also carries the same rules with ``%u`` for brokers whose plugin expands them. The fleet's own client gets
 a role for its subscriptions (shared ones too) and the desired states it publishes.
+
+Sessions: the listener sets ``use_username_as_clientid``, so a session is named by its login and no
+device can take over another's session, or the fleet's, whatever client id it sends. Each of a fleet
+server's connections therefore has a login of its own, named after the connection
+(``nanofleet-fleet-<node>-state``, ``-telemetry``, ``-dynsec``), with the fleet's password: ``start``
+creates them through the configured admin login (``ensure_server_logins``), so several servers never
+share a session and the rollout lease holder can resume a dead server's sessions to drain them.
 """
 
 from __future__ import annotations
@@ -84,7 +91,8 @@ class NoAccounts:
         return 0
 
 
-def open_accounts(config: FleetConfig) -> BrokerAccounts:
+def open_accounts(config: FleetConfig, server_logins: Iterable[str] = ()) -> BrokerAccounts:
+    """``server_logins``: this server's own connections (the first is its dynamic-security connection)."""
     b = config.broker
     if b.accounts != "dynsec":
         return NoAccounts()
@@ -97,7 +105,8 @@ def open_accounts(config: FleetConfig) -> BrokerAccounts:
         b.dynsec.username or b.username,
         b.dynsec.password if b.dynsec.username else b.password,
         device_role=b.dynsec.role,
-        fleet_user=b.username,
+        server_logins=list(server_logins),
+        server_password=b.password,
     )
 
 
@@ -132,35 +141,32 @@ def fleet_acls() -> list[dict[str, Any]]:
     ]
 
 
-class DynsecAccounts:
-    """Device clients in Mosquitto's dynamic security (see the module docstring)."""
+class _Control:
+    """One connection to the plugin's control topic: commands out, answers matched by correlation data."""
 
-    def __init__(
-        self, url: str, username: str | None, password: str | None, *, device_role: str, fleet_user: str | None
-    ) -> None:
-        self.host, self.port = parse_mqtt_url(url)
-        self.device_role = device_role
-        self.fleet_user = fleet_user
+    def __init__(self, host: str, port: int, username: str | None, password: str | None) -> None:
+        self.host, self.port = host, port
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"nanofleet-dynsec-{uuid.uuid4().hex[:8]}", clean_session=True
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=username or f"nanofleet-dynsec-{uuid.uuid4().hex[:8]}",
+            clean_session=True,
         )
         if username:
             self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
+        self.client.on_disconnect = lambda *_a: self.connected.clear()
         self.connected = threading.Event()
         self._waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
 
-    # lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         self.client.reconnect_delay_set(1, 5)
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
         if not self.connected.wait(20):
-            raise BrokerError(f"cannot reach Mosquitto's dynamic security at {self.host}:{self.port}")
-        self.ensure_roles()
+            self.stop()
+            raise BrokerError(f"cannot log in to Mosquitto's dynamic security at {self.host}:{self.port}")
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -172,9 +178,6 @@ class DynsecAccounts:
             return
         client.subscribe(RESPONSE, qos=1)
         self.connected.set()
-
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, _reason: object, _p: object) -> None:
-        self.connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -188,24 +191,73 @@ class DynsecAccounts:
                 waiting[1].append(r)
                 waiting[0].set()
 
-    # commands ---------------------------------------------------------------------------------------
     def run(self, command: str, **fields: Any) -> dict[str, Any]:
-        """One dynamic-security command; its response (``error`` set when the plugin refused it)."""
-        if not self.connected.wait(TIMEOUT_S):
-            raise ServiceUnavailableError("the broker's dynamic security is not reachable; retry")
-        corr = uuid.uuid4().hex
-        done: tuple[threading.Event, list[dict[str, Any]]] = (threading.Event(), [])
-        with self._lock:
-            self._waiting[corr] = done
-        try:
-            payload = json.dumps({"commands": [{"command": command, "correlationData": corr, **fields}]})
-            self.client.publish(CONTROL, payload, qos=1)
-            if not done[0].wait(TIMEOUT_S):
-                raise ServiceUnavailableError(f"the broker did not answer {command} within {TIMEOUT_S:g}s; retry")
-            return done[1][0]
-        finally:
+        """One command; its response (``error`` set when the plugin refused it). A lost answer (the
+        connection dropped: the plugin disconnects a client whose roles change) is asked again."""
+        for attempt in range(3):
+            if not self.connected.wait(TIMEOUT_S):
+                break
+            corr = uuid.uuid4().hex
+            done: tuple[threading.Event, list[dict[str, Any]]] = (threading.Event(), [])
             with self._lock:
-                self._waiting.pop(corr, None)
+                self._waiting[corr] = done
+            try:
+                payload = json.dumps({"commands": [{"command": command, "correlationData": corr, **fields}]})
+                self.client.publish(CONTROL, payload, qos=1)
+                if done[0].wait(TIMEOUT_S / (3 - attempt)):
+                    return done[1][0]
+            finally:
+                with self._lock:
+                    self._waiting.pop(corr, None)
+        raise ServiceUnavailableError(f"the broker's dynamic security did not answer {command}; retry")
+
+
+class DynsecAccounts:
+    """Device clients in Mosquitto's dynamic security (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        username: str | None,
+        password: str | None,
+        *,
+        device_role: str,
+        server_logins: list[str] | None = None,
+        server_password: str | None = None,
+    ) -> None:
+        self.host, self.port = parse_mqtt_url(url)
+        self.admin = (username, password)
+        self.device_role = device_role
+        self.server_logins = server_logins or []
+        self.server_password = server_password
+        self.control: _Control | None = None
+
+    # lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Roles and default access through the configured admin login, this server's own logins, then
+        the long-lived control connection under this server's dynamic-security login."""
+        boot = _Control(self.host, self.port, *self.admin)
+        boot.start()
+        try:
+            self.control = boot
+            self.ensure_roles()
+            self.ensure_server_logins()
+        finally:
+            boot.stop()
+            self.control = None
+        own = self.server_logins[0] if self.server_logins else self.admin[0]
+        password = self.server_password if self.server_logins else self.admin[1]
+        self.control = _Control(self.host, self.port, own, password)
+        self.control.start()
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+
+    def run(self, command: str, **fields: Any) -> dict[str, Any]:
+        if self.control is None:
+            raise ServiceUnavailableError("the broker's dynamic security is not connected; retry")
+        return self.control.run(command, **fields)
 
     def _must(self, command: str, ok_errors: Iterable[str] = (), **fields: Any) -> dict[str, Any]:
         r = self.run(command, **fields)
@@ -223,8 +275,24 @@ class DynsecAccounts:
         for acltype in ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe"):
             allow = acltype == "unsubscribe"
             self._must("setDefaultACLAccess", acls=[{"acltype": acltype, "allow": allow}])
-        if self.fleet_user:
-            self._ensure_client_role(self.fleet_user, FLEET_ROLE)
+        if self.admin[0]:
+            self._ensure_client_role(self.admin[0], FLEET_ROLE)
+
+    def ensure_server_logins(self) -> None:
+        """One login per connection of this server (named as the connection), with the fleet's password and
+        role; the first, its control connection, also with the admin login's roles."""
+        admin_roles = sorted(self._client_roles(self.admin[0])) if self.admin[0] else []
+        for i, login in enumerate(self.server_logins):
+            roles = [FLEET_ROLE, *admin_roles] if i == 0 else [FLEET_ROLE]
+            r = self.run(
+                "createClient", username=login, password=self.server_password, roles=[{"rolename": x} for x in roles]
+            )
+            if r.get("error") == "Client already exists":
+                self._must("setClientPassword", username=login, password=self.server_password)
+                for role in roles:
+                    self._ensure_client_role(login, role)
+            elif r.get("error"):
+                raise BrokerError(f"dynamic security refused createClient for {login}: {r['error']}")
 
     def _ensure_client_role(self, username: str, role: str) -> None:
         # addClientRole answers "Internal error" for a role the client has already: ask first.

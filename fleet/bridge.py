@@ -234,7 +234,10 @@ class MqttBridge:
         keepalive: int = 15,
         client_id: str = "nanofleet-fleet",
         options: SessionOptions | None = None,
+        login_per_connection: bool = False,
     ) -> None:
+        """``login_per_connection``: each connection logs in as its own client id (with ``password``), for
+        brokers that name sessions by login (``use_username_as_clientid``, fleet/accounts.py)."""
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise BrokerError("no broker URL")
@@ -244,18 +247,25 @@ class MqttBridge:
         self.client_id = client_id
         opts = options or SessionOptions(keepalive=keepalive)
         self.options = opts
+        state_id, telemetry_id = f"{client_id}-state", f"{client_id}-telemetry"
         self.state = _Connection(
             self.urls,
-            f"{client_id}-state",
+            state_id,
             STATE_TOPICS,
             inbox,
             opts,
-            username=username,
+            username=state_id if login_per_connection else username,
             password=password,
             on_connected=lambda: inbox.put_message(Inbound(RECONNECTED, b"")),
         )
         self.telemetry = _Connection(
-            self.urls, f"{client_id}-telemetry", TELEMETRY_TOPICS, inbox, opts, username=username, password=password
+            self.urls,
+            telemetry_id,
+            TELEMETRY_TOPICS,
+            inbox,
+            opts,
+            username=telemetry_id if login_per_connection else username,
+            password=password,
         )
 
     @property

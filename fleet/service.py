@@ -95,7 +95,11 @@ class FleetService:
             committed=self._committed,
             batch_limit=config.ingest.batch_limit,
         )
-        self.accounts: BrokerAccounts = open_accounts(config)
+        # With dynamic security every connection of this server has a login of its own (fleet/accounts.py).
+        self.per_connection_logins = config.broker.accounts == "dynsec"
+        self.accounts: BrokerAccounts = open_accounts(
+            config, [f"{self.client_id}-dynsec", f"{self.client_id}-state", f"{self.client_id}-telemetry"]
+        )
         self.broker: EmbeddedBroker | None = None
         self.bridge: MqttBridge | None = None
         self.mqtt_url: str = ""
@@ -175,6 +179,7 @@ class FleetService:
             password=password,
             client_id=self.client_id,
             options=self._session_options(),
+            login_per_connection=self.per_connection_logins,
         )
         self.accounts.start()
         self.lease.start()
@@ -337,9 +342,8 @@ class FleetService:
         try:
             for client_id in node.client_ids or []:
                 topics = TELEMETRY_TOPICS if client_id.endswith("-telemetry") else STATE_TOPICS
-                n = drain_session(
-                    b.all_urls(), client_id, topics, self.inbox, opts, username=b.username, password=b.password
-                )
+                user = client_id if self.per_connection_logins else b.username
+                n = drain_session(b.all_urls(), client_id, topics, self.inbox, opts, username=user, password=b.password)
                 log.info("drained %d messages from broker session %s of dead server %s", n, client_id, node.id)
         except FleetError as exc:
             log.warning("draining server %s failed: %s", node.id, exc.message)

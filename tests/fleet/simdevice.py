@@ -76,7 +76,7 @@ class SimDevice:
         u = urlparse(mqtt_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 1883
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{device_id}", clean_session=True
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"nanofleet-agent-{device_id}", clean_session=True
         )
         if username:
             self.client.username_pw_set(username, password)

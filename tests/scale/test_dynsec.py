@@ -88,10 +88,15 @@ def test_enrolment_revocation_and_rotation_take_effect_at_once(cluster: Cluster,
             # Rotation: the old token stops working for the broker, the new one works.
             rotated = api.post(f"/api/v1/devices/{b.device_id}/credentials/rotate").raise_for_status().json()
             assert cb.disconnected.wait(10), "b's session on the old token survived the rotation"
-            old = Conn(port, b.username, b.password, "old-token")
-            new = Conn(port, b.username, rotated["mqtt"]["password"], "new-token")
+            old = Conn(port, b.username, b.password, f"nanofleet-agent-{b.device_id}")
+            new = Conn(port, b.username, rotated["mqtt"]["password"], f"nanofleet-agent-{b.device_id}")
             conns += [old, new]
             assert not old.accepted and new.accepted
+            # Sessions are named by login: another client id takes nothing over.
+            borrowed = Conn(port, b.username, rotated["mqtt"]["password"], "nanofleet-fleet-only-state")
+            conns.append(borrowed)
+            assert borrowed.accepted and new.disconnected.wait(10)  # b's own session moved, nobody else's
+            assert cluster.servers["only"].healthz()["mqtt_connected"]
     finally:
         for x in conns:
             x.close()
@@ -101,8 +106,7 @@ def test_a_login_unknown_to_the_database_is_pruned(cluster: Cluster) -> None:
     srv = cluster.server("only", shared=False)
     (kept,) = cluster.enrol(1, prefix="dyn")
     admin = DynsecAccounts(
-        cluster.broker.url, "nanofleet-fleet", cluster.broker.fleet_password, device_role="nanofleet-device",
-        fleet_user=None,
+        cluster.broker.url, "nanofleet-fleet", cluster.broker.fleet_password, device_role="nanofleet-device"
     )
     admin.start()
     try:

@@ -204,9 +204,44 @@ def _login_works(port: int, username: str, password: str) -> bool:
         c.sock.close()
 
 
+def start_mosquitto_dynsec(work: Path, bundle_pub: Path) -> BrokerUnderTest:
+    """Mosquitto with dynamic security driven by the fleet itself (``broker.accounts: dynsec``: enrolment
+    creates the device's login, bound to its client id) and the pattern ACL file, as benchmarks/fleet_scale.py
+    configures it (docs/fleet.md, "Mosquitto with dynamic security")."""
+    from benchmarks.fleet_scale import FLEET_USER as DYNSEC_FLEET_USER
+    from benchmarks.fleet_scale import Broker
+
+    broker = Broker(work / "mosquitto-dynsec").start()
+    fleet = ServerThread(
+        _fleet_config(
+            work,
+            bundle_pub,
+            BrokerConfig(
+                embedded=False,
+                url=broker.url,
+                username=DYNSEC_FLEET_USER,
+                password=broker.fleet_password,
+                accounts="dynsec",
+            ),
+        )
+    ).start()
+    assert fleet.svc.bridge is not None and fleet.svc.bridge.connected.wait(20), "the fleet did not reach mosquitto"
+    return BrokerUnderTest(
+        "mosquitto-dynsec",
+        "127.0.0.1",
+        broker.port,
+        mqtt.MQTTv5,
+        fleet,
+        provision_login=lambda _u, _p: None,  # the fleet created the login at enrolment
+        log_file=broker.log,
+        stop_broker=broker.stop,
+    )
+
+
 BROKERS: dict[str, Callable[[Path, Path], BrokerUnderTest]] = {
     "embedded": start_embedded,
     "mosquitto-role": start_mosquitto_role,
+    "mosquitto-dynsec": start_mosquitto_dynsec,
 }
 
 
