@@ -206,6 +206,23 @@ def test_boards_are_enrolled_through_the_fleet_api(site: Site) -> None:
     assert theirs.status_code in (401, 403), theirs.text
 
 
+def test_boards_enrolled_themselves_with_device_enroll(site: Site) -> None:
+    """Issue 17: one enrolment path. The role runs `nanofleet device enroll` on each board, which makes the
+    board's own ed25519 key there (0600, never copied) and registers its public half with the fleet."""
+    import sqlite3
+
+    from device.agent.identity import load_device_key
+
+    (db,) = site.roots["fleet"].rglob("fleet.db")
+    with sqlite3.connect(db) as conn:
+        registered = dict(conn.execute("SELECT id, public_key FROM devices").fetchall())
+    for board in ("board-a", "board-b"):
+        data_dir = site.roots[board] / "var/lib/nanofleet"
+        assert (data_dir / "device.key").stat().st_mode & 0o777 == 0o600, board
+        own = load_device_key(data_dir).public_pem().decode("ascii")
+        assert (registered[board] or "").strip() == own.strip(), board
+
+
 def test_agent_config_is_accepted_by_the_agent(site: Site) -> None:
     from device.agent.config import load_config
 
