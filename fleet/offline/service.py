@@ -175,6 +175,11 @@ def prepare_package(
     dry_run: bool = False,
 ) -> PreparedPackage:
     dep = get_deployment(session, deployment_name)
+    if dep.release_name is not None:  # a package carries one bundle; a release sends each board its own
+        raise ConflictError(
+            f"deployment {dep.name} names release {dep.release_name}@{dep.release_version}: offline packages "
+            "carry one bundle; deploy each variant's bundle by name for boards reached by stick"
+        )
     chosen = _waiting_targets(dep, devices, all_waves)
     manifest = DeploymentManifest.model_validate(dep.manifest)
     bundle = get_bundle(session, dep.bundle_name, dep.bundle_version)
