@@ -24,7 +24,15 @@ from manifests import SigningKey, write_keypair
 from tests.fleet.conftest import make_bundle
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> Any:
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "condition",
+    interval: float = 0.1,
+    details: Callable[[], str] | None = None,
+) -> Any:
+    """``pred()`` once it is true; on timeout an AssertionError naming ``what`` (and ``details()``: the state
+    that says why, read only then)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -32,7 +40,8 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+    more = f"\n{details()}" if details is not None else ""
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r}){more}")
 
 
 @pytest.fixture(scope="session")

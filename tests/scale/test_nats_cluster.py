@@ -67,6 +67,19 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsNode]]:
             n.proc.wait(10)
 
 
+def stuck(dep: dict, swarm: Swarm | None) -> str:
+    """What the fleet and the simulated device each think of the devices not yet done (for a failure)."""
+    sims = {d.login.device_id: d for d in swarm.devices} if swarm else {}
+    lines = [str(dep["counts"])]
+    for t in dep.get("targets", []):
+        if t["state"] != "succeeded" and (d := sims.get(t["device_id"])):
+            lines.append(
+                f"{t['device_id']}: fleet {t['state']}; device {d.state} {d.deployment} connected={d.connected} "
+                f"connects={d.connects} node={d.urls[d.url_index % len(d.urls)]}"
+            )
+    return "\n".join(lines) + "\n"
+
+
 @pytest.mark.parametrize("victim", [2, 0], ids=["a-devices-node", "the-fleets-node"])
 def test_rollout_survives_the_loss_of_one_broker_node(
     tmp_path: Path, nats_cluster: list[NatsNode], bundles, release_key, pg, victim: int
@@ -119,6 +132,7 @@ def test_rollout_survives_the_loss_of_one_broker_node(
                 120,
                 interval=0.5,
                 what="the rollout completed after losing a node",
+                details=lambda: stuck(admin.deployment("across-nodes"), swarm) + srv.tail(),
             )
         assert dep["counts"].get("succeeded") == 24, dep["counts"]
         assert sum(d.connects > 1 for d in swarm.devices) >= 8  # the dead node's devices reconnected elsewhere
