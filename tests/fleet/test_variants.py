@@ -144,6 +144,10 @@ def test_a_two_variant_release_lands_the_right_variant_on_each_board(make_fleet,
         assert admin.apply(deployment("tiny-rollout", ("tiny", 1)))["result"] == "created"
         wait_for(lambda: admin.deployment("tiny-rollout")["status"] == "completed", 30, what="completed")
         dep = admin.deployment("tiny-rollout")
+        # A stick carries one bundle: an offline package of a release deployment is refused in one line.
+        with pytest.raises(FleetAPIError) as ei:
+            admin.request("POST", "/api/v1/deployments/tiny-rollout/offline-package", json={"dry_run": True})
+        assert ei.value.status_code == 409 and "offline packages carry one bundle" in ei.value.body["detail"]
 
     assert pi5.current == ("tiny-int8", 1) and pi4.current == ("tiny-int4", 1)
     assert zero.current is None and not any(t.endswith("/desired") for t in zero.topics_seen)
