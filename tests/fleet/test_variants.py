@@ -124,8 +124,13 @@ def variant_bundles(tmp_path: Path, bundle_key: tuple[SigningKey, Path]) -> dict
     return {n: make_bundle(tmp_path / n, bundle_key[0], 1, name=f"tiny-{n}") for n in ("int8", "int4")}
 
 
-def test_a_two_variant_release_lands_the_right_variant_on_each_board(make_fleet, variant_bundles) -> None:
-    fleet = make_fleet()
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_two_variant_release_lands_the_right_variant_on_each_board(request, make_fleet, variant_bundles, db) -> None:
+    if db == "postgres":
+        url, schema = request.getfixturevalue("pg_schema")
+        fleet = make_fleet(database_url=url, schema=schema)
+    else:
+        fleet = make_fleet()
     pi5 = enrol_board(fleet, "pi5-a", "pi5", at_enrol=None, reported=caps("pi5", 8 * GiB, A76))
     # An agent that sent its capabilities at enrolment only (its reported state has none).
     pi4 = enrol_board(fleet, "pi4-a", "pi4", at_enrol=caps("pi4", 4 * GiB, A72), reported=None)
