@@ -87,8 +87,9 @@ def health_problem(session: Session, dep: Deployment, t: DeploymentTarget, rules
         return None
     q = select(TelemetrySample).where(
         TelemetrySample.device_id == t.device_id,
-        TelemetrySample.model_name == dep.bundle_name,
-        TelemetrySample.model_version == dep.bundle_version,
+        # a release deployment: the variant this device was sent (variants.py), else the deployment's bundle
+        TelemetrySample.model_name == (t.bundle_name or dep.bundle_name),
+        TelemetrySample.model_version == (t.bundle_version or dep.bundle_version),
     )
     if t.finished_at is not None:
         q = q.where(TelemetrySample.ts >= aware(t.finished_at) - dt.timedelta(seconds=5))  # type: ignore[operator]

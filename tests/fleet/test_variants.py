@@ -70,7 +70,7 @@ class Board(SimDevice):
 
 
 def enrol_board(fleet: Any, device_id: str, hw: str, *, at_enrol: BoardCapabilities | None,
-                reported: BoardCapabilities | None) -> Board:  # fmt: skip
+                reported: BoardCapabilities | None, **kw: Any) -> Board:  # fmt: skip
     with fleet.admin() as admin:
         token = admin.enrollment_token(uses=1)["token"]
     body: dict[str, Any] = {"device_id": device_id, "hardware_class": hw}
@@ -86,7 +86,7 @@ def enrol_board(fleet: Any, device_id: str, hw: str, *, at_enrol: BoardCapabilit
         bundle_trust=TrustStore.from_paths([fleet.bundle_pub]),
         fleet_trust=TrustStore([load_public_key(creds["fleet_public_key"].encode())]),
         capabilities=reported,
-        telemetry_s=5,
+        **({"telemetry_s": 5} | kw),
     )
     fleet.devices.append(board)
     return board.start()
@@ -182,6 +182,38 @@ def test_a_two_variant_release_lands_the_right_variant_on_each_board(request, ma
     assert re.search(r'data-target="pi5-a".*?<td class="variant">int8 \(tiny-int8@1\)</td>', html, re.S)
     assert re.search(r'data-target="pi4-a".*?<td class="variant">int4 \(tiny-int4@1\)</td>', html, re.S)
     assert re.search(r'data-target="zero-a" data-state="unfit">.*?no variant of tiny@1 fits', html, re.S)
+
+
+def test_health_rules_watch_each_device_on_its_own_variant_and_rollback_returns_it(
+    make_fleet, tmp_path: Path, bundle_key: tuple[SigningKey, Path]
+) -> None:
+    """A Pi 4 gets the second variant; its decode rate on it regresses: the abort rule must judge the bundle
+    it was sent (not the release's first), and the rollback sends it back to what it ran before."""
+    fleet = make_fleet()
+    pi4 = enrol_board(fleet, "pi4-b", "pi4", at_enrol=None, reported=caps("pi4", 4 * GiB, A72), telemetry_s=0.2)
+    pi4.behaviour.decode_tok_s = {1: 100.0, 2: 40.0}  # the variants are version 2: 60% slower on this board
+    with fleet.admin() as admin:
+        admin.upload_bundle(make_bundle(tmp_path / "base", bundle_key[0], 1, name="tiny-base"))
+        for n in ("int8", "int4"):
+            admin.upload_bundle(make_bundle(tmp_path / n, bundle_key[0], 2, name=f"tiny-{n}"))
+        base = {"apiVersion": "nanofleet/v1", "kind": "Deployment", "metadata": {"name": "base"},
+                "spec": {"bundle": {"name": "tiny-base", "version": 1}}}  # fmt: skip
+        admin.apply(base)
+        wait_for(lambda: (admin.device("pi4-b").get("telemetry") or {}).get("model", {}).get("version") == 1,
+                 what="telemetry on the base model")  # fmt: skip
+        doc = release_doc()
+        for v in doc["spec"]["variants"]:
+            v["bundle"]["version"] = 2
+        admin.create_release(doc)
+        dep = deployment("slow", ("tiny", 1))
+        dep["spec"]["abort"] = {"max_decode_drop_pct": 30, "on_abort": "rollback"}
+        admin.apply(dep)
+        wait_for(lambda: admin.deployment("slow")["status"] == "rolled_back", 30, what="rolled back")
+        out = admin.deployment("slow")
+    assert "decode 40.0 tok/s is 60% below 100.0 tok/s" in out["abort_reason"]
+    t = out["targets"][0]
+    assert (t["variant"], t["bundle"], t["state"]) == ("int4", "tiny-int4@2", "rolled_back")
+    assert pi4.current == ("tiny-base", 1)
 
 
 def test_release_api_refuses_what_it_cannot_keep(make_fleet, variant_bundles, tmp_path: Path, bundle_key) -> None:
