@@ -422,7 +422,10 @@ def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAf
     t = DeploymentTarget
     updated = select(t.device_id).where(t.deployment_id == dep.id, t.state.in_(UPDATED))
     inc = counter_increments(updated)
-    is_new = (inc.c.model_name == dep.bundle_name) & (inc.c.model_version == dep.bundle_version)
+    # A release deployment: each device's own variant (the target's bundle); else the deployment's bundle.
+    is_new = (inc.c.model_name == func.coalesce(t.bundle_name, dep.bundle_name)) & (
+        inc.c.model_version == func.coalesce(t.bundle_version, dep.bundle_version)
+    )
     was_previous = (
         (inc.c.model_name == t.previous_name)
         & (inc.c.model_version == t.previous_version)

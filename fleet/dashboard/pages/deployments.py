@@ -95,8 +95,15 @@ def _deployment_ctx(session: Session, name: str) -> dict[str, Any] | None:
     dep = view.dep
     # Bars in the colours of the versions they measure (the same as on the device pages' lines).
     previous = {f"{t.previous_name}@{t.previous_version}" for t in dep.targets if t.previous_name}
-    versions = (previous.pop() if len(previous) == 1 else None, f"{dep.bundle_name}@{dep.bundle_version}")
-    labels = (f"previous ({versions[0]})" if versions[0] else "previous model", f"this one ({versions[1]})")
+    # A release deployment sends each device its variant: "this one" is one version only if all got the same.
+    sent = {f"{t.bundle_name}@{t.bundle_version}" for t in dep.targets if t.bundle_name} or (
+        set() if dep.release_name else {f"{dep.bundle_name}@{dep.bundle_version}"}
+    )
+    versions = (previous.pop() if len(previous) == 1 else None, sent.pop() if len(sent) == 1 else None)
+    labels = (
+        f"previous ({versions[0]})" if versions[0] else "previous model",
+        f"this one ({versions[1]})" if versions[1] else "each device's variant",
+    )
     return {
         "v": view,
         "dep": view.dep,
