@@ -192,7 +192,25 @@ def users_of(session: Session, name: str, version: int) -> list[str]:
         )
     ).all()
     users += [f"deployment {d.name} is {d.status}" for d in deps]
+    users += _release_users(session, name, version)
     return users
+
+
+def _release_users(session: Session, name: str, version: int) -> list[str]:
+    """Active deployments of a release that has this bundle as a variant (their devices may still get it)."""
+    from .rollout.variants import get_release  # rollout imports this module
+
+    deps = session.scalars(
+        select(Deployment).where(Deployment.release_name.is_not(None), Deployment.status.in_([s.value for s in ACTIVE]))
+    ).all()
+    out = []
+    for d in deps:
+        assert d.release_name is not None and d.release_version is not None
+        release = get_release(session, d.release_name, d.release_version)
+        for v in release.spec.variants:
+            if (v.bundle.name, v.bundle.version) == (name, version):
+                out.append(f"deployment {d.name} is {d.status} with it as variant {v.name} of {release.ref}")
+    return out
 
 
 def delete_bundle(session: Session, name: str, version: int) -> set[str]:

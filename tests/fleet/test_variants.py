@@ -243,3 +243,14 @@ def test_release_api_refuses_what_it_cannot_keep(make_fleet, variant_bundles, tm
         assert out["variants"][0]["rules"] == {"execution_providers": ["CUDAExecutionProvider"]}
         assert [r["version"] for r in admin.releases()] == [1, 2]
         assert admin.release("tiny", 2)["variants"][1]["rules"]["min_ram"] == 4 * GiB
+        # While a deployment of the release is active, no variant's bundle may go, sent to a board or not.
+        token = admin.enrollment_token(uses=1)["token"]
+        with FleetClient(fleet.url) as anon:  # a board that enrols and never connects: its target stays in flight
+            anon.enroll(token, device_id="quiet", capabilities=caps("pi5", 8 * GiB, A76).to_json())
+        admin.apply(deployment("held", ("tiny", 1)))
+        wait_for(lambda: admin.deployment("held")["targets"][0]["state"] == "in_flight", what="in flight")
+        with pytest.raises(FleetAPIError) as ei:
+            admin.delete_model("tiny-int4", 1)
+        assert ei.value.status_code == 409 and "variant int4 of tiny@1" in ei.value.body["detail"]
+        admin.control("held", "abort")
+        admin.delete_model("tiny-int4", 1)
