@@ -54,13 +54,19 @@ def _ed25519_pem(value: str) -> str:
     return value
 
 
-def _capabilities_text(caps: BoardCapabilities) -> BoardCapabilities:
-    """Every string a board sends is stored and shown: the same rule as any other text."""
-    for value in caps.model_dump().values():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str):
-                _text(item)
-    return caps
+def document_text(doc: Any) -> Any:
+    """Every string anywhere in a stored document follows the same rule as any other text (``_text``)."""
+    data = doc.model_dump() if isinstance(doc, BaseModel) else doc
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _text(item)
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return doc
 
 
 Text = Annotated[str, AfterValidator(_text)]
@@ -102,7 +108,7 @@ class EnrollRequest(BaseModel):
     ram_bytes: int | None = Field(None, ge=0, le=2**50)
     tags: Tags = Field(default_factory=dict)
     groups: Groups = Field(default_factory=list)
-    capabilities: Annotated[BoardCapabilities, AfterValidator(_capabilities_text)] | None = Field(
+    capabilities: Annotated[BoardCapabilities, AfterValidator(document_text)] | None = Field(
         None, description="what the board can run (manifests.BoardCapabilities): the fleet picks release variants"
     )
     device_public_key: Annotated[str, AfterValidator(_ed25519_pem)] | None = Field(

@@ -47,9 +47,9 @@ def parse_size(value: object) -> int:
         raise ValueError("a size is a number of bytes or a string such as '4GiB'")
     if isinstance(value, int):
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([a-zA-Z]*)\s*", str(value)[:64])
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '4GiB', '512MiB')")
+        raise ValueError(f"not a size: {str(value)[:64]!r} (use bytes or e.g. '4GiB', '512MiB')")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -63,7 +63,7 @@ class VariantRules(_Strict):
     hardware_class: list[str] = Field(default_factory=list, description="any of these classes")
     arch: list[str] = Field(default_factory=list, description="any of these platform.machine() names")
     min_ram_bytes: int | None = Field(
-        None, ge=0, alias="min_ram", description="at least this much RAM: bytes or e.g. '4GiB'"
+        None, ge=0, le=2**50, alias="min_ram", description="at least this much RAM: bytes or e.g. '4GiB'"
     )
     cpu_features: list[str] = Field(
         default_factory=list, description="every one of these /proc/cpuinfo features, e.g. asimddp, i8mm"

@@ -11,6 +11,7 @@ from .. import schemas as S
 from ..audit import audit
 from ..db import ReleaseRecord
 from ..errors import ConflictError, InvalidManifestError, NotFoundError
+from ..rollout.planning import MAX_VERSION
 from ..rollout.variants import release_record
 from ..views import release_out
 from .base import CommandContext, CommandResult
@@ -19,6 +20,9 @@ from .base import CommandContext, CommandResult
 def _bundle_manifest(ctx: CommandContext, release: Release, i: int) -> BundleManifest:
     v = release.spec.variants[i]
     path = f"spec.variants.{i}.bundle"
+    if v.bundle.version > MAX_VERSION:
+        msg = f"variant {v.name}: bundle version {v.bundle.version} is over the maximum {MAX_VERSION}"
+        raise InvalidManifestError(msg, [{"path": f"{path}.version", "msg": msg}])
     try:
         rec = registry.get_bundle(ctx.session, v.bundle.name, v.bundle.version)
     except NotFoundError as exc:

@@ -23,7 +23,7 @@ from schemathesis import GenerationMode, checks
 from fleet.config import FleetConfig
 from fleet.server import ServerThread
 
-FLEET_TAGS = {"devices", "models", "deployments", "artifacts", "service", "offline"}
+FLEET_TAGS = {"devices", "models", "deployments", "releases", "artifacts", "service", "offline"}
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
