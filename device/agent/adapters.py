@@ -179,16 +179,16 @@ class AdapterUpdater:
         ref = desired.adapter
         assert ref is not None
         seen = [*self.u.record.seen_deployments, desired.deployment_id][-64:]
-        # The command is recorded first: a crash from here on leaves it unfinished and the retained desired
-        # state, delivered again after the restart, is not taken for a duplicate (it is not in ``seen``).
-        self.u._save(deployment_id=desired.deployment_id, last_result=None, error=None, error_reason=None,
-                     error_state=None)  # fmt: skip
+        # Nothing is recorded until the outcome is known: the fleet reads a reported deployment id with no
+        # failed result as done, and a crash half-way leaves the command unseen, so the retained desired state,
+        # delivered again after the restart, runs it again (every step can be repeated).
         stats = DownloadStats()
         try:
             outcome, health = self._apply(desired, ref, stats)
         except (UpdateError, ManifestError, OSError) as exc:
             return self._failed(desired, ref, exc, seen)
-        self.u._save(seen_deployments=seen, last_result="committed", error=None, error_reason=None)
+        self.u._save(deployment_id=desired.deployment_id, seen_deployments=seen, last_result="committed", error=None,
+                     error_reason=None, error_state=None)  # fmt: skip
         self.u._emit(
             "result",
             f"adapter {ref.name}@{ref.version} {'already in service' if outcome == 'in_service' else 'resident'}",
@@ -217,9 +217,20 @@ class AdapterUpdater:
             details={"kind": "adapter", "reason": err.reason},
         )
         result = "refused" if refused else "failed"
-        self.u._save(seen_deployments=seen, last_result=result, error=err.message, error_reason=err.reason)
+        self.u._save(deployment_id=desired.deployment_id, seen_deployments=seen, last_result=result,
+                     error=err.message, error_reason=err.reason, error_state=None)  # fmt: skip
         shutil.rmtree(self.store.staging(ref.name, ref.version), ignore_errors=True)
+        self._drop_unrecorded(ref.name, ref.version)
         return result
+
+    def _drop_unrecorded(self, name: str, version: int) -> None:
+        """A version that failed after it was downloaded is not kept (only the current and previous are)."""
+        try:
+            entry = self.store.load().adapters.get(name)
+        except AgentError:
+            return
+        if entry is None or version not in (entry.version, entry.previous_version):
+            shutil.rmtree(self.store.folder(name, version), ignore_errors=True)
 
     # ---- the steps ---------------------------------------------------------------------------------
     def _apply(self, desired: DesiredState, ref: AdapterRef, stats: DownloadStats) -> tuple[str, dict[str, Any]]:
