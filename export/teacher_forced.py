@@ -92,12 +92,16 @@ class Comparison:
     def tokens(self) -> int:
         return int(sum(a.shape[0] for a in self._kl))
 
-    def result(self, limits: Limits, reference: str) -> TeacherForced:
+    def terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The per-position terms so far ([n] each: kl, same, nll_ref, nll_cand), what ``judge`` takes: a few
+        numbers per position, so a comparison can be stored and judged again under other limits."""
         if not self.tokens:
             raise ValueError("no positions were compared")
-        kl = np.concatenate(self._kl)
-        same = np.concatenate(self._same)
-        nll_r, nll_c = np.concatenate(self._nll_ref), np.concatenate(self._nll_cand)
+        return (np.concatenate(self._kl), np.concatenate(self._same), np.concatenate(self._nll_ref),
+                np.concatenate(self._nll_cand))  # fmt: skip
+
+    def result(self, limits: Limits, reference: str) -> TeacherForced:
+        kl, same, nll_r, nll_c = self.terms()
         return judge(kl, same, nll_r, nll_c, limits, reference, self.nonfinite_positions)
 
 

@@ -7,8 +7,10 @@ it prints one line ``NANOFLEET_RESULT {json}`` on stdout, and exits 0 even on a 
 
 Modes:
   probe   versions, the machine, onnxruntime's CPU kernels; runs nothing else (a userland self-test)
-  verify  load the bundle with the engine, check runtime compatibility, then the eval text teacher-forced
-          (perplexity; with logprobs_out, every position's log-softmax row to a .npy) and the golden check
+  admit   the signature (with trusted_keys) and runtime compatibility only: what a cached measurement
+          (results.py) still needs checked on the target
+  verify  admit, then load the bundle with the engine, the eval text teacher-forced (perplexity; with
+          logprobs_out, every position's log-softmax row to a .npy) and the golden check
 """
 
 from __future__ import annotations
@@ -64,26 +66,17 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def verify(job: dict[str, Any]) -> dict[str, Any]:
-    from device.engine import Engine, EngineError, EngineOptions
-    from manifests import (
-        ArchConfig,
-        GraphSpec,
-        ManifestError,
-        Recipe,
-        Runtime,
-        TrustStore,
-        read_manifest_unverified,
-        verify_bundle,
-    )
+def admit(job: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The checks before any byte of the model is parsed: the signature and every file's sha256 (with
+    trusted_keys), then whether this onnxruntime can run the bundle at all (version, operators). Returns
+    (result so far, manifest or None); the result has ``ok`` False on a refusal."""
+    from manifests import ManifestError, Recipe, Runtime, TrustStore, read_manifest_unverified, verify_bundle
     from manifests.runtime_compat import RuntimeIncompatibleError, check_runtime_compat, local_onnxruntime
 
     ort_version, ops = local_onnxruntime()
     base: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
                             "onnxruntime": ort_version}  # fmt: skip
     root = Path(job["dir"])
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
     manifest = None
     try:
         if job.get("trusted_keys"):
@@ -92,7 +85,7 @@ def verify(job: dict[str, Any]) -> dict[str, Any]:
         elif (root / "manifest.yaml").is_file():
             manifest = read_manifest_unverified(root)
     except ManifestError as exc:
-        return {**base, "ok": False, "reason": getattr(exc, "reason", "invalid"), "error": str(exc)}
+        return {**base, "ok": False, "reason": getattr(exc, "reason", "invalid"), "error": str(exc)}, None
 
     runtime = manifest.runtime if manifest else (Runtime(**job["runtime"]) if job.get("runtime") else None)
     recipe = manifest.recipe if manifest else (Recipe(**job["recipe"]) if job.get("recipe") else None)
@@ -102,8 +95,22 @@ def verify(job: dict[str, Any]) -> dict[str, Any]:
             report = check_runtime_compat(manifest or runtime, ort_version, ops, recipe=recipe)
             warnings += report.warnings
         except RuntimeIncompatibleError as exc:
-            return {**base, "ok": False, "reason": exc.reason, "error": str(exc), "problems": exc.problems}
+            refusal = {**base, "ok": False, "reason": exc.reason, "error": str(exc), "problems": exc.problems}
+            return refusal, None
+    return {**base, "ok": True, "warnings": warnings}, manifest
 
+
+def verify(job: dict[str, Any]) -> dict[str, Any]:
+    from device.engine import Engine, EngineError, EngineOptions
+    from manifests import ArchConfig, GraphSpec
+
+    t0 = time.monotonic()
+    result, manifest = admit(job)
+    if not result["ok"] or job.get("mode") == "admit":
+        result["timings"] = {"admit_s": time.monotonic() - t0}
+        return result
+    root = Path(job["dir"])
+    timings: dict[str, float] = {}
     options = EngineOptions(threads=job.get("threads"))
     try:
         if manifest is not None:
@@ -111,10 +118,9 @@ def verify(job: dict[str, Any]) -> dict[str, Any]:
         else:
             engine = Engine.from_parts(root, ArchConfig(**job["arch"]), GraphSpec(**job["graph"]), options)
     except EngineError as exc:
-        return {**base, "ok": False, "reason": "load", "error": str(exc)}
+        return {**result, "ok": False, "reason": "load", "error": str(exc)}
     timings["load_s"] = time.monotonic() - t0
 
-    result: dict[str, Any] = {**base, "ok": True, "warnings": warnings}
     with engine:
         if job.get("text"):
             ids = engine.encode(job["text"], add_special_tokens=False)  # as the export gate does

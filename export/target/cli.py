@@ -4,6 +4,7 @@ with the build machine, exit non-zero on a regression."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,13 @@ def verify_target_cmd(
     no_golden: bool = typer.Option(False, "--no-golden", help="Do not require the manifest's golden tokens."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="onnxruntime threads (both runs)."),
     timeout: float = typer.Option(3600, "--timeout", min=1, help="Seconds allowed for each run."),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Emulate again even when these exact files were measured before with the same text, CPU, "
+        "onnxruntime and code (the results cache; $NANOFLEET_VERIFY_CACHE=off disables it). The signature and "
+        "runtime checks run on the target either way.",
+    ),
     prepare: bool = typer.Option(
         False, "--prepare", help="Only build/refresh the cached arm64 root, wheels and qemu, then exit."
     ),
@@ -86,57 +94,36 @@ def verify_target_cmd(
 
     Checks, in order: can the target onnxruntime run the bundle at all (version, operators); the eval text teacher-forced on both sides: mean KL divergence, same top token and perplexity of the target against this machine (and, on the gate's own text, perplexity against the signed fp32 reference); the manifest's golden check (the agent's activation test).
 
-    Exit codes: 0 passed, 1 regression (named), 2 bad input, 3 bundle refused, 4 environment (qemu, debootstrap or downloads missing). The first run builds the cache (~/.cache/nanofleet/target, a few minutes).
+    Exit codes: 0 passed, 1 regression (named), 2 bad input, 3 bundle refused, 4 environment (qemu, debootstrap or downloads missing). The first run builds the cache (~/.cache/nanofleet/target, a few minutes). A measurement of the same files, text, CPU, onnxruntime and code is reused from the results cache (the export's --verify-target fills it).
     """  # noqa: E501
-    from .errors import BadInputError, TargetError, TargetRefusedError, UnsupportedCpuError
-    from .runner import prepare_target
-    from .verify import Thresholds, run_verification
-    from .wheels import host_onnxruntime_version
+    if prepare:
+        _prepare(cpu, onnxruntime, as_json)
+        return
+    if bundle is None:
+        fail("give a BUNDLE folder (or --prepare)", code=EXIT_BAD_INPUT, as_json=as_json, reason="bad_input")
+    from .verify import Thresholds
 
+    thresholds = Thresholds(max_ppl_drift, max_kl, min_top_match, not no_golden)
+    run = dict(max_text_tokens=max_text_tokens, onnxruntime=onnxruntime, trusted_keys=trust or None,
+               thresholds=thresholds, threads=threads, timeout=timeout, cache=not no_cache)  # fmt: skip
+    _verify(bundle, cpu, text, run, as_json)
+
+
+def _progress(as_json: bool) -> Callable[[str], None]:
     def progress(msg: str) -> None:
         if not as_json:
             console.print(f"[dim]verify-target:[/] {msg}")
 
+    return progress
+
+
+@contextlib.contextmanager
+def _exit_codes(as_json: bool) -> Iterator[None]:
+    """The target's errors as the command's exit codes (docs/target-verification.md)."""
+    from .errors import BadInputError, TargetError, TargetRefusedError, UnsupportedCpuError
+
     try:
-        if prepare:
-            version = onnxruntime or host_onnxruntime_version()
-            with _status("building the target userland", as_json):
-                env = prepare_target(cpu, version, progress)
-            info = {
-                "ok": True,
-                "cpu": cpu,
-                "onnxruntime": version,
-                "qemu": env.emulator.path,
-                "qemu_version": env.emulator.version_text,
-                "rootfs": str(env.rootfs),
-                "site": str(env.site),
-            }
-            if as_json:
-                emit_json(info)
-            else:
-                console.print(f"[green]ready:[/] qemu {info['qemu_version']}, root {info['rootfs']}, "
-                              f"wheels {info['site']}")  # fmt: skip
-            return
-        if bundle is None:
-            fail(
-                "give a BUNDLE folder (or --prepare)",
-                code=EXIT_BAD_INPUT,
-                as_json=as_json,
-                reason="bad_input",
-            )
-        with _status(f"verifying on emulated {cpu}", as_json):
-            outcome = run_verification(
-                bundle,
-                cpu,
-                text,
-                max_text_tokens=max_text_tokens,
-                onnxruntime=onnxruntime,
-                trusted_keys=trust or None,
-                thresholds=Thresholds(max_ppl_drift, max_kl, min_top_match, not no_golden),
-                threads=threads,
-                timeout=timeout,
-                progress=progress,
-            )
+        yield
     except TargetRefusedError as exc:
         fail(exc.message, code=EXIT_REFUSED, as_json=as_json, reason=exc.reason, problems=exc.problems)
     except (BadInputError, UnsupportedCpuError) as exc:
@@ -144,6 +131,38 @@ def verify_target_cmd(
     except TargetError as exc:
         fail(exc.message, code=EXIT_ENVIRONMENT, as_json=as_json, reason=exc.reason)
 
+
+def _prepare(cpu: str, onnxruntime: str | None, as_json: bool) -> None:
+    """--prepare: build (or check) the cached arm64 root, wheels and qemu, and say where they are."""
+    from .runner import prepare_target
+    from .wheels import host_onnxruntime_version
+
+    with _exit_codes(as_json):
+        version = onnxruntime or host_onnxruntime_version()
+        with _status("building the target userland", as_json):
+            env = prepare_target(cpu, version, _progress(as_json))
+    info = {
+        "ok": True,
+        "cpu": cpu,
+        "onnxruntime": version,
+        "qemu": env.emulator.path,
+        "qemu_version": env.emulator.version_text,
+        "rootfs": str(env.rootfs),
+        "site": str(env.site),
+    }
+    if as_json:
+        emit_json(info)
+    else:
+        console.print(f"[green]ready:[/] qemu {info['qemu_version']}, root {info['rootfs']}, "
+                      f"wheels {info['site']}")  # fmt: skip
+
+
+def _verify(bundle: Path, cpu: str, text: Path | None, run: dict[str, Any], as_json: bool) -> None:
+    """The verification itself; ``run``: run_verification's keyword arguments from the options."""
+    from .verify import run_verification
+
+    with _exit_codes(as_json), _status(f"verifying on emulated {cpu}", as_json):
+        outcome = run_verification(bundle, cpu, text, progress=_progress(as_json), **run)
     data: dict[str, Any] = outcome.to_dict()
     if as_json:
         emit_json(data)

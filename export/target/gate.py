@@ -3,12 +3,13 @@
 Called by export/pipeline.py on the staged bundle (files in place, manifest not yet written): each CPU's
 TargetVerification goes into the quality report that the manifest signs, and a passing onnxruntime
 version joins ``runtime.verified_onnxruntime``. A regression or a refusal stops the export (nothing is
-published): QualityGateError, exit 3, like the build-machine gate.
+published): QualityGateError, exit 3, like the build-machine gate. The measurement lands in the results
+cache (results.py), so a later `nanofleet verify-target` of the published bundle reuses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from manifests import ArchConfig, GoldenCheck, GraphSpec, QualityReport, Recipe, Runtime, TargetVerification
@@ -30,13 +31,14 @@ def verify_on_targets(
     golden: GoldenCheck | None,
     *,
     threads: int | None = None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[QualityReport, Runtime]:
     results: list[TargetVerification] = []
     for cpu in dict.fromkeys(cpus):  # each CPU once, in the order given
         try:
             tv = verify_target(
                 stage, cpu, eval_text, arch=arch, graph=graph, runtime=runtime, recipe=recipe,
-                quality=quality, golden=golden, threads=threads,
+                quality=quality, golden=golden, threads=threads, progress=progress,
             )  # fmt: skip
         except TargetRefusedError as exc:
             raise QualityGateError(f"target verification on {cpu}: {exc.message}") from exc

@@ -37,6 +37,7 @@ import numpy as np
 
 from manifests import (
     MANIFEST_NAME,
+    TOKENIZER_FILE,
     ArchConfig,
     BundleManifest,
     GoldenCheck,
@@ -51,8 +52,9 @@ from manifests import (
 )
 
 from .. import teacher_forced as tf
+from . import results
 from .errors import BadInputError, TargetRefusedError
-from .runner import RemoteResult, check_cpu, prepare_target, run_on_host, run_on_target
+from .runner import RemoteResult, TargetEnv, check_cpu, prepare_target, run_on_host, run_on_target
 from .wheels import host_onnxruntime_version
 
 EVAL_DIR = Path(__file__).resolve().parents[1] / "eval_text"
@@ -203,6 +205,7 @@ def run_verification(
     thresholds: Thresholds | None = None,
     threads: int | None = None,
     timeout: float = 3600,
+    cache: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Outcome:
     """Verify ``bundle_dir`` (a bundle, or an export staging folder with ``arch`` and ``graph``) on ``cpu``.
@@ -212,6 +215,8 @@ def run_verification(
     ``trusted_keys``: public keys; when given, the signature and every file are checked on the target.
     ``arch``/``graph``/``runtime``/``recipe``/``quality``/``golden``: for a staging folder (no manifest yet),
     what the manifest will say; ignored when the folder has a manifest.
+    ``cache``: reuse (and store) the measurement of the same files in the results cache (results.py); False
+    measures again and replaces the entry.
     """
     check_cpu(cpu)
     thresholds = thresholds or Thresholds()
@@ -249,37 +254,111 @@ def run_verification(
         job["trusted_keys"] = [str(Path(k).resolve()) for k in trusted_keys]
 
     target_env = prepare_target(cpu, ort_version, progress)
+    decoded_golden = (manifest.golden if manifest else golden) if thresholds.check_golden else None
+    key = None
+    if results.cache_dir() is not None:
+        key = results.measurement_key(
+            root, manifest.arch if manifest else arch, manifest.graph if manifest else graph,  # type: ignore[arg-type]
+            eval_text, max_text_tokens, threads, decoded_golden, target_env, _tokenizer_file(manifest),
+        )  # fmt: skip
+    entry = results.load(key) if key is not None and cache else None
+    if entry is not None:
+        target, host, metrics = _reuse(entry, target_env, job, decoded_golden, thresholds, timeout, progress)
+    else:
+        target, host, metrics, comparison = _measure(target_env, job, thresholds, timeout, progress)
+        if key is not None:
+            terms = comparison.terms() if comparison is not None else None
+            nonfinite = comparison.nonfinite_positions if comparison is not None else 0
+            results.store(key, target.data, host.data, target.seconds, host.seconds, terms, nonfinite)
+    signed_quality = manifest.quality if manifest is not None else quality
+    outcome = compare(
+        root, signed_quality, cpu, target_env.emulator.version_text, eval_text, target, host, thresholds, metrics
+    )
+    outcome.details["cache"] = {
+        "hit": entry is not None,
+        "key": key.digest if key is not None else None,
+        "measured_at": entry.measured_at if entry is not None else None,
+        "measured_target_seconds": entry.target_seconds if entry is not None else round(target.seconds, 1),
+    }
+    return outcome
+
+
+def _tokenizer_file(manifest: BundleManifest | None) -> str:
+    """The file the engine tokenizes with: the manifest's ``tokenizer`` role, else the default name (as
+    Engine.from_bundle / from_parts choose it)."""
+    entry = manifest.file("tokenizer") if manifest is not None else None
+    return entry.path if entry is not None else TOKENIZER_FILE
+
+
+def _check(result: RemoteResult, where: str) -> None:
+    if result.data.get("ok"):
+        return
+    if result.data.get("reason") == "crash":
+        from .errors import RemoteRunError
+
+        raise RemoteRunError(
+            f"the {where} run crashed: {result.data.get('error')}", str(result.data.get("traceback", ""))
+        )
+    raise _refusal(where, result.data)
+
+
+def _measure(
+    target_env: TargetEnv, job: dict[str, Any], thresholds: Thresholds, timeout: float, progress: Callable[[str], None]
+) -> tuple[RemoteResult, RemoteResult, TeacherForced | None, tf.Comparison | None]:
+    """Both runs for real, then their comparison (None when the texts were tokenized differently)."""
+    cpu, ort_version = target_env.cpu, target_env.onnxruntime
     # Both runs write every position's log-softmax row here (vocab floats each: ~100 MB for the eval text).
     rows_dir = Path(tempfile.mkdtemp(prefix="nanofleet-verify-"))
     try:
         progress(f"running the bundle on emulated {cpu} (onnxruntime {ort_version} aarch64, qemu "
                  f"{target_env.emulator.version_text}); emulation is slow: minutes for a long text")  # fmt: skip
         target = run_on_target(target_env, {**job, "logprobs_out": str(rows_dir / "target.npy")}, timeout)
-        if not target.data.get("ok"):
-            if target.data.get("reason") == "crash":
-                from .errors import RemoteRunError
-
-                raise RemoteRunError(
-                    f"the emulated run crashed: {target.data.get('error')}", str(target.data.get("traceback", ""))
-                )
-            raise _refusal(f"the emulated {cpu} (onnxruntime {ort_version})", target.data)
+        _check(target, f"emulated {cpu} (onnxruntime {ort_version})")
         progress("running the same program on this machine (the build's reference)")
         host_job = {**job, "trusted_keys": None, "logprobs_out": str(rows_dir / "host.npy")}
         host = run_on_host(host_job, timeout)
-        if not host.data.get("ok"):
-            raise _refusal("this (build) machine", host.data)
-        metrics = None
-        if eval_text and target.data.get("text_ids_sha256") == host.data.get("text_ids_sha256"):
-            metrics = compare_rows(rows_dir / "host.npy", rows_dir / "target.npy", thresholds.limits())
+        _check(host, "this (build) machine")
+        comparison = None
+        if job["text"] and target.data.get("text_ids_sha256") == host.data.get("text_ids_sha256"):
+            comparison = compare_rows(rows_dir / "host.npy", rows_dir / "target.npy")
     finally:
         shutil.rmtree(rows_dir, ignore_errors=True)
-    signed_quality = manifest.quality if manifest is not None else quality
-    return compare(
-        root, signed_quality, cpu, target_env.emulator.version_text, eval_text, target, host, thresholds, metrics
-    )
+    metrics = comparison.result(thresholds.limits(), "build") if comparison is not None else None
+    return target, host, metrics, comparison
 
 
-def compare_rows(host_file: Path, target_file: Path, limits: tf.Limits) -> TeacherForced:
+def _reuse(
+    entry: results.Entry,
+    target_env: TargetEnv,
+    job: dict[str, Any],
+    golden: GoldenCheck | None,
+    thresholds: Thresholds,
+    timeout: float,
+    progress: Callable[[str], None],
+) -> tuple[RemoteResult, RemoteResult, TeacherForced | None]:
+    """A cached measurement of the same bytes: the checks that must hold now (signature, runtime
+    compatibility) run on the emulated target again; the measurement is reused and judged with this call's
+    thresholds."""
+    cpu, ort_version = target_env.cpu, target_env.onnxruntime
+    progress(f"reusing the emulated measurement of these files on {cpu} from {entry.measured_at} "
+             f"(results cache); checking signature and runtime compatibility on the target")  # fmt: skip
+    admitted = run_on_target(target_env, {**job, "mode": "admit"}, timeout)
+    _check(admitted, f"emulated {cpu} (onnxruntime {ort_version})")
+    expected = list(golden.expected_token_ids) if golden is not None else None
+    t_data: dict[str, Any] = {**entry.target, **admitted.data}
+    h_data: dict[str, Any] = {**entry.host, "ok": True}
+    if entry.golden_tokens is not None:
+        t_data["golden"] = {"expected": expected, "tokens": entry.golden_tokens}
+        h_data["golden"] = {"expected": expected, "tokens": entry.host_golden_tokens}
+    target = RemoteResult(t_data, admitted.seconds, admitted.stderr_tail)
+    host = RemoteResult(h_data, 0.0, "")
+    metrics = None
+    if entry.terms is not None:
+        metrics = tf.judge(*entry.terms, thresholds.limits(), "build", entry.nonfinite_positions)
+    return target, host, metrics
+
+
+def compare_rows(host_file: Path, target_file: Path) -> tf.Comparison:
     """The teacher-forced comparison of the two runs' log-probability rows (memory-mapped, a slice at a time)."""
     host = np.load(host_file, mmap_mode="r")  # [positions, vocab]
     target = np.load(target_file, mmap_mode="r")
@@ -290,7 +369,7 @@ def compare_rows(host_file: Path, target_file: Path, limits: tf.Limits) -> Teach
     for at in range(0, host.shape[0], COMPARE_ROWS):
         end = at + COMPARE_ROWS
         cmp.add(targets[at:end], np.asarray(host[at:end]), np.asarray(target[at:end]))
-    return cmp.result(limits, "build")
+    return cmp
 
 
 def compare(

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
 
 from export.target.errors import TargetError
+from export.target.results import ENV as RESULTS_ENV
 from export.target.runner import TargetEnv, prepare_target
 from export.target.wheels import host_onnxruntime_version
 from manifests import (
@@ -121,6 +123,30 @@ def target_env() -> TargetEnv:
 def default_bundle() -> tuple[Path, Path]:
     """tests/conftest.py's default bundle (same cache, same lock), started at collection time."""
     return _start("default-bundle", _default_bundle).result()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verify_results_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A results cache (export/target/results.py) of this session's own, for the CLI processes and the
+    in-process calls alike: every session emulates for real at least once (nothing measured by an earlier
+    session, with other code, is reused), and within the session one measurement serves both entry points."""
+    folder = tmp_path_factory.mktemp("verify-results")
+    old = os.environ.get(RESULTS_ENV)
+    os.environ[RESULTS_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(RESULTS_ENV, None)
+    else:
+        os.environ[RESULTS_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def a76_cli_run(default_bundle: tuple[Path, Path], verify_results_cache: Path) -> tuple[int, dict[str, Any], str]:
+    """`nanofleet verify-target DEFAULT_BUNDLE --cpu cortex-a76 --trust KEY --json` on the gate's own eval text
+    (500+ tokens), run once per session: the CLI test checks it, and the export gate's test verifies the same
+    files after it, so that one reuses this emulated measurement (the ~9 minutes of the suite's qemu part)."""
+    bundle, pub = default_bundle
+    return run_cli(str(bundle), "--cpu", CPU, "--trust", str(pub), timeout=2400)
 
 
 def run_cli(*args: str, timeout: float = 900) -> tuple[int, dict[str, Any], str]:

@@ -110,13 +110,13 @@ def test_the_a76_case_passes(tmp_path: Path) -> None:
     np.save(tmp_path / "host.npy.targets.npy", targets)
     np.save(tmp_path / "target.npy", target)
     np.save(tmp_path / "target.npy.targets.npy", targets)
-    m = compare_rows(tmp_path / "host.npy", tmp_path / "target.npy", Thresholds().limits())
+    m = compare_rows(tmp_path / "host.npy", tmp_path / "target.npy").result(Thresholds().limits(), "build")
     assert m.tokens == 516 and 0.95 < m.top_token_match < 1.0 and m.kl_mean < 0.01
     assert names(run(ppl=19.974), m=m) == []  # -0.13%
     # the two runs must have scored the same positions
     np.save(tmp_path / "target.npy", target[:-1])
     with pytest.raises(BadInputError, match="different positions"):
-        compare_rows(tmp_path / "host.npy", tmp_path / "target.npy", Thresholds().limits())
+        compare_rows(tmp_path / "host.npy", tmp_path / "target.npy").result(Thresholds().limits(), "build")
 
 
 def test_a_short_text_widens_the_limits_and_warns() -> None:
