@@ -19,14 +19,18 @@ from manifests import (
     check_relative_path,
     verify_manifest_bytes,
 )
+from manifests.adapter import AdapterManifest, is_adapter_manifest, verify_adapter_manifest_bytes
 
+from .adapters import runs_adapter, summarize_adapter
 from .blobs import BlobStore
 from .db import BundleFileRecord, BundleRecord, Deployment, Device
 from .errors import ConflictError, InvalidBundleError, NotFoundError
 from .rollout.states import ACTIVE
 
 
-def summarize(manifest: BundleManifest) -> dict[str, Any]:
+def summarize(manifest: BundleManifest | AdapterManifest) -> dict[str, Any]:
+    if isinstance(manifest, AdapterManifest):
+        return summarize_adapter(manifest)
     q = manifest.quality
     return {
         "recipe": manifest.recipe.model_dump(mode="json", exclude_defaults=True),
@@ -48,7 +52,7 @@ def summarize(manifest: BundleManifest) -> dict[str, Any]:
 class VerifiedBundle:
     """An uploaded manifest whose signature checked out against the trusted keys."""
 
-    manifest: BundleManifest
+    manifest: BundleManifest | AdapterManifest  # an adapter bundle is registered like a model (fleet/adapters.py)
     manifest_bytes: bytes
     signature: bytes
     manifest_sha256: str
@@ -62,8 +66,9 @@ def verify_upload(trust: TrustStore, parts: dict[str, BinaryIO]) -> VerifiedBund
             raise InvalidBundleError(f"the upload has no {required}")
     body = parts[MANIFEST_NAME].read()
     sig = parts[SIGNATURE_NAME].read()
+    verify = verify_adapter_manifest_bytes if is_adapter_manifest(body) else verify_manifest_bytes
     try:
-        manifest = verify_manifest_bytes(body, sig, trust)
+        manifest = verify(body, sig, trust)
     except VerificationError as exc:
         raise InvalidBundleError(f"bundle refused ({exc.reason}): {exc.message}") from exc
     except ManifestError as exc:
@@ -181,9 +186,11 @@ def users_of(session: Session, name: str, version: int) -> list[str]:
         if d.current_name == name and d.current_version == version:
             users.append(f"device {d.id} runs it")
             continue
-        b = (d.desired or {}).get("bundle") or {}
+        b = (d.desired or {}).get("bundle") or (d.desired or {}).get("adapter") or {}
         if b.get("name") == name and b.get("version") == version:
             users.append(f"device {d.id} is told to run it")
+        elif runs_adapter(d.reported, name, version):
+            users.append(f"device {d.id} holds it as an adapter")
     deps = session.scalars(
         select(Deployment).where(
             Deployment.bundle_name == name,

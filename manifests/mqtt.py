@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .adapter import AdapterInfo, AdapterRef
 from .bundle import format_validation_error
 from .capabilities import BoardCapabilities
 from .errors import SchemaError
@@ -94,6 +95,8 @@ class DesiredState(_Payload):
     device_id: str
     deployment_id: str
     bundle: BundleRef | None = None
+    # An adapter deployment: the model stays as it is (``bundle`` is None) and this adapter is made resident.
+    adapter: AdapterRef | None = None
     # A signed RollbackAuthorization lets the device go below its highest committed version.
     rollback: SignedDocument | None = None
     issued_at: dt.datetime
@@ -153,6 +156,7 @@ class ReportedState(_Payload):
     ram_bytes: int | None = None
     # What the board can run (manifests/capabilities.py): the fleet resolves release variants from it.
     capabilities: BoardCapabilities | None = None
+    adapters: list[AdapterInfo] = Field(default_factory=list, description="the board's LoRA adapters")
     ts: dt.datetime
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")

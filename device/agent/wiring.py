@@ -15,6 +15,7 @@ from typing import Any
 from manifests import BoardCapabilities, TrustStore
 from manifests.mqtt import Event, ReportedState, SlotInfo, events_topic
 
+from .adapters import AdapterStore
 from .config import AgentConfig
 from .disk import Disk
 from .fetch import DownloadLimits, Fetcher, HttpFetcher
@@ -98,6 +99,7 @@ def reported_state(
         cpu_arch=cpu_arch(),
         ram_bytes=ram_bytes(),
         capabilities=capabilities,
+        adapters=AdapterStore(cfg.data_dir).report(rec.committed.manifest_sha256 if rec.committed else None),
         ts=ts,
     )
 

@@ -4,13 +4,14 @@ bundles are signed, so devices trust the signature, not the transport."""
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 from starlette.responses import MalformedRangeHeader
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME
 
 from .. import schemas as S
+from ..chunks import chunk_map_of
 from ..errors import NotFoundError
 from ..registry import get_bundle
 from .deps import Db, Svc, Version
@@ -55,7 +56,7 @@ class _BundleFileResponse(FileResponse):
 @router.get(
     "/bundles/{name}/{version}/{path:path}",
     responses={
-        200: {"content": {"application/octet-stream": {}}},
+        200: {"content": {"application/octet-stream": {}, "application/json": {}}},
         304: {},
         206: {},
         404: {"model": S.ErrorBody},
@@ -69,9 +70,11 @@ def bundle_file(
     session: Db,
     svc: Svc,
     if_none_match: Annotated[str | None, Header()] = None,
+    chunks: Annotated[bool, Query(description="the file's chunk map (manifests/chunks.py) instead of it")] = False,
 ) -> Response:
     """A bundle file, with Range, an ETag (its sha256) and X-Checksum-Sha256. No auth: bundles are
-    signed, so devices trust the signature, not the transport."""
+    signed, so devices trust the signature, not the transport. With ``chunks``: the sha256 of each fixed-size
+    chunk of the file, so a board downloads only the chunks it does not hold (device/agent/reuse.py)."""
     b = get_bundle(session, name, version)
     if path in (MANIFEST_NAME, SIGNATURE_NAME):
         data = (b.manifest_yaml if path == MANIFEST_NAME else b.signature).encode("utf-8")
@@ -88,4 +91,7 @@ def bundle_file(
     blob = svc.blobs.path(entry.sha256)
     if not blob.is_file():
         raise NotFoundError(f"{path} of {name}@{version} is missing from the blob store")
+    if chunks:
+        return Response(chunk_map_of(blob, entry.sha256).model_dump_json(), media_type="application/json",
+                        headers={"cache-control": IMMUTABLE})  # fmt: skip
     return _BundleFileResponse(blob, headers=_headers(entry.sha256), media_type="application/octet-stream")

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from manifests import SignedDocument, SigningKey
 from manifests import mqtt as contract
 
-from .. import registry
-from ..db import Device
+from .. import adapters, registry
+from ..db import BundleRecord, Device
 
 
 @dataclass
@@ -41,19 +41,21 @@ class DesiredStates:
         now: dt.datetime,
         *,
         manifest_sha256: str | None = None,
+        record: BundleRecord | None = None,
     ) -> None:
         """Tell ``device`` to run ``name@version`` under ``command_id`` (NotFoundError: no such bundle).
-        A caller starting many devices on one bundle passes its ``manifest_sha256`` (looked up once)."""
-        sha = manifest_sha256 or registry.get_bundle(session, name, version).manifest_sha256
+        A caller starting many devices on one bundle passes its registry ``record`` (looked up once); an
+        adapter's record makes it an adapter desired state, the device's model left as it is."""
+        rec = record or registry.get_bundle(session, name, version)
+        sha = manifest_sha256 or rec.manifest_sha256
+        url = self.ctx.base_url(name, version)
+        is_adapter = adapters.is_adapter(rec.summary)
         desired = contract.DesiredState(
             device_id=device.id,
             deployment_id=command_id,
-            bundle=contract.BundleRef(
-                name=name,
-                version=version,
-                manifest_sha256=sha,
-                base_url=self.ctx.base_url(name, version),
-            ),
+            bundle=None if is_adapter else contract.BundleRef(name=name, version=version, manifest_sha256=sha,
+                                                               base_url=url),  # fmt: skip
+            adapter=adapters.adapter_ref(rec.summary, name, version, sha, url) if is_adapter else None,
             rollback=rollback,
             issued_at=now,
         )

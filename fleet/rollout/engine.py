@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from manifests import DeploymentManifest, SignedDocument
 
-from .. import registry
+from .. import adapters, registry
 from ..audit import audit
 from ..db import Deployment, DeploymentTarget, Device, aware
 from ..errors import NotFoundError
@@ -344,9 +344,8 @@ class RolloutEngine:
             )
         found = [devices[i] for i in ids if i in devices]
         base = baselines(session, found)
-        bundle_sha = None
-        if found:
-            bundle_sha = registry.get_bundle(session, name, version).manifest_sha256
+        record = registry.get_bundle(session, name, version) if found else None
+        is_adapter = record is not None and adapters.is_adapter(record.summary)
         changed: set[str] = set()
         for t in targets:
             # A retried device needs a fresh command id: agents deduplicate commands by it.
@@ -356,6 +355,9 @@ class RolloutEngine:
             device = devices.get(t.device_id)
             if device is not None:
                 t.previous_name, t.previous_version = device.current_name, device.current_version
+                if is_adapter:  # an adapter's "previous" is the version of it the device held (None: none)
+                    prev = adapters.reported_version(device.reported, name)
+                    t.previous_name, t.previous_version = (name, prev) if prev else (None, None)
                 t.baseline = base.get(device.id)
                 rollback = None
                 if manifest.spec.rollback:
@@ -368,7 +370,7 @@ class RolloutEngine:
                     version,
                     rollback,
                     now,
-                    manifest_sha256=bundle_sha,
+                    record=record,
                 )
                 changed.add(device.id)
             audit(
