@@ -14,7 +14,9 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from manifests import BundleManifest, ManifestError, TrustStore, VerificationError, verify_manifest_bytes
+from manifests.adapter import AdapterManifest, is_adapter_manifest, verify_adapter_manifest_bytes
 
+from ..adapters import adapters_of
 from ..db import (
     AuditEntry,
     BundleRecord,
@@ -283,13 +285,19 @@ class ModelView:
     verified: bool
     verify_error: str | None
     users: list[str] = field(default_factory=list)
+    adapter: AdapterManifest | None = None  # this record is an adapter bundle (fleet/adapters.py)
+    adapters: list[BundleRecord] = field(default_factory=list)  # a model's: the adapters built for it
 
 
 def models(session: Session, trust: TrustStore) -> list[ModelView]:
     """Every bundle, its manifest re-verified against the trusted keys as the page is drawn."""
     out = []
-    for b in session.scalars(select(BundleRecord).order_by(BundleRecord.name, BundleRecord.version.desc())):
+    records = list(session.scalars(select(BundleRecord).order_by(BundleRecord.name, BundleRecord.version.desc())))
+    for b in records:
         body = b.manifest_yaml.encode("utf-8")
+        if is_adapter_manifest(body):
+            out.append(adapter_view(b, body, trust))
+            continue
         try:
             m = verify_manifest_bytes(body, b.signature, trust)
             out.append(ModelView(b, m, True, None))
@@ -303,7 +311,24 @@ def models(session: Session, trust: TrustStore) -> list[ModelView]:
         except ManifestError:
             m = None
         out.append(ModelView(b, m, False, err))
+    for mv in out:
+        mv.adapters = [] if mv.adapter else adapters_of(records, mv.record.manifest_sha256)
     return out
+
+
+def adapter_view(b: BundleRecord, body: bytes, trust: TrustStore) -> ModelView:
+    """An adapter's row: its manifest re-verified like a model's."""
+    try:
+        return ModelView(b, None, True, None, adapter=verify_adapter_manifest_bytes(body, b.signature.encode(), trust))
+    except VerificationError as exc:
+        err = f"{exc.reason}: {exc.message}"
+    except ManifestError as exc:
+        err = exc.message
+    try:
+        m: AdapterManifest | None = AdapterManifest.from_yaml(body)
+    except ManifestError:
+        m = None
+    return ModelView(b, None, False, err, adapter=m)
 
 
 def bundle_choices(session: Session) -> list[str]:
