@@ -55,6 +55,8 @@ def test_dry_run_prints_the_release_and_bad_input_fails_in_one_line(tmp_path: Pa
     assert rel.spec.variants[0].rules.min_ram_bytes == 4 * 2**30
     assert Release.from_yaml(out.read_text()) == rel
     assert cli("create", str(out), "--dry-run", "--json").returncode == 0
+    example = cli("create", str(REPO / "manifests" / "examples" / "release.yaml"), "--dry-run", "--json")
+    assert example.returncode == 0 and json.loads(example.stdout)["release"]["metadata"]["name"] == "smollm2"
     for args, expect in [
         (["create", "--name", "tiny", "--version", "1"], "at least one --variant"),
         (["create", "--name", "tiny", "--version", "1", "--variant", "a=x@1", "--variant", "a=y@1"], "unique"),

@@ -157,3 +157,25 @@ def test_a_deployment_names_a_bundle_or_a_release() -> None:
         with pytest.raises(SchemaError) as ei:
             DeploymentManifest.from_obj({**base, "spec": spec})
         assert "exactly one of spec.bundle or spec.release" in str(ei.value)
+
+
+def test_the_example_release_sends_each_board_its_variant() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "release.yaml"
+    rel = Release.from_yaml(example.read_bytes())
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    boards = {
+        "jetson": board(
+            hardware_class="jetson-orin-nano", ram_bytes=8 * GiB, cpu_features=ARM_V82, execution_providers=cuda
+        ),
+        "pi5": board(hardware_class="pi5", ram_bytes=8 * GiB, cpu_features=ARM_V82),
+        "pi4": board(hardware_class="pi4", ram_bytes=4 * GiB, cpu_features=ARM_V8),
+        "zero": board(hardware_class="pi-zero-2w", ram_bytes=512 * 2**20, cpu_features=ARM_V8),
+    }
+    got = {k: resolve_variant(c, rel) for k, c in boards.items()}
+    assert {k: getattr(v, "variant", None) for k, v in got.items()} == {
+        "jetson": "fp16-cuda", "pi5": "int8", "pi4": "int4", "zero": "int4",
+    }
+    tiny = resolve_variant(board(ram_bytes=256 * 2**20, cpu_features=ARM_V8), rel)
+    assert isinstance(tiny, VariantRefusal) and "int4 needs 0.5 GiB RAM, board has 0.2 GiB" in tiny.reason

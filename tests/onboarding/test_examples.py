@@ -14,7 +14,8 @@ from nanofleet.resign import resign_bundle
 from .conftest import REPO, RunningFleet, nanofleet
 
 EXAMPLES = REPO / "manifests" / "examples"
-COVERED = {"agent.yaml", "fleet.yaml", "deployment-canary.yaml", "deployment-waves.yaml"}
+# release.yaml: tests/manifests/test_variants.py and tests/fleet/test_release_cli.py
+COVERED = {"agent.yaml", "fleet.yaml", "deployment-canary.yaml", "deployment-waves.yaml", "release.yaml"}
 
 
 def test_every_example_is_covered_here() -> None:
