@@ -323,7 +323,7 @@ class Updater:
             return "duplicate"  # QoS 1 redelivery or the retained message again
         if rec.state not in RESTING:
             raise AgentError(f"an update is in flight ({rec.state.value}); finish or resume it first")
-        if getattr(desired, "adapter", None) is not None and desired.bundle is None:
+        if desired.adapter is not None and desired.bundle is None:
             return self.adapters.handle(desired)
         ref = desired.bundle
         if ref is None:
