@@ -473,6 +473,21 @@ class Run:
         self.broker.start()
         for name, cfg in zip(self.names, _configs(self.work, self.state, self.broker, self.names), strict=True):
             self.servers[name] = FleetServer(cfg).start()
+        self.ensure_bundles(self.next_version() + 2)
+
+    def ensure_bundles(self, up_to: int) -> None:
+        """Signed bundles 1..``up_to`` in the registry (each rollout of a run needs a version above the last)."""
+        from fleet.client import FleetClient
+        from manifests import SigningKey
+        from tests.fleet.conftest import make_bundle
+
+        key = SigningKey.load(self.work / "release-key" / "nanofleet.key")
+        srv = next(iter(self.servers.values()))
+        with FleetClient(srv.url, self.token) as c:
+            have = {m["version"] for m in c.request("GET", "/api/v1/models")}
+            for v in range(1, up_to + 1):
+                if v not in have:
+                    c.upload_bundle(make_bundle(self.work / "bundles" / f"v{v}", key, v))
 
     def stop(self) -> None:
         if self.swarm is not None:
@@ -505,6 +520,16 @@ class Run:
         }
         self.samples.append(x)
         return x
+
+    def next_version(self) -> int:
+        """The first bundle version above every one a device may hold (one per deployment so far)."""
+        done = _sql(self.db, "SELECT count(*) FROM deployments WHERE name NOT LIKE 'setup%'") or 0
+        return int(done) + 1
+
+    def table_size(self) -> dict[str, Any]:
+        rows = _sql(self.db, "SELECT count(*) FROM telemetry")
+        size = _sql(self.db, "SELECT pg_total_relation_size('telemetry')")
+        return {"rows": rows, "bytes": size, "bytes_per_row": round(size / rows, 1) if rows else None}
 
     # phases ------------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, Any]:
@@ -691,22 +716,30 @@ def bench_run(work: Path, args: Any) -> dict[str, Any]:
         _say("connecting the swarm")
         res["connect"] = run.connect()
         _say(f"connected: {res['connect']}")
-        res["telemetry"] = run.telemetry(args.rate, args.duration)
-        _say(f"telemetry: {res['telemetry']}")
-        res["read_side"] = run.read_side(args.background_rate)
-        _say(f"read side: {res['read_side']}")
-        res["rollout_all"] = run.rollout("all", 1, {"type": "all-at-once"})
-        _say(f"all at once: {res['rollout_all']}")
+        phases = set(args.phases.split(","))
+        if "telemetry" in phases:
+            res["telemetry"] = run.telemetry(args.rate, args.duration)
+            _say(f"telemetry: {res['telemetry']}")
+        if "read" in phases:
+            res["read_side"] = run.read_side(args.background_rate)
+            _say(f"read side: {res['read_side']}")
+        # Versions go up run after run (a board never goes back without a signed rollback).
+        version = run.next_version()
+        if "all" in phases:
+            res["rollout_all"] = run.rollout("all", version, {"type": "all-at-once"})
+            _say(f"all at once: {res['rollout_all']}")
+            version += 1
         waves = {"type": "waves", "waves": {"percent_steps": [10, 50, 100]}}
-        res["rollout_waves"] = run.rollout("waves", 2, waves)
-        _say(f"waves: {res['rollout_waves']}")
-        res["rollout_kill"] = run.rollout("kill", 3, waves, kill_at=0.2, rate=args.kill_rate)
+        if "waves" in phases:
+            res["rollout_waves"] = run.rollout("waves", version, waves)
+            _say(f"waves: {res['rollout_waves']}")
+            version += 1
+        if "kill" in phases:
+            res["rollout_kill"] = run.rollout("kill", version, waves, kill_at=0.2, rate=args.kill_rate)
+            _say(f"kill: {res['rollout_kill']}")
         settled = run._settle()
-        res["rollout_kill"]["missing_acked_whole_run"] = settled["missing"]
-        res["rollout_kill"]["acked_whole_run"] = settled["acked"]
-        res["rollout_kill"]["stored_everything_after_s"] = settled["stored_after_s"]
-        _say(f"kill: {res['rollout_kill']}")
-        res["telemetry_rows_per_device_day_at_30s"] = 86400 // 30
+        res["acked_whole_run"], res["missing_acked_whole_run"] = settled["acked"], settled["missing"]
+        res["telemetry_table"] = run.table_size()
     finally:
         res["samples"] = run.samples
         run.stop()
@@ -735,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="telemetry messages/s while the read side is measured (default 333: 10,000 boards every 30 s)")
     r.add_argument("--kill-rate", type=float, default=333, help="telemetry messages/s during the SIGKILL rollout")
     r.add_argument("--connect-rate", type=float, default=400, help="device connections started per second")
+    r.add_argument("--phases", default="telemetry,read,all,waves,kill",
+                   help="what to measure, comma-separated (default: telemetry,read,all,waves,kill)")
     q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
     q.add_argument("--url", required=True, help="a fleet server's URL")
     q.add_argument("--token", required=True, help="the admin token")

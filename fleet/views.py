@@ -3,8 +3,8 @@ build their results with them inside their transaction; the read routes use them
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, object_session
 
 from manifests import Release, load_public_key
 from manifests import mqtt as contract
@@ -108,11 +108,23 @@ def release_out(rec: ReleaseRecord) -> S.ReleaseOut:
     )
 
 
-def deployment_out(dep: Deployment, *, targets: bool = True) -> S.DeploymentOut:
+def _target_counts(dep: Deployment, load: bool) -> dict[str, int]:
+    """Targets per state. Without the targets themselves (``load`` false, not loaded yet) the database
+    counts them: a list of deployments at 10,000 devices each must not load every target row."""
     counts: dict[str, int] = {}
-    for t in dep.targets:
-        counts[t.state] = counts.get(t.state, 0) + 1
-    counts["total"] = len(dep.targets)
+    session = object_session(dep)
+    if load or "targets" in dep.__dict__ or session is None:
+        for t in dep.targets:
+            counts[t.state] = counts.get(t.state, 0) + 1
+    else:
+        q = select(DeploymentTarget.state, func.count()).where(DeploymentTarget.deployment_id == dep.id)
+        counts = {state: n for state, n in session.execute(q.group_by(DeploymentTarget.state))}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def deployment_out(dep: Deployment, *, targets: bool = True) -> S.DeploymentOut:
+    counts = _target_counts(dep, targets)
     return S.DeploymentOut(
         id=dep.id,
         name=dep.name,

@@ -19,7 +19,8 @@ def apply_deployment(
     and its plan are recorded: the rollout lease holder's next tick (``tick_s``) starts the first devices,
     in bounded steps, on whichever fleet server holds the lease."""
     dep, result = apply_manifest(ctx.session, manifest, actor, ctx.now)
-    return CommandResult(S.ApplyResult(result=result, deployment=deployment_out(dep)))
+    # Counts, not the target list (10,000 rows at 10,000 devices): GET /api/v1/deployments/{name} has it.
+    return CommandResult(S.ApplyResult(result=result, deployment=deployment_out(dep, targets=False)))
 
 
 def control_deployment(
