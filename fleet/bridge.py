@@ -182,7 +182,12 @@ class _Connection:
         self.epoch += 1
         self._failures = 0
         # A resumed session keeps its subscriptions; subscribing again would replay every retained message.
-        if self.subscribe and not getattr(flags, "session_present", False):
+        # Except shared ones: Mosquitto 2.0.11 restores a persistent session's plain subscriptions after a
+        # broker restart but not its $share/... ones (measured), so a server that trusted session_present
+        # would receive nothing. Subscribing to a shared filter again replaces it; the retained state
+        # messages Mosquitto then sends again are idempotent at ingest.
+        resubscribe = self.opts.shared_group is not None
+        if self.subscribe and (resubscribe or not getattr(flags, "session_present", False)):
             for t in self.topics:
                 client.subscribe(t, qos=contract.QOS)
         self.connected.set()

@@ -38,3 +38,29 @@ def test_acknowledged_messages_survive_sigterm_and_sigkill(cluster: Cluster, dat
     wait_for(lambda: cluster.missing(swarm) == 0, 60, interval=0.5, what="every acknowledged message stored")
     totals = swarm.totals()
     assert sum(len(v) for v in cluster.stored().values()) == totals["acked"] > 3000
+
+
+def test_a_broker_restart_keeps_shared_subscriptions_delivering(cluster: Cluster) -> None:
+    """Mosquitto restores a persistent session's plain subscriptions after a restart, not its shared ones:
+    a clustered server (ingest through $share/...) resuming its session must subscribe again, or it
+    receives nothing from then on while the broker keeps acknowledging the devices."""
+    srv = cluster.server("a")  # shared: true
+    swarm = cluster.swarm(cluster.enrol(10))
+    swarm.wait_connected(timeout=60)
+    swarm.set_rate(100)
+    wait_for(lambda: cluster.stored(), 30, what="telemetry stored before the restart")
+    cluster.broker.stop()  # SIGTERM: Mosquitto saves its sessions, then comes back on the same port
+    cluster.broker.start()
+    wait_for(lambda: srv.healthz()["mqtt_connected"], 30, what="the fleet reconnected")
+    swarm.wait_connected(timeout=60)
+    acked_at_restart = swarm.totals()["acked"]
+    wait_for(lambda: swarm.totals()["acked"] > acked_at_restart + 300, 30, what="devices acknowledged again")
+    swarm.set_rate(0)
+    wait_for(lambda: (t := swarm.totals())["acked"] == t["sent"], 30, what="every message acknowledged")
+    wait_for(
+        lambda: cluster.missing(swarm) == 0,
+        60,
+        interval=0.5,
+        what="every acknowledged message stored, those sent after the restart too",
+        details=lambda: f"{cluster.missing(swarm)} missing\n{cluster.logs()}",
+    )
