@@ -1,6 +1,8 @@
 """Peer runner: llama.cpp through llama-cpp-python (its own venv). Prints one JSON line.
 
-argv: JOB_JSON  with gguf, prompt_ids, new_tokens, threads, runs [, requantize_from, ftype]"""
+argv: JOB_JSON  with gguf, prompt_ids, new_tokens, threads, runs [, requantize_from, ftype, warmup_new_tokens,
+prepare_only]. ``warmup_new_tokens``: tokens the warm-up run decodes (default: new_tokens); ``prepare_only``:
+only requantize (when needed) and print {"prepared": path}."""
 
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def main() -> None:
         if rc != 0:
             raise SystemExit(f"llama_model_quantize failed: {rc}")
         os.replace(path + ".tmp", path)
+    if job.get("prepare_only"):
+        print(json.dumps({"prepared": path, "model_mb": round(os.path.getsize(path) / 2**20, 1)}))
+        return
     t = int(job["threads"])
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_threads=t, n_threads_batch=t, n_ctx=2048, n_batch=512, verbose=False)
@@ -40,6 +45,7 @@ def main() -> None:
     n = int(job["new_tokens"])
     ttfts, rates = [], []
     for r in range(int(job["runs"]) + 1):  # the first run warms up
+        want = n if r else int(job.get("warmup_new_tokens") or n)
         llm.reset()
         start = time.perf_counter()
         first = None
@@ -47,7 +53,7 @@ def main() -> None:
         for got, _tok in enumerate(gen, start=1):
             if first is None:
                 first = time.perf_counter()
-            if got >= n:
+            if got >= want:
                 break
         end = time.perf_counter()
         if r:

@@ -1,6 +1,7 @@
 """Runner: nanofleet's engine (the project venv). Prints one JSON line.
 
-argv: JOB_JSON with model_dir, prompt_ids, new_tokens, threads, runs, label"""
+argv: JOB_JSON with model_dir, prompt_ids, new_tokens, threads, runs, label [, weights_cache,
+warmup_new_tokens]. ``warmup_new_tokens``: tokens the warm-up run decodes (default: new_tokens)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def main() -> None:
     prompt = np.asarray(job["prompt_ids"], dtype=np.int64)
     n = int(job["new_tokens"])
     ttfts, rates = [], []
-    for r in range(int(job["runs"]) + 1):
-        state = engine.new_state(prompt.shape[0] + n)
+    for r in range(int(job["runs"]) + 1):  # the first run warms up
+        want = n if r else int(job.get("warmup_new_tokens") or n)
+        state = engine.new_state(prompt.shape[0] + want)
         start = time.perf_counter()
         tok = int(np.argmax(engine.prefill(state, prompt)))
         first = time.perf_counter()
-        for _ in range(n - 1):
+        for _ in range(want - 1):
             tok = int(np.argmax(engine.forward(state, [tok])[0]))
         end = time.perf_counter()
         del state  # freed when the request ends, as in the server, before the next run allocates its own

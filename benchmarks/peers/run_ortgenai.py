@@ -1,6 +1,9 @@
-"""Peer runner: onnxruntime-genai with its own model builder's int8 (its own venv). Prints one JSON line.
+"""Peer runner: onnxruntime-genai with its own model builder's int8 or int4 (its own venv). Prints one JSON line.
 
-argv: JOB_JSON with hf_dir, model_dir (built here if missing), prompt_ids, new_tokens, threads, runs"""
+argv: JOB_JSON with hf_dir, model_dir (built here if missing), prompt_ids, new_tokens, threads, runs
+[, precision: int8 (default) | int4, warmup_new_tokens, prepare_only]. ``warmup_new_tokens``: tokens the warm-up
+run decodes (default: new_tokens); ``prepare_only``: only build the model (when needed) and print
+{"prepared": dir}."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def main() -> None:
                 "-o",
                 str(out),
                 "-p",
-                "int8",
+                job.get("precision", "int8"),
                 "-e",
                 "cpu",
                 "-c",
@@ -40,6 +43,9 @@ def main() -> None:
             env=env,
             stdout=subprocess.DEVNULL,
         )
+    if job.get("prepare_only"):
+        print(json.dumps({"prepared": str(out)}))
+        return
     import onnxruntime_genai as og
 
     t = int(job["threads"])
@@ -55,9 +61,10 @@ def main() -> None:
     prompt = job["prompt_ids"]
     n = int(job["new_tokens"])
     ttfts, rates = [], []
-    for r in range(int(job["runs"]) + 1):
+    for r in range(int(job["runs"]) + 1):  # the first run warms up
+        want = n if r else int(job.get("warmup_new_tokens") or n)
         params = og.GeneratorParams(model)
-        total = len(prompt) + n
+        total = len(prompt) + want
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         gen = og.Generator(model, params)
         start = time.perf_counter()
@@ -65,7 +72,7 @@ def main() -> None:
         gen.get_next_tokens()
         first = time.perf_counter()
         got = 1
-        while got < n and not gen.is_done():
+        while got < want and not gen.is_done():
             gen.generate_next_token()
             got += 1
         end = time.perf_counter()
@@ -79,7 +86,7 @@ def main() -> None:
             {
                 "runtime": "onnxruntime-genai",
                 "version": og.__version__,
-                "weights": "int8 (its builder)",
+                "weights": f"{job.get('precision', 'int8')} (its builder)",
                 "threads": t,
                 "prompt_tokens": len(prompt),
                 "new_tokens": n,
