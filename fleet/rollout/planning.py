@@ -10,8 +10,8 @@ import json
 import math
 import uuid
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, load_only
 
 from manifests import DeploymentManifest
 
@@ -30,7 +30,10 @@ def select_devices(
 ) -> list[Device]:
     sel = manifest.spec.selector
     out = []
-    q = select(Device).order_by(Device.enrolled_at, Device.id)
+    # Only what the selector reads: whole rows (reported, telemetry, desired documents) of 10,000 devices
+    # cost the apply call more than a second.
+    cols = load_only(Device.id, Device.enrolled_at, Device.tags, Device.groups, Device.hardware_class)
+    q = select(Device).options(cols).order_by(Device.enrolled_at, Device.id)
     if enrolled_after is not None:
         q = q.where(Device.enrolled_at > enrolled_after)
     for d in session.scalars(q).all():
@@ -170,14 +173,16 @@ def apply_manifest(
         updated_at=now,
         finished_at=None if devices else now,
     )
-    pos = 0
-    for wave, size in enumerate(sizes):
-        for _ in range(size):
-            dep.targets.append(
-                DeploymentTarget(device_id=devices[pos].id, position=pos, wave=wave, state=TargetState.PENDING.value)
-            )
-            pos += 1
     session.add(dep)
+    session.flush()  # the deployment's row first: its targets refer to it
+    # One multi-row INSERT: 10,000 ORM objects through the unit of work took seconds of the apply call.
+    waves = [w for w, size in enumerate(sizes) for _ in range(size)]
+    rows = [
+        {"deployment_id": dep.id, "device_id": d.id, "position": pos, "wave": w, "state": TargetState.PENDING.value}
+        for pos, (d, w) in enumerate(zip(devices, waves, strict=True))
+    ]
+    if rows:
+        session.execute(insert(DeploymentTarget), rows)
     audit(
         session,
         actor,
