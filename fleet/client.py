@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME, read_manifest_unverified
+from manifests.adapter import is_adapter_manifest, read_adapter_manifest_unverified
 
 from .errors import FleetError
 
@@ -72,7 +73,10 @@ class FleetClient:
     # models
     def upload_bundle(self, bundle_dir: str | Path) -> dict[str, Any]:
         root = Path(bundle_dir)
-        manifest = read_manifest_unverified(root)
+        body = (root / MANIFEST_NAME).read_bytes() if (root / MANIFEST_NAME).is_file() else b""
+        # an adapter bundle (nanofleet export-adapter) is pushed the same way: its own manifest lists its files
+        read = read_adapter_manifest_unverified if is_adapter_manifest(body) else read_manifest_unverified
+        manifest = read(root)
         paths = [MANIFEST_NAME, SIGNATURE_NAME, *(f.path for f in manifest.files)]
         handles = [(p, open(root / p, "rb")) for p in paths]  # noqa: SIM115 - closed below
         try:

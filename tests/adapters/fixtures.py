@@ -10,6 +10,7 @@ export/adapters/ and manifests/adapter.py). Everything is signed by one test key
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -54,8 +55,11 @@ def peft_hash() -> str:
     return _hash(PEFT_SOURCES)
 
 
-def adapter_hash() -> str:
-    return hashlib.sha256((base_hash() + peft_hash() + _hash(ADAPTER_SOURCES)).encode()).hexdigest()[:12]
+def adapter_hash(base: Path) -> str:
+    """Keyed by the very base bundle it is built on (its manifest's sha256), not by the base's sources: a source
+    edited while a session runs must not pair an adapter with a base it was not built for."""
+    base_sha = hashlib.sha256((base / "manifest.yaml").read_bytes()).hexdigest()
+    return hashlib.sha256((base_sha + peft_hash() + _hash(ADAPTER_SOURCES)).encode()).hexdigest()[:12]
 
 
 @contextmanager
@@ -100,8 +104,10 @@ def _prune(prefix: str, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+@functools.cache
 def base_bundle(precision: str) -> Path:
-    """A signed base bundle of the default model at ``precision`` (int8, int4, fp32) with LoRA slots."""
+    """A signed base bundle of the default model at ``precision`` (int8, int4, fp32) with LoRA slots; one per
+    precision for the whole session (cached: every caller gets the same base, whatever changes on disk)."""
     key, _pub = test_keys()
     root = CACHE / f"base-{precision}-{base_hash()}"
     bundle = root / "bundle"
@@ -116,6 +122,7 @@ def base_bundle(precision: str) -> Path:
     return bundle
 
 
+@functools.cache
 def peft_adapter(kind: str) -> Path:
     """A PEFT LoRA folder of ``kind`` (train_lora.KINDS); ``qv`` also has the merged model at ``<dir>-merged``."""
     root = CACHE / f"peft-{kind}-{peft_hash()}"
@@ -135,11 +142,12 @@ def merged_model(kind: str = "qv") -> Path:
     return peft_adapter(kind).parent / "merged"
 
 
+@functools.cache
 def adapter_bundle(kind: str, precision: str) -> tuple[Path, dict]:
     """(adapter bundle, export-adapter --json summary) of the ``kind`` LoRA on the ``precision`` base."""
     key, _pub = test_keys()
     base, peft = base_bundle(precision), peft_adapter(kind)
-    root = CACHE / f"adapter-{kind}-{precision}-{adapter_hash()}"
+    root = CACHE / f"adapter-{kind}-{precision}-{adapter_hash(base)}"
     out, summary = root / "adapter", root / "export.json"
     with _locked(root.name):
         if not (out / "manifest.sig").exists() or not summary.exists():
