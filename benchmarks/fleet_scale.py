@@ -755,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="connect every device and measure (after setup)")
     for x in (s, r):
         x.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"work directory (default {DEFAULT_WORK})")
-        x.add_argument("--json", action="store_true", help="print the result as JSON only")
+        x.add_argument("--json", action="store_true", help="print the whole result (the samples taken included)")
         x.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     s.add_argument("--devices", type=int, default=10_000, help="devices to enrol (default 10000)")
     s.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -766,8 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--duration", type=float, default=300, help="seconds of the ingest phase (default 300)")
     r.add_argument("--background-rate", type=float, default=333,
                    help="telemetry messages/s while the read side is measured (default 333: 10,000 boards every 30 s)")
-    r.add_argument("--kill-rate", type=float, default=333, help="telemetry messages/s during the SIGKILL rollout")
-    r.add_argument("--connect-rate", type=float, default=400, help="device connections started per second")
+    r.add_argument("--kill-rate", type=float, default=333,
+                   help="telemetry messages/s during the SIGKILL rollout (default 333)")
+    r.add_argument("--connect-rate", type=float, default=400,
+                   help="device connections started per second (default 400)")
     r.add_argument("--phases", default="telemetry,read,all,waves,kill",
                    help="what to measure, comma-separated (default: telemetry,read,all,waves,kill)")
     q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
@@ -779,6 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "probe":
         print(json.dumps(probe(args.url, args.token, args.page, args.rounds)))
         return 0
+    if args.cmd == "run" and not (args.work / "state.json").is_file():
+        print(f"error: no setup in {args.work}: run `fleet_scale.py setup --work {args.work}` first", file=sys.stderr)
+        return 2
     res = bench_setup(args.work, args.devices, args.database_url, args.workers) if args.cmd == "setup" \
         else bench_run(args.work, args)
     if args.out:
