@@ -163,9 +163,10 @@ def test_deployment_examples_parse() -> None:
 
 
 def test_every_example_document_is_known() -> None:
-    """agent.yaml and fleet.yaml are validated by the agent's and the fleet's own tests."""
+    """agent.yaml and fleet.yaml are validated by the agent's and the fleet's own tests, release.yaml by
+    test_variants.py."""
     names = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix == ".yaml")
-    assert names == sorted([*DEPLOYMENT_EXAMPLES, "agent.yaml", "fleet.yaml"])
+    assert names == sorted([*DEPLOYMENT_EXAMPLES, "agent.yaml", "fleet.yaml", "release.yaml"])
 
 
 def test_deployment_error_names_field_path() -> None:
