@@ -57,14 +57,19 @@ def checkpoint() -> Path:
     return CKPT
 
 
-def bundles(src: Path) -> dict[str, Path]:
+def bundles(src: Path, diagnose: bool = False) -> dict[str, Path]:
+    """Our two bundles; with ``diagnose`` also both without LoRA slots (`--lora-sites none`), to measure
+    what the empty slots cost at this size."""
     from manifests import write_keypair
 
     key = WORK / "keys" / "nanofleet.key"
     if not key.is_file():
         write_keypair(key.parent)
     out = {}
-    for label, extra in (("int8", ["--recipe", "int8"]), ("int4", ["--precision", "int4"])):
+    plan = [("int8", ["--recipe", "int8"]), ("int4", ["--precision", "int4"])]
+    if diagnose:
+        plan += [(f"{label}-nolora", [*extra, "--lora-sites", "none"]) for label, extra in plan]
+    for label, extra in plan:
         b = WORK / f"tinyllama-{label}"
         if not (b / "manifest.yaml").is_file():
             print(f"exporting {b.name} ...", file=sys.stderr, flush=True)
@@ -183,12 +188,16 @@ def bandwidth() -> dict[str, float]:
     return {"1": round(one, 1), "2": round(two, 1)}
 
 
-def jobs(base: dict[str, Any], nf: dict[str, Path], peers: list[str]) -> list[tuple[str, Path, str, dict]]:
+def jobs(base: dict[str, Any], nf: dict[str, Path], peers: list[str], diagnose: bool = False,
+         ) -> list[tuple[str, Path, str, dict]]:  # fmt: skip
     out: list[tuple[str, Path, str, dict]] = []
     if "nanofleet" in peers:
         for label, b in nf.items():
             job = {**base, "model_dir": str(b), "label": f"{label} bundle", "weights_cache": str(WORK / "wcache")}
             out.append(("nanofleet", Path(sys.executable), "run_nanofleet.py", job))
+            if diagnose and "-" not in label:  # the same bundle packed in this process's memory (anonymous pages)
+                job = {**job, "label": f"{label} bundle, packed at load", "weights_cache": None}
+                out.append(("nanofleet", Path(sys.executable), "run_nanofleet.py", job))
     if "llamacpp" in peers:
         f16 = WORK / "tinyllama-f16.gguf"
         for q, ftype in LLAMA_FTYPES.items():
@@ -285,13 +294,13 @@ def prompt_ids(n: int) -> list[int]:
     return ids[:n]
 
 
-def prepare(peers: list[str], timeout: float) -> dict[str, Path]:
+def prepare(peers: list[str], timeout: float, diagnose: bool = False) -> dict[str, Path]:
     """Everything the timed runs read, built before them (minutes; needs no quiet machine): the checkpoint, our
     bundles and their prepacked-weights cache entries (what the agent builds at install), the F16 GGUF and
     llama.cpp's requantizations, onnxruntime-genai's two models."""
     WORK.mkdir(parents=True, exist_ok=True)
     src = checkpoint()
-    nf = bundles(src)
+    nf = bundles(src, diagnose)
     code = ("import sys; from device.engine import EngineOptions; from device.engine.bench import load_for_bench;"
             "o = EngineOptions(threads=1, weights_cache=sys.argv[2]);"
             "print(load_for_bench(sys.argv[1], None, o).weights)")  # fmt: skip
@@ -324,6 +333,9 @@ def main() -> None:
     ap.add_argument("--peers", default="nanofleet,llamacpp,ortgenai")
     ap.add_argument("--setup", action="store_true", help="run benchmarks/peers/setup.sh for the peers first")
     ap.add_argument("--prepare-only", action="store_true", help="build every model, measure nothing")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="add nanofleet rows that isolate causes: each bundle packed at load (no mapped cache) "
+                         "and each bundle without LoRA slots")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "full_size_peers.json"))
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -337,7 +349,7 @@ def main() -> None:
     peers = a.peers.split(",")
     if a.setup:
         subprocess.run([str(HERE / "setup.sh"), *[p for p in peers if p != "nanofleet"]], check=False)
-    nf = prepare(peers, a.timeout)
+    nf = prepare(peers, a.timeout, a.diagnose)
     if a.prepare_only:
         return
     load_start = os.getloadavg()
@@ -349,7 +361,7 @@ def main() -> None:
         for plen in a.prompts:
             base = {"prompt_ids": prompt_ids(plen), "new_tokens": a.new_tokens, "threads": threads, "runs": a.runs,
                     "warmup_new_tokens": a.warmup_new_tokens}  # fmt: skip
-            groups.append((threads, plen, jobs(base, nf, peers)))
+            groups.append((threads, plen, jobs(base, nf, peers, a.diagnose)))
     # Rounds: every runtime once per round, the order rotated each round, so a machine whose speed drifts
     # shifts all runtimes alike; the table gives each one's median over the rounds.
     for rnd in range(a.rounds):

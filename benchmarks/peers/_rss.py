@@ -19,3 +19,18 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def rss_split_mb() -> dict[str, float]:
+    """Resident memory now, by kind (/proc/self/status): anonymous (heap, arenas, KV cache) and file-backed
+    (mapped model or weights-cache files, shared libraries), to attribute a peak."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    out[f"rss_{key[3:].lower()}_mb"] = round(int(rest.split()[0]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return out

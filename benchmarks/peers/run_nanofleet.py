@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _rss import peak_rss_mb
+from _rss import peak_rss_mb, rss_split_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +63,7 @@ def main() -> None:
                 "ttft_ms": round(statistics.median(ttfts) * 1000, 2),
                 "decode_tok_s": round(statistics.median(rates), 2),
                 "peak_rss_mb": peak_rss_mb(),
+                **rss_split_mb(),
                 "model_mb": round(sum(f.stat().st_size for f in source_files(engine.model_path)) / 2**20, 1),
             }
         )

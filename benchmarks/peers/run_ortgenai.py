@@ -79,7 +79,9 @@ def main() -> None:
         del gen
         if r:
             ttfts.append(first - start)
-            rates.append((got - 1) / (end - first))
+            # append_tokens ran the prefill and left its logits computed, so the first generate_next_token only
+            # samples: the loop ran got - 2 forward passes, not got - 1.
+            rates.append((got - 2) / (end - first))
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data"))
     print(
         json.dumps(
