@@ -209,7 +209,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if r.returncode != 0:
             raise RuntimeError(f"enrol failed: {r.stderr}")
         cfg = yaml.safe_load((board / "agent.yaml").read_text())
-        cfg.update(runtime="engine", bootstrap_bundle=str(args.base))
+        cfg.update(runtime="engine", bootstrap_bundle=str(args.base.resolve()))
         cfg["api"] = {**cfg.get("api", {}), "port": free_port()}
         cfg.setdefault("limits", {}).update(threads=1, weights_cache=False, disk_margin_bytes=0)
         (board / "agent.yaml").write_text(yaml.safe_dump(cfg))
