@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,6 +37,15 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}").exists() and b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower()
+
+
+def _as_in_readme(printed: str, work: Path) -> str:
+    """A command or path demo --keep printed for ``work``, as the README shows it for the default work dir:
+    relative paths under .cache/demo, its example one-time token and ports, no --work-dir."""
+    text = printed.replace(f" --work-dir {work}", "").replace(str(work), ".cache/demo")
+    text = re.sub(r"--token nfe_\S+", "--token nfe_...", text)
+    text = re.sub(r"--fleet http://127\.0\.0\.1:\d+", "--fleet http://127.0.0.1:40123", text)
+    return re.sub(r"--api-port \d+", "--api-port 40125", text)
 
 
 def test_the_readme_steps_in_order() -> None:
@@ -70,6 +80,12 @@ def test_from_demo_keep_to_a_second_board_updated_by_a_rollout(
     try:
         # The fleet and its agent are still there after the demo exited.
         assert all(_alive(p) for p in state["pids"]), state
+        # What it printed is what the README says, once the default work dir (.cache/demo) stands for ours
+        # and the example token and ports for the real ones.
+        for printed in (kept["enroll_command"], kept["run_command"], kept["apply_command"], kept["stop_command"]):
+            assert _as_in_readme(printed, work) in README, (printed, _as_in_readme(printed, work))
+        assert _as_in_readme(kept["admin_token_file"], work) == ".cache/demo/run/fleet/admin.token"
+        assert f"cat {_as_in_readme(kept['admin_token_file'], work)}" in README
         token = Path(kept["admin_token_file"]).read_text().strip()
         assert httpx.get(kept["dashboard_url"], timeout=10, follow_redirects=True).status_code == 200
         with FleetClient(kept["fleet_url"], token) as admin:
@@ -96,6 +112,9 @@ def test_from_demo_keep_to_a_second_board_updated_by_a_rollout(
         log.close()
 
         # 3. The example canary deployment, as printed: it selects the new board only, and updates it.
+        # The README's way to see what the registry holds, with the demo's fleet config.
+        models = nanofleet("fleet", "models", "--config", kept["fleet_config"])
+        assert models.returncode == 0 and "smollm2-135m-instruct-int8" in models.stdout, models.lines
         apply = nanofleet(*_argv(kept["apply_command"]), timeout=600)
         assert apply.returncode == 0, (apply.stdout[-3000:], apply.stderr[-3000:])
         assert "smollm2-canary created" in apply.stdout and "completed" in apply.stdout, apply.stdout[-3000:]
@@ -106,21 +125,21 @@ def test_from_demo_keep_to_a_second_board_updated_by_a_rollout(
         assert devices[board["device_id"]]["model"] == "smollm2-135m-instruct-int8@1"
         assert devices["demo-0"]["model"] == "smollm2-135m-instruct-int8@2"  # untouched: not tagged site=lab
 
-        # 4. Ask it, as the README shows.
+        # 4. Ask it with the README's own curl command (its example port and work dir made ours).
         api_token = (Path(board["config"]).parent / "api.token").read_text().strip()
-        r = httpx.post(
-            f"{board['api']}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {api_token}"},
-            json={
-                "model": "smollm2-135m-instruct-int8",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "max_tokens": 24,
-                "temperature": 0,
-            },
-            timeout=120,
-        )
-        assert r.status_code == 200, r.text
-        assert "paris" in r.json()["choices"][0]["message"]["content"].lower()
+        curl = re.search(r"curl -s http://127\.0\.0\.1:40125/v1/chat/completions[^`]*", README)
+        assert curl, "the README's curl example"
+        port = board["api"].rsplit(":", 1)[1]
+        command = curl.group(0).replace(":40125/", f":{port}/").replace(".cache/demo", str(work))
+        asked = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=180, cwd=REPO)
+        assert asked.returncode == 0, asked.stderr
+        answer = json.loads(asked.stdout)
+        assert "paris" in answer["choices"][0]["message"]["content"].lower(), answer
+        # "(`/v1/models` says which version serves)".
+        (listed,) = httpx.get(
+            f"{board['api']}/v1/models", headers={"Authorization": f"Bearer {api_token}"}, timeout=30
+        ).json()["data"]
+        assert (listed["id"], listed["version"]) == ("smollm2-135m-instruct-int8", 1), listed
     finally:
         # 6. Stop everything: the demo's processes and the board started from its run folder.
         stop = nanofleet("demo", "--stop", "--work-dir", str(work), timeout=120)
