@@ -115,7 +115,7 @@ def _fetch_trixie_qemu(progress: Progress) -> Path:
     dpkg_deb = require_tool("dpkg-deb", "dpkg", "to unpack qemu-user")
     work = cache_root() / "qemu" / ".apt"
     args = apt_private_args(work, QEMU_SUITE, debian_mirror())
-    progress(f"fetching qemu-user from Debian {QEMU_SUITE} (about 70 MB)")
+    progress(f"fetching qemu-user from Debian {QEMU_SUITE} (about 70 MiB)")
     _run([apt_get, *args, "-qq", "update"], f"apt-get update for Debian {QEMU_SUITE}", timeout=600)
     _run(
         [apt_get, *args, "-qq", "download", "qemu-user"], "apt-get download qemu-user", timeout=900, cwd=work
