@@ -6,12 +6,14 @@ Only reads here. Anything that changes state goes through ``actions`` (the fleet
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import Text, and_, case, cast, false, func, or_, select, true
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from manifests import BundleManifest, ManifestError, TrustStore, VerificationError, verify_manifest_bytes
 from manifests.adapter import AdapterManifest, is_adapter_manifest, verify_adapter_manifest_bytes
@@ -32,6 +34,7 @@ from ..rollout.states import SETTLED, TargetState
 from .charts import Series
 
 ONLINE, OFFLINE = "online", "offline"
+OVERVIEW_ROWS = 100  # the overview table's rows; the paginated devices list has the rest
 
 
 # --- devices ----------------------------------------------------------------------------------------
@@ -99,42 +102,94 @@ class Overview:
     models: list[str]
 
 
-def overview(session: Session, filters: DeviceFilters, limit: int = 500) -> Overview:
-    """Facet counts over every matching device; the table lists at most ``limit`` of them.
+def _filter_clause(f: DeviceFilters) -> ColumnElement[bool]:
+    """``DeviceFilters`` as one SQL condition, so the database counts and pages the matching devices."""
+    conds: list[ColumnElement[bool]] = []
+    if f.q:
+        conds.append(func.lower(Device.id).contains(f.q.lower(), autoescape=True))
+    if f.tag:
+        key, _, value = f.tag.partition("=")
+        element = Device.tags[key.strip()].as_string()
+        conds.append(element == value.strip() if value else element.is_not(None))
+    if f.group:
+        # groups is a JSON list of strings, stored as json.dumps writes it: the quoted element matches
+        # exactly that element (portable to SQLite and PostgreSQL, whose JSON keeps the text as sent).
+        conds.append(cast(Device.groups, Text).contains(json.dumps(f.group), autoescape=True))
+    if f.hardware_class:
+        conds.append(func.coalesce(Device.hardware_class, "") == f.hardware_class)
+    if f.model:
+        conds.append(_model_is(f.model))
+    if f.status:
+        conds.append(Device.online.is_(True) if f.status == ONLINE else
+                     Device.online.is_not(True) if f.status == OFFLINE else false())  # fmt: skip
+    return and_(true(), *conds)
 
-    The counts come from a narrow read of every device (the columns the filters and facets use, and the
-    update state extracted from ``reported`` by the database, not the whole JSON documents); only the
-    devices the table shows are loaded whole."""
+
+def _model_is(model: str) -> ColumnElement[bool]:
+    if model == "none":
+        return Device.current_name.is_(None)
+    name, _, version = model.rpartition("@")
+    if not name or not version.isdigit():
+        return false()
+    return and_(Device.current_name == name, Device.current_version == int(version))
+
+
+def overview(session: Session, filters: DeviceFilters, limit: int = OVERVIEW_ROWS) -> Overview:
+    """Facet counts over every matching device; the table lists the first ``limit`` of them (by id).
+
+    The database does the counting: one GROUP BY over (matches the filters, online, hardware class,
+    model, update state) gives the totals, every facet and the filter choices, a few hundred rows at
+    most whatever the fleet's size; tags and groups come from their distinct documents. Only the devices
+    the table shows are loaded whole (a 10,000-device overview used to read and count every row here)."""
+    where = _filter_clause(filters)
+    hit = case((where, 1), else_=0).label("hit")
     state = Device.reported["state"].as_string().label("update_state")
-    light = session.execute(
-        select(
-            Device.id,
-            Device.online,
-            Device.hardware_class,
-            Device.current_name,
-            Device.current_version,
-            Device.tags,
-            Device.groups,
-            state,
-        ).order_by(Device.id)
-    ).all()
-    shown = [d for d in light if filters.matches(d)]  # type: ignore[arg-type]
-    wanted = [d.id for d in shown[:limit]]
-    full = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(wanted)))} if wanted else {}
-    tags = sorted({f"{k}={v}" for d in light for k, v in (d.tags or {}).items()})
+    # Grouped over a subquery: PostgreSQL would not see the CASE's bound filter values in the select
+    # list and in GROUP BY as one expression.
+    per_device = select(
+        hit, Device.online, Device.hardware_class, Device.current_name, Device.current_version, state
+    ).subquery()
+    cols = tuple(per_device.c)
+    rows = session.execute(select(*cols, func.count()).group_by(*cols)).all()
+    total = matching = 0
+    by_status: Counter[str] = Counter()
+    by_update_state: Counter[str] = Counter()
+    by_hardware: Counter[str] = Counter()
+    by_model: Counter[str] = Counter()
+    hardware: set[str] = set()
+    models: set[str] = set()
+    for is_hit, online, hw, name, version, upd, n in rows:
+        model = f"{name}@{version}" if name else "none"
+        total += n
+        models.add(model)
+        if hw:
+            hardware.add(hw)
+        if not is_hit:
+            continue
+        matching += n
+        by_status[ONLINE if online else OFFLINE] += n
+        by_update_state[upd or "unknown"] += n
+        by_hardware[hw or "unknown"] += n
+        by_model[model] += n
+    devices = list(session.scalars(select(Device).where(where).order_by(Device.id).limit(limit))) if matching else []
     return Overview(
-        devices=[full[i] for i in wanted if i in full],
-        matching=len(shown),
-        total=len(light),
-        by_status=Counter(ONLINE if d.online else OFFLINE for d in shown),
-        by_update_state=Counter(d.update_state or "unknown" for d in shown),
-        by_hardware=Counter(d.hardware_class or "unknown" for d in shown),
-        by_model=Counter(model_of(d) for d in shown),  # type: ignore[arg-type]
-        tags=tags,
-        groups=sorted({g for d in light for g in (d.groups or [])}),
-        hardware_classes=sorted({d.hardware_class for d in light if d.hardware_class}),
-        models=sorted({model_of(d) for d in light}),  # type: ignore[arg-type]
+        devices=devices,
+        matching=matching,
+        total=total,
+        by_status=by_status,
+        by_update_state=by_update_state,
+        by_hardware=by_hardware,
+        by_model=by_model,
+        tags=sorted({f"{k}={v}" for doc in _distinct_json(session, Device.tags) for k, v in (doc or {}).items()}),
+        groups=sorted({g for doc in _distinct_json(session, Device.groups) for g in (doc or [])}),
+        hardware_classes=sorted(hardware),
+        models=sorted(models),
     )
+
+
+def _distinct_json(session: Session, column: Any) -> list[Any]:
+    """The distinct documents of a JSON column (a fleet has a handful of tag sets, not one per device)."""
+    return [json.loads(text) for text in session.scalars(select(cast(column, Text)).distinct()) if text]
 
 
 @dataclass
