@@ -173,6 +173,9 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path: Path, session_key, micro_
         text=True,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # A job started in the background of a non-interactive shell inherits SIGINT ignored, and so
+        # would the export: give it the default disposition a terminal's Ctrl-C meets.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     # Interrupt once the export has begun writing into the work folder (its assets come first).
