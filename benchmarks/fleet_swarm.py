@@ -76,6 +76,8 @@ class SimState:
     committed_at: dict[str, float] = field(default_factory=dict)  # deployment id -> time.time()
     connects: int = 0
     refused: int = 0
+    subscribed: bool | None = None  # None: no SUBACK yet on this connection; False: the broker refused it
+    refused_subscriptions: int = 0
 
 
 class Swarm:
@@ -214,6 +216,7 @@ class Swarm:
         cl.on_disconnect = lambda _c, _u, _f, rc, _p: self._on_disconnect(d, rc)
         cl.on_message = lambda _c, _u, msg: self._on_message(d, msg)
         cl.on_publish = lambda _c, _u, mid, _rc, _p: self._on_publish(d, mid)
+        cl.on_subscribe = lambda _c, _u, _mid, codes, _p: self._on_subscribe(d, codes)
 
     def _unregister(self, sock: Any) -> None:
         try:
@@ -307,8 +310,21 @@ class Swarm:
         d.client.publish(c.status_topic(dev), json.dumps(status), qos=1, retain=True)
         self._report(d)
 
+    def _on_subscribe(self, d: SimState, codes: Any) -> None:
+        d.subscribed = not any(getattr(rc, "is_failure", False) for rc in codes)
+        if not d.subscribed:
+            # A clustered broker failing over (NATS: JetStream without a leader yet) refuses the SUBSCRIBE
+            # on a connection it accepted: ask again, as the agent does, or the device never hears its
+            # desired state (nor any resend of it) while it looks online to the fleet.
+            d.refused_subscriptions += 1
+            self._after(1.0, lambda: self._resubscribe(d))
+
+    def _resubscribe(self, d: SimState) -> None:
+        if d.connected and not d.subscribed:
+            d.client.subscribe(c.desired_topic(d.login.device_id), qos=1)
+
     def _on_disconnect(self, d: SimState, _rc: Any) -> None:
-        d.connected = False
+        d.connected, d.subscribed = False, None
         if not self._stop.is_set():
             d.url_index += 1
             self._after(1.0, lambda: self._reconnect(d))

@@ -32,6 +32,7 @@ from .outbox import Outbox
 
 log = logging.getLogger("nanofleet.agent.mqtt")
 RECONNECT_MIN_S = 1
+RESUBSCRIBE_S = 1.0  # a refused subscription is asked for again after this long
 
 
 class Link(Protocol):
@@ -109,6 +110,7 @@ class MqttLink:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         self.client = c
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
 
@@ -201,6 +203,22 @@ class MqttLink:
             log.warning("disconnected from the broker: %s; reconnecting", reason_code)
         self.connected.clear()
         self.last_disconnect = _now()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        # A broker can refuse the subscription on a connection it accepted (a clustered broker failing
+        # over, an ACL not provisioned yet): the device would stay connected yet deaf to its desired
+        # state, and the fleet's resends would never reach it. Ask again until it is granted.
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            self.last_error = f"the broker refused the desired-state subscription: {refused[0]}"
+            log.warning("%s; retrying in %gs", self.last_error, RESUBSCRIBE_S)
+            timer = threading.Timer(RESUBSCRIBE_S, self._resubscribe, args=(client,))
+            timer.daemon = True
+            timer.start()
+
+    def _resubscribe(self, client) -> None:  # noqa: ANN001
+        if self.connected.is_set():  # else the next on_connect subscribes anyway
+            client.subscribe(contract.desired_topic(self.device_id), qos=contract.QOS)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         with self._acked_cond:

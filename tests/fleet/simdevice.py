@@ -89,6 +89,7 @@ class SimDevice:
         self.client.reconnect_delay_set(0.2, 1)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.connected = threading.Event()
         self._threads = [
             threading.Thread(target=self._worker, daemon=True),
@@ -110,6 +111,13 @@ class SimDevice:
         self.client.loop_stop()
 
     # mqtt
+    def _on_subscribe(self, client: mqtt.Client, _u: object, _mid: object, codes: list, _p: object) -> None:
+        # A refused SUBSCRIBE (a clustered broker failing over) is asked for again, as the agent does.
+        if any(getattr(rc, "is_failure", False) for rc in codes):
+            timer = threading.Timer(1.0, lambda: client.subscribe(c.desired_topic(self.id), qos=1))
+            timer.daemon = True
+            timer.start()
+
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
             return

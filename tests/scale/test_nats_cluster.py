@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsNode]]:
             n.proc.wait(10)
 
 
-def stuck(dep: dict, swarm: Swarm | None) -> str:
+def stuck(dep: dict, swarm: Swarm | None, admin: Any = None) -> str:
     """What the fleet and the simulated device each think of the devices not yet done (for a failure)."""
     sims = {d.login.device_id: d for d in swarm.devices} if swarm else {}
     lines = [str(dep["counts"])]
@@ -75,8 +76,11 @@ def stuck(dep: dict, swarm: Swarm | None) -> str:
         if t["state"] != "succeeded" and (d := sims.get(t["device_id"])):
             lines.append(
                 f"{t['device_id']}: fleet {t['state']}; device {d.state} {d.deployment} connected={d.connected} "
-                f"connects={d.connects} node={d.urls[d.url_index % len(d.urls)]}"
+                f"connects={d.connects} subscribed={d.subscribed} node={d.urls[d.url_index % len(d.urls)]}"
             )
+            if admin is not None:
+                row = admin.device(t["device_id"])
+                lines.append(f"  fleet's row: online={row.get('online')} last_seen={row.get('last_seen')}")
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +136,7 @@ def test_rollout_survives_the_loss_of_one_broker_node(
                 120,
                 interval=0.5,
                 what="the rollout completed after losing a node",
-                details=lambda: stuck(admin.deployment("across-nodes"), swarm) + srv.tail(),
+                details=lambda: stuck(admin.deployment("across-nodes"), swarm, admin) + srv.tail(),
             )
         assert dep["counts"].get("succeeded") == 24, dep["counts"]
         assert sum(d.connects > 1 for d in swarm.devices) >= 8  # the dead node's devices reconnected elsewhere
