@@ -147,6 +147,8 @@ def test_rollout_survives_the_loss_of_one_broker_node(
             60,
             interval=1,
             what="every acknowledged message stored",
+            details=lambda: f"{missing_acked(swarm.acked(), stored_seqs(pg[0], pg[1], 'nats-'))} missing of "
+            f"{swarm.totals()['acked']} acknowledged\n" + srv.tail(),
         )
     finally:
         if swarm is not None:
