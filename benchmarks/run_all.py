@@ -3,6 +3,12 @@
 1. export_bench.py: wall time and peak RSS of exporting the default model and a full-size TinyLlama-config model.
 2. engine_peers.py --setup: nanofleet's engine side by side with llama.cpp, onnxruntime-genai and optimum
    (installs each peer in its own venv under .cache/peers on first use; llama-cpp-python builds ~5 min).
+3. full_size_peers.py --setup: the same random TinyLlama-1.1B weights as our int8/int4 bundles, llama.cpp GGUFs
+   (Q8_0, Q4_0, Q4_K_M) and onnxruntime-genai's builds, 1 and 2 threads, 128- and 512-token prompts.
+4. constrained_decoding.py: decode and TTFT with and without a JSON schema; grammar compile time.
+5. adapters.py: decode cost of LoRA slots (none active, one adapter bound) on the default model.
+Not here, because they need inputs or a long set-up of their own: ota_bytes.py (--base/--adapter/--key) and
+fleet_scale.py (setup, then run; ~20 minutes at 10,000 devices); docs/benchmarks.md gives their commands.
 Run it on an otherwise idle machine: the figures are only comparable within one run.
 """
 
@@ -29,6 +35,9 @@ STEPS = [
         "--rounds",
         "3",
     ],
+    [sys.executable, str(HERE / "full_size_peers.py"), "--setup", "--threads", "1", "2", "--rounds", "2"],
+    [sys.executable, str(HERE / "constrained_decoding.py")],
+    [sys.executable, str(HERE / "adapters.py")],
 ]
 
 
