@@ -32,6 +32,7 @@ from .bundle import (
     TeacherForced,
     check_not_expired,
     format_validation_error,
+    load_yaml_mapping,
     verify_file,
 )
 from .errors import MissingFileError, SchemaError, UnsupportedFormatError, VerificationError
@@ -143,12 +144,7 @@ class AdapterManifest(_Model):
 
     @classmethod
     def from_yaml(cls, text: str | bytes) -> AdapterManifest:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"adapter manifest is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SchemaError("adapter manifest must be a YAML mapping")
+        data = load_yaml_mapping(text, "adapter manifest")
         if data.get("format") != ADAPTER_FORMAT:
             raise UnsupportedFormatError(f"not a nanofleet adapter manifest (format={data.get('format')!r})")
         fv = data.get("format_version")

@@ -310,6 +310,17 @@ class BundleManifest(_Model):
             raise SchemaError(format_validation_error(exc, "manifest")) from exc
 
 
+def load_yaml_mapping(text: str | bytes, what: str) -> dict[str, Any]:
+    """YAML text that must hold one mapping; a SchemaError naming ``what`` otherwise."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"{what} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SchemaError(f"{what} must be a YAML mapping")
+    return data
+
+
 def format_validation_error(exc: ValidationError, what: str) -> str:
     lines = [f"invalid {what}:"]
     for err in exc.errors():

@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .bundle import format_validation_error
+from .bundle import format_validation_error, load_yaml_mapping
 from .errors import SchemaError
 
 API_VERSION = "nanofleet/v1"
@@ -131,11 +131,7 @@ class DeploymentManifest(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str | bytes) -> DeploymentManifest:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"deployment manifest is not valid YAML: {exc}") from exc
-        return cls.from_obj(data)
+        return cls.from_obj(load_yaml_mapping(text, "deployment manifest"))
 
     @classmethod
     def from_obj(cls, data: object) -> DeploymentManifest:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .bundle import format_validation_error
+from .bundle import format_validation_error, load_yaml_mapping
 from .capabilities import BoardCapabilities, gib
 from .deployment import API_VERSION, BundleSelector
 from .errors import SchemaError
@@ -133,11 +133,7 @@ class Release(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str | bytes) -> Release:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"release is not valid YAML: {exc}") from exc
-        return cls.from_obj(data)
+        return cls.from_obj(load_yaml_mapping(text, "release"))
 
     @classmethod
     def from_obj(cls, data: object) -> Release:

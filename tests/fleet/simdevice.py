@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -148,12 +149,14 @@ class SimDevice:
             last_result=self.last_result,
             error=self.last_error,
             agent_version="sim",
-            hardware_class="sim",
-            cpu_arch="x86_64",
-            ram_bytes=2 << 30,
+            **self._hardware(),
             ts=now(),
         )
         self.client.publish(c.reported_topic(self.id), rep.to_bytes(), qos=1, retain=True)
+
+    def _hardware(self) -> dict[str, Any]:
+        """The board's part of the reported state (a subclass reports capabilities)."""
+        return {"hardware_class": "sim", "cpu_arch": "x86_64", "ram_bytes": 2 << 30}
 
     def _event(self, kind: str, message: str, deployment_id: str | None) -> None:
         with self._lock:

@@ -20,10 +20,9 @@ from manifests import (
     read_manifest_unverified,
     write_signed_manifest,
 )
-from manifests import mqtt as c
 
 from .conftest import make_bundle, wait_for
-from .simdevice import SimDevice, now
+from .simdevice import SimDevice
 
 GiB = 2**30
 A72 = ["fp", "asimd", "evtstrm", "crc32", "cpuid"]  # Pi 4: no dot product
@@ -49,24 +48,14 @@ class Board(SimDevice):
         self.capabilities = capabilities
         super().__init__(*args, **kw)
 
-    def _report(self) -> None:
-        slot = c.SlotInfo(name=self.current[0], version=self.current[1]) if self.current else None
+    def _hardware(self) -> dict[str, Any]:
         caps = self.capabilities
-        rep = c.ReportedState(
-            device_id=self.id,
-            state=self.state,
-            deployment_id=self.last_deployment,
-            committed=slot,
-            last_result=self.last_result,
-            error=self.last_error,
-            agent_version="sim",
-            hardware_class=caps.hardware_class if caps else None,
-            cpu_arch="aarch64",
-            ram_bytes=caps.ram_bytes if caps else None,
-            capabilities=caps,
-            ts=now(),
-        )
-        self.client.publish(c.reported_topic(self.id), rep.to_bytes(), qos=1, retain=True)
+        return {
+            "hardware_class": caps.hardware_class if caps else None,
+            "cpu_arch": "aarch64",
+            "ram_bytes": caps.ram_bytes if caps else None,
+            "capabilities": caps,
+        }
 
 
 def enrol_board(fleet: Any, device_id: str, hw: str, *, at_enrol: BoardCapabilities | None,
