@@ -46,7 +46,7 @@ def export(
         None,
         "--recipe",
         help="Force one recipe: int8 (keeps a Q4 source's 4-bit grid exactly), int8-requantized (every weight"
-        " 8-bit), int8-fp32-embeddings, int4, fp32, dynamic-int8 "
+        " 8-bit), int8-fp32-embeddings, int4, int4-b64 (4.5 bits per weight, as Q4_0), fp32, dynamic-int8 "
         "(dynamic INT8 of every MatMul: known to fail the gate). Default: the precision's recipes, in order.",
     ),
     key: Path = typer.Option(

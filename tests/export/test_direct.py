@@ -97,7 +97,7 @@ def test_direct_fp32_graph_computes_what_optimums_graph_computes(case: str, tmp_
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("recipe", ["int8", "int8-fp32-embeddings", "int4"])
+@pytest.mark.parametrize("recipe", ["int8", "int8-fp32-embeddings", "int4", "int4-b64"])
 def test_direct_quantized_graph_equals_the_traced_paths(case: str, recipe: str, tmp_path: Path) -> None:
     """Same quantizer, same layout: the direct build of a recipe computes exactly what the traced path's
     quantization of the fused graph computes, and records the same graph changes."""
