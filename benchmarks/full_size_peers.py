@@ -2,8 +2,9 @@
 onnxruntime-genai's models, all run in the same session (not CI; results feed docs/benchmarks.md).
 
 The same bf16 weights (benchmarks/random_checkpoint.py, .cache/random-checkpoints/tinyllama) become:
-  nanofleet          `nanofleet export --builder direct`: int8 (8-bit MatMulNBits block 32) and int4 (4-bit
-                     body, 8-bit head and table), gate opened wide (random weights)
+  nanofleet          `nanofleet export --builder direct`: int8 (8-bit MatMulNBits block 32), int4 (4-bit
+                     block 32 body, 8-bit head and table) and int4-b64 (block 64: 4.5 bits per weight, as Q4_0),
+                     gate opened wide (random weights)
   llama.cpp          an F16 GGUF written here with the gguf package (llama.cpp's Q/K row permutation applied, a
                      32000-piece placeholder vocabulary), requantized by llama.cpp itself to Q8_0, Q4_0, Q4_K_M
   onnxruntime-genai  its own model builder from the same folder: int8 and int4
@@ -16,7 +17,8 @@ whose one row per token is negligible) x tok/s. The board rows apply the same by
 bandwidths (FACTS.md).
 
     .venv/bin/python benchmarks/full_size_peers.py [--setup] [--threads 1 2] [--prompts 128 512]
-        [--new-tokens 64] [--rounds 1] [--peers nanofleet,llamacpp,ortgenai]
+        [--new-tokens 64] [--rounds 1] [--peers nanofleet,llamacpp,ortgenai] [--bundles int8,int4,int4-b64]
+        [--quants Q8_0,Q4_0,Q4_K_M]
 """
 
 from __future__ import annotations
@@ -57,16 +59,21 @@ def checkpoint() -> Path:
     return CKPT
 
 
-def bundles(src: Path, diagnose: bool = False) -> dict[str, Path]:
-    """Our two bundles; with ``diagnose`` also both without LoRA slots (`--lora-sites none`), to measure
-    what the empty slots cost at this size."""
+# Our bundles by label: 8-bit block 32, 4-bit block 32 (5 bits per weight with its fp32 scales) and 4-bit block 64
+# (4.5 bits per weight, exactly llama.cpp Q4_0's).
+BUNDLE_PLAN = {"int8": ["--recipe", "int8"], "int4": ["--precision", "int4"], "int4-b64": ["--recipe", "int4-b64"]}
+
+
+def bundles(src: Path, diagnose: bool = False, labels: tuple[str, ...] = tuple(BUNDLE_PLAN)) -> dict[str, Path]:
+    """Our bundles named in ``labels``; with ``diagnose`` also each without LoRA slots (`--lora-sites none`), to
+    measure what the empty slots cost at this size."""
     from manifests import write_keypair
 
     key = WORK / "keys" / "nanofleet.key"
     if not key.is_file():
         write_keypair(key.parent)
     out = {}
-    plan = [("int8", ["--recipe", "int8"]), ("int4", ["--precision", "int4"])]
+    plan = [(label, BUNDLE_PLAN[label]) for label in labels]
     if diagnose:
         plan += [(f"{label}-nolora", [*extra, "--lora-sites", "none"]) for label, extra in plan]
     for label, extra in plan:
@@ -189,7 +196,7 @@ def bandwidth() -> dict[str, float]:
 
 
 def jobs(base: dict[str, Any], nf: dict[str, Path], peers: list[str], diagnose: bool = False,
-         ) -> list[tuple[str, Path, str, dict]]:  # fmt: skip
+         quants: tuple[str, ...] = tuple(LLAMA_FTYPES)) -> list[tuple[str, Path, str, dict]]:  # fmt: skip
     out: list[tuple[str, Path, str, dict]] = []
     if "nanofleet" in peers:
         for label, b in nf.items():
@@ -200,7 +207,7 @@ def jobs(base: dict[str, Any], nf: dict[str, Path], peers: list[str], diagnose: 
                 out.append(("nanofleet", Path(sys.executable), "run_nanofleet.py", job))
     if "llamacpp" in peers:
         f16 = WORK / "tinyllama-f16.gguf"
-        for q, ftype in LLAMA_FTYPES.items():
+        for q, ftype in ((q, LLAMA_FTYPES[q]) for q in quants):
             out.append(("llamacpp", PEERS / "llamacpp/bin/python", "run_llamacpp.py",
                         {**base, "gguf": str(WORK / f"tinyllama-{q}.gguf"), "requantize_from": str(f16),
                          "ftype": ftype, "label": q}))  # fmt: skip
@@ -294,13 +301,14 @@ def prompt_ids(n: int) -> list[int]:
     return ids[:n]
 
 
-def prepare(peers: list[str], timeout: float, diagnose: bool = False) -> dict[str, Path]:
+def prepare(peers: list[str], timeout: float, diagnose: bool = False, labels: tuple[str, ...] = tuple(BUNDLE_PLAN),
+            quants: tuple[str, ...] = tuple(LLAMA_FTYPES)) -> dict[str, Path]:  # fmt: skip
     """Everything the timed runs read, built before them (minutes; needs no quiet machine): the checkpoint, our
     bundles and their prepacked-weights cache entries (what the agent builds at install), the F16 GGUF and
     llama.cpp's requantizations, onnxruntime-genai's two models."""
     WORK.mkdir(parents=True, exist_ok=True)
     src = checkpoint()
-    nf = bundles(src, diagnose)
+    nf = bundles(src, diagnose, labels)
     code = ("import sys; from device.engine import EngineOptions; from device.engine.bench import load_for_bench;"
             "o = EngineOptions(threads=1, weights_cache=sys.argv[2]);"
             "print(load_for_bench(sys.argv[1], None, o).weights)")  # fmt: skip
@@ -312,7 +320,7 @@ def prepare(peers: list[str], timeout: float, diagnose: bool = False) -> dict[st
     base = {"prompt_ids": [1], "new_tokens": 1, "threads": 2, "runs": 0, "prepare_only": True}
     if "llamacpp" in peers:
         write_f16_gguf(src, WORK / "tinyllama-f16.gguf")
-    for peer, python, script, job in jobs(base, nf, [p for p in peers if p != "nanofleet"]):
+    for peer, python, script, job in jobs(base, nf, [p for p in peers if p != "nanofleet"], quants=quants):
         if python.exists():
             print(f"preparing {peer} {job.get('label') or job.get('precision')} ...", file=sys.stderr, flush=True)
             res = run(python, script, job, timeout)
@@ -331,6 +339,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="measured runs per process (median), after a warm-up")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--peers", default="nanofleet,llamacpp,ortgenai")
+    ap.add_argument("--bundles", default=",".join(BUNDLE_PLAN),
+                    help=f"our bundles to run, of {', '.join(BUNDLE_PLAN)}")  # fmt: skip
+    ap.add_argument("--quants", default=",".join(LLAMA_FTYPES),
+                    help=f"llama.cpp quantizations to run, of {', '.join(LLAMA_FTYPES)}")  # fmt: skip
     ap.add_argument("--setup", action="store_true", help="run benchmarks/peers/setup.sh for the peers first")
     ap.add_argument("--prepare-only", action="store_true", help="build every model, measure nothing")
     ap.add_argument("--diagnose", action="store_true",
@@ -349,7 +361,11 @@ def main() -> None:
     peers = a.peers.split(",")
     if a.setup:
         subprocess.run([str(HERE / "setup.sh"), *[p for p in peers if p != "nanofleet"]], check=False)
-    nf = prepare(peers, a.timeout, a.diagnose)
+    labels, quants = tuple(a.bundles.split(",")), tuple(a.quants.split(","))
+    unknown = [x for x in labels if x not in BUNDLE_PLAN] + [x for x in quants if x not in LLAMA_FTYPES]
+    if unknown:
+        raise SystemExit(f"unknown bundle or quantization: {', '.join(unknown)}")
+    nf = prepare(peers, a.timeout, a.diagnose, labels, quants)
     if a.prepare_only:
         return
     load_start = os.getloadavg()
@@ -361,7 +377,7 @@ def main() -> None:
         for plen in a.prompts:
             base = {"prompt_ids": prompt_ids(plen), "new_tokens": a.new_tokens, "threads": threads, "runs": a.runs,
                     "warmup_new_tokens": a.warmup_new_tokens}  # fmt: skip
-            groups.append((threads, plen, jobs(base, nf, peers, a.diagnose)))
+            groups.append((threads, plen, jobs(base, nf, peers, a.diagnose, quants)))
     # Rounds: every runtime once per round, the order rotated each round, so a machine whose speed drifts
     # shifts all runtimes alike; the table gives each one's median over the rounds.
     for rnd in range(a.rounds):
