@@ -15,6 +15,7 @@ import uvicorn
 from manifests import atomic_write_text
 
 from .config import FleetConfig
+from .errors import FleetError
 from .http import create_app
 from .service import FleetService
 
@@ -28,10 +29,29 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def prepare(config: FleetConfig) -> FleetService:
-    if config.port == 0:
-        config.port = free_port(config.host)
-    return FleetService(config)
+def bind_listener(config: FleetConfig) -> socket.socket:
+    """The API's listening socket, bound before the service starts. With port 0 the kernel's pick is ours
+    from then on: picking a free port and letting uvicorn bind it later raced with other processes'
+    outgoing connections, which take ports from the same ephemeral range (a server then wrote its
+    service.json and died with "address already in use")."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        message = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        raise FleetError(message, reason="port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    config.port = sock.getsockname()[1]
+    return sock
+
+
+def prepare(config: FleetConfig) -> tuple[FleetService, socket.socket]:
+    sock = bind_listener(config)
+    return FleetService(config), sock
 
 
 def write_info(svc: FleetService) -> None:
@@ -60,28 +80,31 @@ def startup_line(svc: FleetService) -> str:
 
 
 def serve(config: FleetConfig, log_level: str = "info") -> None:
-    svc = prepare(config)
+    svc, sock = prepare(config)
 
     def started() -> None:
         write_info(svc)
         log.info("%s", startup_line(svc))
 
     app = create_app(svc, on_started=started)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+    )
+    server.run(sockets=[sock])
 
 
 class ServerThread:
     """The whole service in a background thread of this process; ``stop()`` shuts it down cleanly."""
 
     def __init__(self, config: FleetConfig) -> None:
-        self.svc = prepare(config)
+        self.svc, self.sock = prepare(config)
         self.app = create_app(self.svc)
         self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app, host=config.host, port=config.port, log_level="warning", access_log=False
-            )
+            uvicorn.Config(self.app, host=config.host, port=config.port, log_level="warning", access_log=False)
         )
-        self.thread = threading.Thread(target=self.server.run, name="fleet-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="fleet-http", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -26,6 +26,7 @@ def test_shared_subscriptions_split_ingest_without_duplicates(cluster: Cluster, 
         lambda: (t := swarm.totals())["acked"] == t["sent"] and t, 30, what="every telemetry message acknowledged"
     )
     wait_for(lambda: cluster.missing(swarm) == 0, 60, what="every acknowledged message stored")
+    assert a.alive() and b.alive(), cluster.logs()
     per_server = [metric(s.url, "nanofleet_mqtt_messages_total", kind="telemetry") for s in (a, b)]
     # Each message went to exactly one of the two servers, and both took a share.
     assert sum(per_server) == sent["acked"], (per_server, sent)
