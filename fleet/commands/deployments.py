@@ -12,13 +12,14 @@ from ..views import deployment_out
 from .base import CommandContext, CommandResult
 
 
-def apply_deployment(
-    ctx: CommandContext, manifest: DeploymentManifest, *, actor: str
-) -> CommandResult[S.ApplyResult]:
+def apply_deployment(ctx: CommandContext, manifest: DeploymentManifest, *, actor: str) -> CommandResult[S.ApplyResult]:
     """Make a deployment manifest true (idempotent, like `kubectl apply`). Returns as soon as the deployment
-    and its plan are recorded: the rollout lease holder's next tick (``tick_s``) starts the first devices,
-    in bounded steps, on whichever fleet server holds the lease."""
-    dep, result = apply_manifest(ctx.session, manifest, actor, ctx.now)
+    is recorded (status ``planning``, no targets counted yet): the rollout lease holder's next tick
+    (``tick_s``, on whichever fleet server holds the lease) selects and records its targets, and the ticks
+    after it start them in bounded steps. A fleet of at most ``start_batch`` devices is planned here at once
+    (the same bounded work), so the answer already counts its targets."""
+    plan_up_to = ctx.env.rollouts.start_batch
+    dep, result = apply_manifest(ctx.session, manifest, actor, ctx.now, plan_up_to=plan_up_to)
     # Counts, not the target list (10,000 rows at 10,000 devices): GET /api/v1/deployments/{name} has it.
     return CommandResult(S.ApplyResult(result=result, deployment=deployment_out(dep, targets=False)))
 

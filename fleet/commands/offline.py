@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..offline import service as offline
+from ..rollout import ensure_planned, get_deployment
 from .base import CommandContext, CommandResult
 
 
@@ -21,7 +22,9 @@ class PackageOptions:
 def prepare_package(
     ctx: CommandContext, deployment: str, options: PackageOptions, *, actor: str
 ) -> CommandResult[dict[str, Any]]:
-    """The signed package document (the CLI copies it and the bundle onto the stick)."""
+    """The signed package document (the CLI copies it and the bundle onto the stick). A deployment still
+    ``planning`` is planned first (its targets are what the package is for)."""
+    ensure_planned(ctx.session, get_deployment(ctx.session, deployment), actor, ctx.now)
     prepared = offline.prepare_package(
         ctx.session,
         ctx.env.rollouts,

@@ -4,7 +4,16 @@ device's desired state and sign rollbacks (``desired``, also used by offline pac
 
 from .desired import DesiredStates, RolloutContext
 from .engine import ControlAction, RolloutEngine
-from .planning import MAX_VERSION, apply_manifest, get_deployment, plan_waves, select_devices, spec_digest
+from .planning import (
+    MAX_VERSION,
+    apply_manifest,
+    ensure_planned,
+    get_deployment,
+    plan_deployment,
+    plan_waves,
+    select_devices,
+    spec_digest,
+)
 from .rules import ABORT_RULES, Abort
 from .states import (
     ACTIVE,
@@ -38,7 +47,9 @@ __all__ = [
     "apply_manifest",
     "can_deployment",
     "can_target",
+    "ensure_planned",
     "get_deployment",
+    "plan_deployment",
     "plan_waves",
     "select_devices",
     "spec_digest",

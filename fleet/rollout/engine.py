@@ -2,7 +2,9 @@
 
 It keeps no state of its own: every decision is re-derived from the database on each ``tick``, so a
 service restart (or a SIGKILL) loses no rollout. Statuses and states move only through the tables in
-``states``. One tick of an ``in_progress`` deployment runs these phases, each its own method:
+``states``. A ``planning`` deployment (recorded by the apply, nothing selected yet) is planned by its
+first tick (``planning.plan_deployment``: its targets, in waves; the next tick starts them). One tick of an
+``in_progress`` deployment runs these phases, each its own method:
 
 1. ``_collect_results``: results reported by devices in flight (and the convergence timeout);
 2. ``_check_rules``: the deployment-wide abort rules (``rules.ABORT_RULES``);
@@ -37,7 +39,7 @@ from . import queries as Q
 from . import reports
 from .desired import DesiredStates, RolloutContext
 from .health import baselines
-from .planning import select_devices
+from .planning import ensure_planned, plan_deployment, select_devices
 from .rules import ABORT_RULES, Abort, timed_out
 from .states import (
     SETTLED,
@@ -111,6 +113,7 @@ class RolloutEngine:
         now = self.ctx.now()
         changed: set[str] = set()
         phases: dict[str, Callable[[Session, Deployment, dt.datetime], set[str]]] = {
+            DeploymentStatus.PLANNING.value: self._plan,
             DeploymentStatus.IN_PROGRESS.value: self._advance,
             DeploymentStatus.ROLLING_BACK.value: self._watch_rollback,
         }
@@ -123,6 +126,12 @@ class RolloutEngine:
             except Exception:  # noqa: BLE001 - logged; retried next tick
                 log.exception("rollout tick of deployment %s failed", dep.name)
         return changed
+
+    def _plan(self, session: Session, dep: Deployment, now: dt.datetime) -> set[str]:
+        """Phase 0: select and record the targets of a deployment the apply only recorded. Starting them
+        is the next tick's: one tick plans 10,000 targets or starts ``start_batch``, never both."""
+        plan_deployment(session, dep, ROLLOUT, now)
+        return set()
 
     def _advance(self, session: Session, dep: Deployment, now: dt.datetime) -> set[str]:
         manifest = DeploymentManifest.model_validate(dep.manifest)
@@ -415,7 +424,9 @@ class RolloutEngine:
     def control(
         self, session: Session, dep: Deployment, action: ControlAction, actor: str, now: dt.datetime
     ) -> set[str]:
-        """An operator's pause | resume | abort | rollback; returns the devices whose desired state changed."""
+        """An operator's pause | resume | abort | rollback; returns the devices whose desired state changed.
+        A deployment still ``planning`` is planned first: every action acts on its targets."""
+        ensure_planned(session, dep, ROLLOUT, now)
         if action is ControlAction.ROLLBACK:
             return self.rollback(session, dep, actor, now)
         if action is ControlAction.PAUSE:

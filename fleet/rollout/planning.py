@@ -1,6 +1,6 @@
-"""Planning a deployment: which devices a manifest selects, in which waves, and the apply that records
-it (idempotent, like ``kubectl apply``: the same spec again changes nothing, a new spec is the next
-generation)."""
+"""Planning a deployment: the apply that records it (idempotent, like ``kubectl apply``: the same spec
+again changes nothing, a new spec is the next generation), and the plan the engine's first tick makes of
+it: which devices the manifest selects, in which waves."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import math
 import uuid
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, load_only
 
 from manifests import DeploymentManifest
@@ -19,7 +19,15 @@ from .. import registry
 from ..audit import audit
 from ..db import Deployment, DeploymentTarget, Device
 from ..errors import InvalidManifestError, NotFoundError
-from .states import DeploymentStatus, TargetEvent, TargetState, can_target, move_target
+from .states import (
+    DeploymentEvent,
+    DeploymentStatus,
+    TargetEvent,
+    TargetState,
+    can_target,
+    move_deployment,
+    move_target,
+)
 from .variants import get_release
 
 MAX_VERSION = 2_147_483_647  # bundle versions are positive 32-bit integers everywhere (database columns)
@@ -141,9 +149,14 @@ def _supersede(session: Session, dep: Deployment, actor: str, now: dt.datetime) 
 
 
 def apply_manifest(
-    session: Session, manifest: DeploymentManifest, actor: str, now: dt.datetime
+    session: Session, manifest: DeploymentManifest, actor: str, now: dt.datetime, *, plan_up_to: int = 0
 ) -> tuple[Deployment, str]:
-    """Make the manifest the desired state. Returns (deployment, 'created' | 'configured' | 'unchanged')."""
+    """Make the manifest the desired state. Returns (deployment, 'created' | 'configured' | 'unchanged').
+
+    Records the deployment as ``planning`` and returns: selecting and recording its targets is the rollout
+    engine's first tick (``plan_deployment``), so the apply costs the same at 10 devices and at 10,000.
+    Where the fleet has at most ``plan_up_to`` devices (the engine passes its ``start_batch``, the work one
+    tick does anyway) the plan is made here at once, and the answer already counts the targets."""
     bundle_name, bundle_version = _check_bundle(session, manifest)
     spec = manifest.spec
     digest = spec_digest(manifest)
@@ -152,9 +165,6 @@ def apply_manifest(
         return old, "unchanged"
     result = "configured" if old is not None else "created"
     generation = _supersede(session, old, actor, now) if old is not None else 1
-    devices = select_devices(session, manifest)
-    sizes = plan_waves(len(devices), manifest)
-    status = DeploymentStatus.IN_PROGRESS if devices else DeploymentStatus.COMPLETED
     dep = Deployment(
         id=f"{manifest.metadata.name}.{generation}.{uuid.uuid4().hex[:8]}",
         name=manifest.metadata.name,
@@ -165,24 +175,19 @@ def apply_manifest(
         bundle_version=bundle_version,
         release_name=spec.release.name if spec.release else None,
         release_version=spec.release.version if spec.release else None,
-        status=status.value,
+        status=DeploymentStatus.PLANNING.value,
         wave=0,
-        waves=len(sizes),
+        waves=0,
         wave_started_at=now,
         created_at=now,
         updated_at=now,
-        finished_at=None if devices else now,
+        finished_at=None,
     )
     session.add(dep)
-    session.flush()  # the deployment's row first: its targets refer to it
-    # One multi-row INSERT: 10,000 ORM objects through the unit of work took seconds of the apply call.
-    waves = [w for w, size in enumerate(sizes) for _ in range(size)]
-    rows = [
-        {"deployment_id": dep.id, "device_id": d.id, "position": pos, "wave": w, "state": TargetState.PENDING.value}
-        for pos, (d, w) in enumerate(zip(devices, waves, strict=True))
-    ]
-    if rows:
-        session.execute(insert(DeploymentTarget), rows)
+    session.flush()
+    planned = None
+    if plan_up_to > 0 and (session.scalar(select(func.count()).select_from(Device)) or 0) <= plan_up_to:
+        planned = plan_deployment(session, dep, actor, now)
     audit(
         session,
         actor,
@@ -193,9 +198,52 @@ def apply_manifest(
         generation=generation,
         bundle=None if spec.release else f"{bundle_name}@{bundle_version}",
         release=f"{spec.release.name}@{spec.release.version}" if spec.release else None,
-        devices=len(devices),
-        waves=sizes,
+        devices=None if planned is None else planned[0],
+        waves=None if planned is None else planned[1],
         strategy=spec.strategy.type,
     )
     session.flush()
     return dep, result
+
+
+def plan_deployment(session: Session, dep: Deployment, actor: str, now: dt.datetime) -> tuple[int, list[int]] | None:
+    """Select a ``planning`` deployment's devices, split them in waves and record its targets (one
+    multi-row INSERT), then move it to ``in_progress`` (or ``completed``: nothing selected). Returns
+    (devices, wave sizes), or None where there was nothing to plan.
+
+    A fixed number of statements, whatever the fleet's size, all in the caller's transaction: a server
+    that dies mid-plan leaves nothing of it, and the next lease holder plans it from the start. The
+    deployment's row is locked and read again first (``SELECT ... FOR UPDATE``; SQLite has one writer
+    anyway), so a plan that another server committed meanwhile (a control command on a server without
+    the lease, a former lease holder) is never made twice; the unique (deployment, device) key would
+    refuse a second copy of a target in any case."""
+    session.refresh(dep, with_for_update=True)
+    if dep.status != DeploymentStatus.PLANNING.value:
+        return None
+    manifest = DeploymentManifest.model_validate(dep.manifest)
+    devices = select_devices(session, manifest)
+    sizes = plan_waves(len(devices), manifest)
+    # One multi-row INSERT: 10,000 ORM objects through the unit of work take seconds.
+    waves = [w for w, size in enumerate(sizes) for _ in range(size)]
+    rows = [
+        {"deployment_id": dep.id, "device_id": d.id, "position": pos, "wave": w, "state": TargetState.PENDING.value}
+        for pos, (d, w) in enumerate(zip(devices, waves, strict=True))
+    ]
+    if rows:
+        session.execute(insert(DeploymentTarget), rows)
+    session.expire(dep, ["targets"])
+    move_deployment(dep, DeploymentEvent.PLANNED if devices else DeploymentEvent.NOTHING_SELECTED)
+    dep.waves, dep.wave, dep.wave_started_at, dep.updated_at = len(sizes), 0, now, now
+    if not devices:
+        dep.finished_at = now
+    audit(session, actor, "planned", deployment=dep.name, ts=now, devices=len(devices), waves=sizes)
+    session.flush()
+    return len(devices), sizes
+
+
+def ensure_planned(session: Session, dep: Deployment, actor: str, now: dt.datetime) -> Deployment:
+    """Plan ``dep`` now if it is still ``planning`` (a control action or an offline package needs its
+    targets before the engine's first tick came)."""
+    if dep.status == DeploymentStatus.PLANNING.value:
+        plan_deployment(session, dep, actor, now)
+    return dep

@@ -3,7 +3,9 @@
 Mender's style, as the agent's update machine (``device/agent/states.py``) has it; Argo Rollouts'
 explicit phases are the model for the deployment's status::
 
-    deployment   in_progress --COMPLETE--> completed
+    deployment   planning --PLANNED--> in_progress        (the engine's first tick selected and recorded its targets)
+                 planning --NOTHING_SELECTED--> completed (the selector matched no device)
+                 in_progress --COMPLETE--> completed
                  in_progress --PAUSE--> paused --RESUME--> in_progress
                  in_progress | paused --ABORT--> aborted
                  in_progress | paused | completed | aborted --ROLL_BACK--> rolling_back
@@ -32,6 +34,7 @@ from ..errors import ConflictError
 
 
 class DeploymentStatus(str, enum.Enum):
+    PLANNING = "planning"  # recorded by the apply; its targets are not selected yet (the next tick does it)
     IN_PROGRESS = "in_progress"
     PAUSED = "paused"
     COMPLETED = "completed"
@@ -41,6 +44,8 @@ class DeploymentStatus(str, enum.Enum):
 
 
 class DeploymentEvent(str, enum.Enum):
+    PLANNED = "planned"  # its targets are selected and recorded, in waves
+    NOTHING_SELECTED = "nothing_selected"  # the selector matched no device: nothing to do
     COMPLETE = "complete"  # the last wave converged and soaked
     PAUSE = "pause"  # by hand, or an abort rule with on_abort: pause
     RESUME = "resume"  # by hand
@@ -79,6 +84,8 @@ class TargetEvent(str, enum.Enum):
 D, DE, T, TE = DeploymentStatus, DeploymentEvent, TargetState, TargetEvent
 
 DEPLOYMENT_TRANSITIONS: dict[tuple[DeploymentStatus, DeploymentEvent], DeploymentStatus] = {
+    (D.PLANNING, DE.PLANNED): D.IN_PROGRESS,
+    (D.PLANNING, DE.NOTHING_SELECTED): D.COMPLETED,
     (D.IN_PROGRESS, DE.COMPLETE): D.COMPLETED,
     (D.IN_PROGRESS, DE.PAUSE): D.PAUSED,
     (D.PAUSED, DE.RESUME): D.IN_PROGRESS,
@@ -107,10 +114,10 @@ TARGET_TRANSITIONS: dict[tuple[TargetState, TargetEvent], TargetState] = {
 }
 
 # Statuses the engine ticks (and that may not be deleted): something is still moving.
-TICKED = frozenset({D.IN_PROGRESS, D.ROLLING_BACK})
+TICKED = frozenset({D.PLANNING, D.IN_PROGRESS, D.ROLLING_BACK})
 # Statuses in which a deployment holds its devices and its bundle: a newer deployment takes the
 # devices over, and the bundle may not be deleted.
-ACTIVE = frozenset({D.IN_PROGRESS, D.PAUSED, D.ROLLING_BACK})
+ACTIVE = frozenset({D.PLANNING, D.IN_PROGRESS, D.PAUSED, D.ROLLING_BACK})
 # Target states in which no result is awaited from the device: a wave whose targets are all here has
 # converged.
 SETTLED = frozenset({T.SUCCEEDED, T.FAILED, T.SKIPPED, T.ROLLED_BACK, T.ROLLBACK_FAILED, T.UNFIT})

@@ -31,13 +31,16 @@ from manifests import SigningKey
 from manifests import mqtt as contract
 
 # The strings stored in the database: existing rows must keep meaning the same (no data migration).
-STORED_STATUSES = {"in_progress", "paused", "completed", "aborted", "rolling_back", "rolled_back"}
+STORED_STATUSES = {"planning", "in_progress", "paused", "completed", "aborted", "rolling_back", "rolled_back"}
 STORED_STATES = {
     "pending", "in_flight", "succeeded", "failed", "skipped", "rolling_back", "rolled_back", "rollback_failed",
     "unfit",
 }  # fmt: skip
 
 EXPECTED_DEPLOYMENT = {
+    # The apply records a deployment as planning; the engine's first tick selects its targets.
+    ("planning", "planned"): "in_progress",
+    ("planning", "nothing_selected"): "completed",
     ("in_progress", "complete"): "completed",
     ("in_progress", "pause"): "paused",
     ("paused", "resume"): "in_progress",
@@ -213,8 +216,11 @@ CONTROL_EXPECTED = {
 }
 
 
+PLANNED_STATUSES = [s for s in DeploymentStatus if s is not DeploymentStatus.PLANNING]  # planning: no targets yet
+
+
 @pytest.mark.parametrize(
-    ("status", "action"), list(itertools.product(DeploymentStatus, ControlAction)), ids=lambda x: x.value
+    ("status", "action"), list(itertools.product(PLANNED_STATUSES, ControlAction)), ids=lambda x: x.value
 )
 def test_control_action(db: Session, status: DeploymentStatus, action: ControlAction) -> None:
     dep = make_deployment(db, status)
@@ -253,3 +259,85 @@ def test_rollback_with_nothing_to_send_back_is_rolled_back_at_once(db: Session) 
         "x": "rollback_failed",
         "k": "skipped",
     }
+
+
+# A deployment still planning (recorded by the apply, no targets yet): the action plans it first, then acts
+# on its targets, all pending (absent: refused after the plan, which the refused command rolls back).
+PLANNING_CONTROL_EXPECTED = {
+    "pause": ("paused", dict.fromkeys(TARGETS, "pending")),
+    "abort": ("aborted", dict.fromkeys(TARGETS, "skipped")),
+    "rollback": ("rolled_back", dict.fromkeys(TARGETS, "skipped")),  # nothing was touched: nothing to send back
+}
+
+
+def record_planning(session: Session) -> Deployment:
+    from fleet.rollout import apply_manifest
+    from manifests import DeploymentManifest
+
+    dep, result = apply_manifest(session, DeploymentManifest.model_validate(MANIFEST), "admin", NOW)
+    assert result == "created" and dep.status == "planning" and dep.targets == [] and dep.waves == 0
+    return dep
+
+
+@pytest.mark.parametrize("action", list(ControlAction), ids=lambda x: x.value)
+def test_control_action_on_a_planning_deployment_plans_it_first(db: Session, action: ControlAction) -> None:
+    dep = record_planning(db)
+    expected = PLANNING_CONTROL_EXPECTED.get(action.value)
+    if expected is None:
+        with pytest.raises(TransitionRefused, match="not paused"):
+            engine().control(db, dep, action, "admin", NOW)
+        return
+    assert engine().control(db, dep, action, "admin", NOW) == set()
+    db.flush()
+    db.expire(dep, ["targets"])
+    assert dep.status == expected[0]
+    assert {t.device_id: t.state for t in dep.targets} == expected[1]
+
+
+def planned_audits(session: Session, name: str) -> list[dict[str, typing.Any]]:
+    from sqlalchemy import select
+
+    from fleet.db import AuditEntry
+
+    rows = session.scalars(select(AuditEntry).where(AuditEntry.action == "planned")).all()
+    return [r.details for r in rows if r.deployment == name]
+
+
+def test_the_first_tick_plans_a_recorded_deployment_and_the_next_starts_it(db: Session) -> None:
+    dep = record_planning(db)
+    db.commit()
+    eng = engine()
+    assert eng.tick(db) == set()  # the plan only: nothing is started in the tick that plans
+    db.commit()
+    db.expire(dep, ["targets"])
+    assert dep.status == "in_progress" and dep.waves == 1
+    assert sorted(t.device_id for t in dep.targets) == sorted(TARGETS)
+    assert {t.state for t in dep.targets} == {"pending"}
+    assert eng.tick(db) == set(TARGETS)
+    db.commit()
+    db.expire(dep, ["targets"])
+    assert {t.state for t in dep.targets} == {"in_flight"}
+    assert len(dep.targets) == len(TARGETS)
+    assert [a["devices"] for a in planned_audits(db, "d")] == [len(TARGETS)]
+
+
+def test_a_plan_that_selects_nothing_completes(db: Session) -> None:
+    from fleet.rollout import apply_manifest
+    from manifests import DeploymentManifest
+
+    body = {**MANIFEST, "spec": {**MANIFEST["spec"], "selector": {"tags": {"site": "nowhere"}}}}
+    dep, _ = apply_manifest(db, DeploymentManifest.model_validate(body), "admin", NOW)
+    assert dep.status == "planning"
+    engine().tick(db)
+    assert dep.status == "completed" and dep.finished_at == NOW and dep.waves == 0 and dep.targets == []
+
+
+def test_apply_plans_at_once_up_to_plan_up_to_devices(db: Session) -> None:
+    from fleet.rollout import apply_manifest
+    from manifests import DeploymentManifest
+
+    dep, _ = apply_manifest(db, DeploymentManifest.model_validate(MANIFEST), "admin", NOW, plan_up_to=len(TARGETS))
+    assert dep.status == "in_progress" and len(dep.targets) == len(TARGETS)
+    db.rollback()
+    dep, _ = apply_manifest(db, DeploymentManifest.model_validate(MANIFEST), "admin", NOW, plan_up_to=len(TARGETS) - 1)
+    assert dep.status == "planning" and dep.targets == []

@@ -1,0 +1,197 @@
+"""Apply records, the engine's first tick plans: on PostgreSQL, a lease holder SIGKILLed in the middle of a
+plan (its targets inserted, not committed) leaves nothing of it, and the next lease holder plans the
+deployment exactly once; two planners at once (a control command on a server without the lease, and
+the lease holder's tick) make one plan."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from fleet.db import (
+    AuditEntry,
+    BundleRecord,
+    Deployment,
+    DeploymentTarget,
+    Device,
+    make_engine,
+    run_migrations,
+    session_factory,
+)
+from fleet.rollout import RolloutContext, RolloutEngine, apply_manifest, plan_deployment
+from manifests import DeploymentManifest, SigningKey
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICES = 3000  # over the default start_batch (1000): the apply only records, as at 10,000 boards
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
+MANIFEST = {
+    "apiVersion": "nanofleet/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "big"},
+    "spec": {"bundle": {"name": "m", "version": 2}, "strategy": {"type": "waves", "waves": {"sizes": [100, 900]}}},
+}
+
+# The dying lease holder: ticks the engine (the plan: 3,000 targets inserted in its transaction), says how
+# many targets its own transaction sees, and is SIGKILLed before the commit, as a crash would have it.
+CHILD = textwrap.dedent(
+    """
+    import datetime as dt, json, os, signal, sys
+    from sqlalchemy import func, select
+    from fleet.db import DeploymentTarget, make_engine, session_factory
+    from fleet.rollout import RolloutContext, RolloutEngine
+    from manifests import SigningKey
+    url, schema, mode = sys.argv[1:4]
+    now = dt.datetime(2026, 12, 2, 12, 0, 1, tzinfo=dt.timezone.utc)
+    engine = RolloutEngine(RolloutContext(SigningKey.generate(), lambda n, v: "http://x", lambda: now))
+    with session_factory(make_engine(url, schema))() as s:
+        engine.tick(s)
+        seen = s.scalar(select(func.count()).select_from(DeploymentTarget))
+        print(json.dumps({"targets_in_my_transaction": seen}), flush=True)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.stdin.readline()  # "hold": keep the plan (and the row lock) uncommitted until told
+        s.commit()
+    """
+)
+
+
+def ctx_engine() -> RolloutEngine:
+    return RolloutEngine(RolloutContext(SigningKey.generate(), lambda n, v: "http://x", lambda: NOW))
+
+
+@pytest.fixture
+def pg(pg_schema: tuple[str, str]):  # noqa: ANN201
+    url, schema = pg_schema
+    engine = make_engine(url, schema)
+    run_migrations(engine)
+    factory = session_factory(engine)
+    with factory() as s:
+        for v in (1, 2):
+            s.add(
+                BundleRecord(
+                    name="m",
+                    version=v,
+                    manifest_sha256=f"{v:064d}",
+                    manifest_yaml="",
+                    signature="",
+                    key_id="k",
+                    total_size=1,
+                )
+            )
+        s.execute(
+            Device.__table__.insert(),
+            [
+                {"id": f"d-{i:05d}", "secret_hash": "h", "enrolled_at": NOW - dt.timedelta(seconds=DEVICES - i)}
+                for i in range(DEVICES)
+            ],
+        )
+        s.commit()
+        # The apply, as the API's command does it for a fleet over start_batch: recorded, not planned.
+        t0 = time.perf_counter()
+        dep, _ = apply_manifest(s, DeploymentManifest.model_validate(MANIFEST), "admin", NOW, plan_up_to=1000)
+        s.commit()
+        apply_s = time.perf_counter() - t0
+        assert dep.status == "planning" and dep.waves == 0
+    yield url, schema, factory, apply_s
+    engine.dispose()
+
+
+def child(url: str, schema: str, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, schema, mode],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def plan_of(s: Session) -> dict[str, object]:
+    dep = s.scalar(select(Deployment).where(Deployment.name == "big"))
+    assert dep is not None
+    rows = s.execute(select(DeploymentTarget.device_id, DeploymentTarget.wave)).all()
+    planned = s.scalars(select(AuditEntry.details).where(AuditEntry.action == "planned")).all()
+    return {
+        "status": dep.status,
+        "waves": dep.waves,
+        "targets": len(rows),
+        "distinct_devices": len({r.device_id for r in rows}),
+        "per_wave": sorted({w: sum(1 for r in rows if r.wave == w) for w in {r.wave for r in rows}}.items()),
+        "planned_audits": [d["devices"] for d in planned],
+    }
+
+
+EXACTLY_ONCE = {
+    "status": "in_progress",
+    "waves": 3,
+    "targets": DEVICES,
+    "distinct_devices": DEVICES,
+    "per_wave": [(0, 100), (1, 900), (2, DEVICES - 1000)],
+    "planned_audits": [DEVICES],
+}
+
+
+def test_a_leader_killed_mid_plan_leaves_nothing_and_the_next_plans_once(pg) -> None:
+    url, schema, factory, apply_s = pg
+    p = child(url, schema, "kill")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, err
+    # It died with the whole plan inserted in its transaction: the crash came between insert and commit.
+    assert json.loads(out.splitlines()[-1]) == {"targets_in_my_transaction": DEVICES}
+    with factory() as s:
+        left = plan_of(s)
+        assert (left["status"], left["targets"], left["planned_audits"]) == ("planning", 0, []), left
+    # The next lease holder's first tick plans it; the ticks after it plan nothing more.
+    eng = ctx_engine()
+    for _ in range(3):
+        with factory() as s:
+            eng.tick(s)
+            s.commit()
+    with factory() as s:
+        assert plan_of(s) == EXACTLY_ONCE
+        started = s.scalar(
+            select(func.count()).select_from(DeploymentTarget).where(DeploymentTarget.state == "in_flight")
+        )
+        assert started == 100  # the first wave, started by the ticks after the plan
+    assert apply_s < 1.0, f"recording the apply took {apply_s:.2f}s at {DEVICES} devices"
+
+
+def test_two_planners_at_once_make_one_plan(pg) -> None:
+    url, schema, factory, _ = pg
+    holder = child(url, schema, "hold")  # plans, then holds its transaction (and the row lock) open
+    assert holder.stdout is not None and holder.stdin is not None
+    assert json.loads(holder.stdout.readline()) == {"targets_in_my_transaction": DEVICES}
+    result: dict[str, object] = {}
+
+    def second() -> None:  # e.g. a pause arriving at a server without the lease: it plans first
+        with factory() as s:
+            dep = s.scalar(select(Deployment).where(Deployment.name == "big"))
+            assert dep is not None
+            result["plan"] = plan_deployment(s, dep, "admin", NOW)
+            s.commit()
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive(), "the second planner did not wait for the first one's row lock"
+    with factory() as s:  # a reader is not blocked, and sees no plan before the commit
+        assert s.scalar(select(func.count()).select_from(DeploymentTarget)) == 0
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    assert holder.wait(60) == 0, holder.stderr.read() if holder.stderr else ""
+    t.join(60)
+    assert result == {"plan": None}  # it found the plan committed and made none
+    with factory() as s:
+        assert plan_of(s) == EXACTLY_ONCE
