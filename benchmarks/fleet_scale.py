@@ -209,8 +209,17 @@ class FleetServer:
         info.unlink(missing_ok=True)
         log = open(self.log, "ab")  # noqa: SIM115 - the process keeps it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanofleet.cli", "fleet", "serve", "-c", str(self.config), "--log-level",
-             self.log_level],
+            [
+                sys.executable,
+                "-m",
+                "nanofleet.cli",
+                "fleet",
+                "serve",
+                "-c",
+                str(self.config),
+                "--log-level",
+                self.log_level,
+            ],
             stdout=log,
             stderr=log,
             cwd=REPO,
@@ -251,9 +260,11 @@ class FleetServer:
 def enrol(url: str, admin_token: str, n: int, *, prefix: str, workers: int = 4, start: int = 0) -> list[Login]:
     """Enrol ``n`` devices over the REST API (``prefix-00000``...), a few at a time."""
     headers = {"Authorization": f"Bearer {admin_token}"}
-    token = httpx.post(
-        f"{url}/api/v1/enrollment-tokens", json={"uses": n, "ttl_s": 7 * 86400}, headers=headers, timeout=60
-    ).raise_for_status().json()["token"]
+    token = (
+        httpx.post(f"{url}/api/v1/enrollment-tokens", json={"uses": n, "ttl_s": 7 * 86400}, headers=headers, timeout=60)
+        .raise_for_status()
+        .json()["token"]
+    )
 
     def one(i: int, http: httpx.Client) -> Login:
         device_id = f"{prefix}-{start + i:05d}"
@@ -313,8 +324,6 @@ def swarm(logins: Sequence[Login], urls: Sequence[str], **kw: Any) -> Iterator[S
         s.stop()
 
 
-
-
 # --- the benchmark ------------------------------------------------------------------------------------
 # Everything below drives the harness above; docs/benchmarks.md ("Fleet at scale") has the results.
 
@@ -337,6 +346,99 @@ def _rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def _proc_ticks(pid: int, children: bool = False) -> int:
+    """CPU clock ticks (user + system, every thread) a process used so far; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    f = stat[stat.rindex(")") + 2 :].split()
+    return int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if children else 0)
+
+
+def _postgres_pids() -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (p / "comm").read_text().startswith("postgres"):
+                    out.append(int(p.name))
+    return out
+
+
+def _machine_ticks() -> int:
+    v = list(map(int, Path("/proc/stat").read_text().splitlines()[0].split()[1:]))
+    return sum(v) - v[3] - v[4]  # everything but idle and iowait
+
+
+class CpuShare:
+    """Where the machine's CPU goes over a window, in cores: the swarm (this process, the probe it starts
+    included), each fleet server, Mosquitto, PostgreSQL (every backend), and everything else."""
+
+    def __init__(self, servers: dict[str, int], broker: int | None) -> None:
+        import os
+
+        self.pids = {"swarm": os.getpid(), **{f"server {n}": pid for n, pid in servers.items()}}
+        if broker is not None:
+            self.pids["mosquitto"] = broker
+        self.t0, self.start = time.monotonic(), self._snap()
+        self.tasks: dict[str, list[int]] = {}  # group -> [threads running or runnable, in disk sleep], summed
+        self.task_samples = 0
+
+    def sample_tasks(self) -> None:
+        """Count, once, the threads that the load average counts (state R: running or waiting for a CPU; D:
+        uninterruptible, e.g. waiting for an fsync), by group. The load is their average over time."""
+        groups = {pid: k for k, pid in self.pids.items()}
+        seen: dict[str, list[int]] = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            pid = int(p.name)
+            try:
+                group = groups.get(pid) or (
+                    "postgresql" if (p / "comm").read_text().startswith("postgres") else "other"
+                )
+                tasks = list((p / "task").iterdir())
+            except OSError:
+                continue
+            c = seen.setdefault(group, [0, 0])
+            for t in tasks:
+                with contextlib.suppress(OSError, IndexError):
+                    st = (t / "stat").read_text()
+                    state = st[st.rindex(")") + 2]
+                    c[0] += state == "R"
+                    c[1] += state == "D"
+        for group, (r, d) in seen.items():
+            x = self.tasks.setdefault(group, [0, 0])
+            x[0] += r
+            x[1] += d
+        self.task_samples += 1
+
+    def load_shares(self) -> dict[str, dict[str, float]]:
+        """Per group, the average number of R and D threads over the samples taken (they sum to the load)."""
+        n = max(1, self.task_samples)
+        return {k: {"R": round(r / n, 2), "D": round(d / n, 2)} for k, (r, d) in sorted(self.tasks.items())}
+
+    def _snap(self) -> dict[str, Any]:
+        return {
+            "procs": {k: _proc_ticks(pid, children=k == "swarm") for k, pid in self.pids.items()},
+            "postgres": {pid: _proc_ticks(pid) for pid in _postgres_pids()},
+            "machine": _machine_ticks(),
+        }
+
+    def cores(self) -> dict[str, float]:
+        import os
+
+        end, s = self._snap(), max(1e-6, time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
+        a = self.start
+        out = {k: (end["procs"][k] - a["procs"].get(k, 0)) / s for k in end["procs"]}
+        out["postgresql"] = sum(t - a["postgres"].get(pid, 0) for pid, t in end["postgres"].items()) / s
+        machine = (end["machine"] - a["machine"]) / s
+        out["other"] = machine - sum(out.values())
+        out["machine"] = machine
+        return {k: round(max(0.0, v), 2) for k, v in out.items()}
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -521,6 +623,13 @@ class Run:
         self.samples.append(x)
         return x
 
+    def cpu(self) -> CpuShare:
+        """Start counting where the CPU goes (``.cores()`` at the end of a phase)."""
+        return CpuShare(
+            {n: s.pid for n, s in self.servers.items() if s.alive()},
+            self.broker.proc.pid if self.broker.proc else None,
+        )
+
     def next_version(self) -> int:
         """The first bundle version above every one a device may hold (one per deployment so far)."""
         done = _sql(self.db, "SELECT count(*) FROM deployments WHERE name NOT LIKE 'setup%'") or 0
@@ -543,8 +652,13 @@ class Run:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(1)
-        return {"devices": len(self.logins), "connected_s": round(connected_s, 1),
-                "fleet_sees_online": online, "online_s": round(time.monotonic() - t0, 1), "load": _load()}
+        return {
+            "devices": len(self.logins),
+            "connected_s": round(connected_s, 1),
+            "fleet_sees_online": online,
+            "online_s": round(time.monotonic() - t0, 1),
+            "load": _load(),
+        }
 
     def telemetry(self, rate: float, duration: float) -> dict[str, Any]:
         assert self.swarm is not None
@@ -552,10 +666,17 @@ class Run:
         start = self.swarm.totals()
         self.swarm.set_rate(rate)
         t0 = time.monotonic()
+        time.sleep(min(10.0, duration / 4))  # the CPU shares of the steady state, not of the ramp
+        cpu = self.cpu()
+        next_sample = time.monotonic() + 5.0
         while time.monotonic() - t0 < duration:
-            time.sleep(min(5.0, duration - (time.monotonic() - t0)) if duration > 0 else 0)
-            x = self.sample("telemetry")
-            _say(f"telemetry {x['acked'] - start['acked']} acked, rss {x['rss_mb']}")
+            time.sleep(max(0.0, min(1.0, duration - (time.monotonic() - t0))))
+            cpu.sample_tasks()  # once a second: what makes up the load
+            if time.monotonic() >= next_sample:
+                next_sample += 5.0
+                x = self.sample("telemetry")
+                _say(f"telemetry {x['acked'] - start['acked']} acked, rss {x['rss_mb']}")
+        cpu_cores = cpu.cores()
         self.swarm.set_rate(0)
         elapsed = time.monotonic() - t0
         end = self._settle()
@@ -573,6 +694,8 @@ class Run:
             "commit_lag": _lag(before, after),
             "rss_max_mb": {n: max(x["rss_mb"].get(n, 0) for x in phase) for n in self.servers},
             "broker_rss_max_mb": max(x["broker_rss_mb"] for x in phase),
+            "cpu_cores": cpu_cores,
+            "load_threads": cpu.load_shares(),
             "load_1m_median": _pct([x["load"][0] for x in phase], 0.5),
             "load_1m_max": max(x["load"][0] for x in phase),
         }
@@ -596,32 +719,47 @@ class Run:
         self.swarm.set_rate(background_rate)
         time.sleep(5)
         srv = next(s for s in self.servers.values() if s.alive())
+        cpu = self.cpu()
         out = subprocess.run(
             [sys.executable, __file__, "probe", "--url", srv.url, "--token", self.token],
-            capture_output=True, text=True, timeout=600, check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
         )
+        cores = cpu.cores()
         self.swarm.set_rate(0)
-        return {**json.loads(out.stdout), "background_rate": background_rate, "load": _load()}
+        return {**json.loads(out.stdout), "background_rate": background_rate, "load": _load(), "cpu_cores": cores}
 
-    def rollout(self, name: str, version: int, strategy: dict[str, Any], *, kill_at: float | None = None,
-                rate: float = 0.0) -> dict[str, Any]:
+    def rollout(
+        self, name: str, version: int, strategy: dict[str, Any], *, kill_at: float | None = None, rate: float = 0.0
+    ) -> dict[str, Any]:
         """Apply a deployment to every device and follow it to completion (``kill_at``: SIGKILL the lease
         holder once that share of the devices has succeeded)."""
         assert self.swarm is not None
         name = f"{name}-{self.run_id}"
-        body = {"apiVersion": "nanofleet/v1", "kind": "Deployment", "metadata": {"name": name},
-                "spec": {"bundle": {"name": "tiny-model", "version": version}, "strategy": strategy}}
+        body = {
+            "apiVersion": "nanofleet/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"bundle": {"name": "tiny-model", "version": version}, "strategy": strategy},
+        }
         self.swarm.set_rate(rate)
         result: dict[str, Any] = {"name": name, "strategy": strategy, "telemetry_rate": rate}
+        cpu = self.cpu()
         with self.api() as api:
+            result["load_at_apply"] = _load()
             t0 = time.monotonic()
             r = api.post("/api/v1/deployments", json=body)
             result["apply_s"] = round(time.monotonic() - t0, 3)
             r.raise_for_status()
-            dep_id = r.json()["deployment"]["id"]
+            applied = r.json()["deployment"]
+            dep_id = applied["id"]
+            result["apply_answer"] = {"status": applied["status"], "counts": applied["counts"]}
         applied_at = time.time()
         result.update(self._follow(name, kill_at))
         result["load_after"] = _load()
+        result["cpu_cores"] = cpu.cores()
         done = self.swarm.committed(dep_id)
         result["devices_committed"] = len(done)
         if done and result.get("finished_at"):
@@ -663,8 +801,12 @@ class Run:
         while (now_leader := self.leader()) is None and time.monotonic() - t0 < 60:
             time.sleep(0.1)
         _say(f"killed {victim}; {now_leader} took the lease")
-        return {"killed": victim, "new_leader": now_leader, "takeover_s": round(time.monotonic() - t0, 2),
-                "load_at_kill": _load()}
+        return {
+            "killed": victim,
+            "new_leader": now_leader,
+            "takeover_s": round(time.monotonic() - t0, 2),
+            "load_at_kill": _load(),
+        }
 
 
 def probe(url: str, token: str, page: int, rounds: int) -> dict[str, Any]:
@@ -758,20 +900,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         x.add_argument("--json", action="store_true", help="print the whole result (the samples taken included)")
         x.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     s.add_argument("--devices", type=int, default=10_000, help="devices to enrol (default 10000)")
-    s.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-                   help="PostgreSQL (the schema bench_fleet is dropped and created)")
+    s.add_argument(
+        "--database-url",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL (the schema bench_fleet is dropped and created)",
+    )
     s.add_argument("--workers", type=int, default=8, help="enrolments in flight (default 8)")
     r.add_argument("--servers", type=int, default=2, choices=(1, 2, 3, 4), help="fleet servers (default 2)")
     r.add_argument("--rate", type=float, default=2000, help="telemetry messages/s in the ingest phase (default 2000)")
     r.add_argument("--duration", type=float, default=300, help="seconds of the ingest phase (default 300)")
-    r.add_argument("--background-rate", type=float, default=333,
-                   help="telemetry messages/s while the read side is measured (default 333: 10,000 boards every 30 s)")
-    r.add_argument("--kill-rate", type=float, default=333,
-                   help="telemetry messages/s during the SIGKILL rollout (default 333)")
-    r.add_argument("--connect-rate", type=float, default=400,
-                   help="device connections started per second (default 400)")
-    r.add_argument("--phases", default="telemetry,read,all,waves,kill",
-                   help="what to measure, comma-separated (default: telemetry,read,all,waves,kill)")
+    r.add_argument(
+        "--background-rate",
+        type=float,
+        default=333,
+        help="telemetry messages/s while the read side is measured (default 333: 10,000 boards every 30 s)",
+    )
+    r.add_argument(
+        "--kill-rate", type=float, default=333, help="telemetry messages/s during the SIGKILL rollout (default 333)"
+    )
+    r.add_argument(
+        "--connect-rate", type=float, default=400, help="device connections started per second (default 400)"
+    )
+    r.add_argument(
+        "--phases",
+        default="telemetry,read,all,waves,kill",
+        help="what to measure, comma-separated (default: telemetry,read,all,waves,kill)",
+    )
     q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
     q.add_argument("--url", required=True, help="a fleet server's URL")
     q.add_argument("--token", required=True, help="the admin token")
@@ -784,8 +938,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run" and not (args.work / "state.json").is_file():
         print(f"error: no setup in {args.work}: run `fleet_scale.py setup --work {args.work}` first", file=sys.stderr)
         return 2
-    res = bench_setup(args.work, args.devices, args.database_url, args.workers) if args.cmd == "setup" \
+    res = (
+        bench_setup(args.work, args.devices, args.database_url, args.workers)
+        if args.cmd == "setup"
         else bench_run(args.work, args)
+    )
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res if args.json else {k: v for k, v in res.items() if k != "samples"}, indent=2))
