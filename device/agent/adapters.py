@@ -17,6 +17,13 @@ nothing unverified used and nothing fetched before it is known to fit:
 5. the record (``adapters/adapters.json``) keeps the current and the previous version of each name; older
    version folders are removed.
 
+A rollback with nothing to go back to: when the board held no earlier version of the adapter, the fleet's
+rollback names version ``UNLOADED`` (0: "no version"), signed like any rollback. The agent then unloads the
+adapter (streams already running on it finish with it), forgets its versions on disk, and the board serves
+the base alone: the reported state no longer lists it and the local API no longer offers
+``<base id>:<name>``. Its highest committed version is kept (a later deployment below it still needs a signed
+rollback). An unsigned or mismatched one is refused like any rollback below the highest committed version.
+
 The result goes into the update record like a model's (``deployment_id``, ``last_result``, ``error``), so the
 fleet's rollout engine reads it the same way; the state stays where it was (the model did not move). The
 reported state lists the adapters (``ReportedState.adapters``), and the local API serves each resident one as
@@ -63,6 +70,8 @@ MAX_SIGNATURE_BYTES = 64 * 1024
 # An adapter may make the base's golden text this much less likely, no more: a fine-tune moves the model
 # toward its own text, a broken one (wrong scale, garbage matrices) multiplies perplexity by orders of magnitude.
 MAX_PPL_RATIO = 4.0
+# The version a rollback names when the board is to hold no version of the adapter: it is unloaded.
+UNLOADED = 0
 
 
 class AdapterUnsupportedError(UpdateError):
@@ -189,13 +198,19 @@ class AdapterUpdater:
             return self._failed(desired, ref, exc, seen)
         self.u._save(deployment_id=desired.deployment_id, seen_deployments=seen, last_result="committed", error=None,
                      error_reason=None, error_state=None)  # fmt: skip
+        if ref.version == UNLOADED:
+            message = f"adapter {ref.name} unloaded (a rollback to no version): the base serves alone"
+        else:
+            done = "already in service" if outcome == "in_service" else "resident"
+            message = f"adapter {ref.name}@{ref.version} {done}"
         self.u._emit(
             "result",
-            f"adapter {ref.name}@{ref.version} {'already in service' if outcome == 'in_service' else 'resident'}",
+            message,
             deployment_id=desired.deployment_id,
             bundle=f"{ref.name}@{ref.version}",
-            details={"kind": "adapter", "bytes": stats.as_dict(), "health": health},
-        )
+            details={"kind": "adapter", "bytes": stats.as_dict(), "health": health,
+                     "unloaded": ref.version == UNLOADED},
+        )  # fmt: skip
         return outcome
 
     def _failed(self, desired: DesiredState, ref: AdapterRef, exc: Exception, seen: list[str]) -> str:
@@ -234,6 +249,8 @@ class AdapterUpdater:
 
     # ---- the steps ---------------------------------------------------------------------------------
     def _apply(self, desired: DesiredState, ref: AdapterRef, stats: DownloadStats) -> tuple[str, dict[str, Any]]:
+        if ref.version == UNLOADED:
+            return self._unload(desired, ref)
         base_sha = self._check_base(ref.base_manifest_sha256, ref.base_name, ref.base_version, ref.name)
         activate = getattr(self.u.runtime, "activate_adapter", None)
         if activate is None:
@@ -258,6 +275,24 @@ class AdapterUpdater:
         health = activate(folder, manifest, self._probe_ids())
         self._commit(record, manifest, msha, current)
         return "committed", health
+
+    def _unload(self, desired: DesiredState, ref: AdapterRef) -> tuple[str, dict[str, Any]]:
+        """A rollback to no version: the adapter leaves the runtime and the record; the base serves alone.
+        Whatever base serves (or none): nothing is loaded, so there is nothing to check it against."""
+        if not self._rollback_authorized(desired, ref):
+            raise AntiRollbackError(f"unloading adapter {ref.name} is a rollback to no version; a signed rollback "
+                                    "authorization is required")  # fmt: skip
+        deactivate = getattr(self.u.runtime, "deactivate_adapter", None)
+        if deactivate is not None:
+            deactivate(ref.name)
+        record = self.store.load()
+        held = record.adapters.pop(ref.name, None)
+        self.store.save(record)
+        self.store.prune(ref.name, set())
+        shutil.rmtree(self.store.root / ref.name, ignore_errors=True)
+        log.info("adapter %s unloaded (was %s): the base serves alone", ref.name,
+                 f"v{held.version}" if held else "not held")  # fmt: skip
+        return "committed", {}
 
     def _check_base(self, want: str, name: str | None, version: int | None, adapter: str) -> str:
         """The serving base's manifest sha256, when it is the one the adapter needs; refused otherwise."""
@@ -408,6 +443,17 @@ def activate_on_engine(engine: Any, folder: Path, probe_ids: list[int]) -> dict[
             )
     engine.adapters.add(adapter, replace=True)  # the old version's streams finish on it
     return health
+
+
+def deactivate_on_engine(engine: Any, name: str) -> bool:
+    """Stop offering adapter ``name`` over ``engine`` (its running streams finish with it); False: not resident."""
+    from device.engine.adapters import UnknownAdapterError
+
+    try:
+        engine.unload_adapter(name)
+    except UnknownAdapterError:
+        return False
+    return True
 
 
 def attach_resident(engine: Any, data_dir: Path) -> list[str]:

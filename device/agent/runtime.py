@@ -141,6 +141,13 @@ class EngineRuntime:
             raise ModelLoadError("no model is serving: an adapter needs its base loaded")
         return activate_on_engine(engine, folder, probe_ids)
 
+    def deactivate_adapter(self, name: str) -> bool:
+        """Unload adapter ``name`` from the serving engine (an adapter rollback to no version); False: not there."""
+        from .adapters import deactivate_on_engine
+
+        engine = self._holder.engine if self._holder is not None else None
+        return engine is not None and deactivate_on_engine(engine, name)
+
     def adapter_version(self, name: str) -> int | None:
         engine = self._holder.engine if self._holder is not None else None
         found = [a for a in engine.adapters.snapshot() if a.name == name] if engine is not None else []

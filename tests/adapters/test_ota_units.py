@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from device.agent.adapters import AdapterQualityError, AdapterStore
+from device.agent.adapters import UNLOADED, AdapterQualityError, AdapterStore
 from manifests import Provenance, SignedDocument, SigningKey, TrustStore, describe_file, manifest_sha256
 from manifests.adapter import (
     ADAPTER_FILE,
@@ -48,6 +48,9 @@ class AdapterRuntime(FakeRuntime):
     def adapter_version(self, name: str) -> int | None:
         return self.resident.get(name)
 
+    def deactivate_adapter(self, name: str) -> bool:
+        return self.resident.pop(name, None) is not None
+
 
 @pytest.fixture
 def key() -> SigningKey:
@@ -80,8 +83,15 @@ def publish_adapter(h: Harness, name: str, version: int, base: Path, payload: by
         version=version,
         created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
         base=AdapterBase(name="tiny", version=1, manifest_sha256=manifest_sha256(base)),
-        lora=LoraSpec(rank=2, alpha=4.0, scale=2.0, target_modules=["q_proj"], sites=["qkv"], layers=[0],
-                      parameters=len(payload) // 4),  # fmt: skip
+        lora=LoraSpec(
+            rank=2,
+            alpha=4.0,
+            scale=2.0,
+            target_modules=["q_proj"],
+            sites=["qkv"],
+            layers=[0],
+            parameters=len(payload) // 4,
+        ),  # fmt: skip
         files=[describe_file(root, ADAPTER_FILE, ADAPTER_ROLE)],
         provenance=Provenance(source="test", source_kind="folder"),
     )
@@ -161,3 +171,58 @@ def test_versions_reuse_rollback_and_a_refused_activation(h: Harness) -> None:
     assert sorted(p.name for p in (store.root / "qv").iterdir()) == ["2", "3"]  # the refused one not kept
     assert deploy(h, v1, rollback=SignedDocument.sign(wrong, h.key)) == "refused"
     assert h.reasons()[-1] == "bad_rollback_authorization"
+
+
+def rollback_auth(h: Harness, dep: str, name: str, version: int) -> SignedDocument:
+    auth = RollbackAuthorization(deployment_id=dep, name=name, version=version, device_ids=[DEVICE],
+                                 expires_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))  # fmt: skip
+    return SignedDocument.sign(auth, h.key)
+
+
+# (case, versions deployed in order, the version the signed rollback names, then: resident version (None: not
+# resident), version folders kept on disk, the result event's message)
+ROLLBACKS = [
+    ("an earlier version is kept: back to it", [1, 2], 1, 1, ["1", "2"], "adapter qv@1 resident"),
+    ("no earlier version: unloaded, the base alone", [1], UNLOADED, None, [],
+     "adapter qv unloaded (a rollback to no version): the base serves alone"),
+    ("unloaded even with an earlier version kept, when the rollback says so", [1, 2], UNLOADED, None, [],
+     "adapter qv unloaded (a rollback to no version): the base serves alone"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "deployed", "to", "resident", "folders", "message"), ROLLBACKS,
+                         ids=[c[0] for c in ROLLBACKS])  # fmt: skip
+def test_a_rollback_returns_to_the_earlier_version_or_unloads(
+    h: Harness, case: str, deployed: list[int], to: int, resident: int | None, folders: list[str], message: str
+) -> None:
+    base = with_base(h)
+    store = AdapterStore(h.data)
+    refs = {v: publish_adapter(h, "qv", v, base, bytes([v]) * 4096) for v in deployed}
+    for v in deployed:
+        assert deploy(h, refs[v]) == "committed"
+    base_sha = h.updater.record.committed.manifest_sha256  # type: ignore[union-attr]
+    ref = refs[to] if to in refs else refs[deployed[-1]].model_copy(update={"version": to})
+    before = len(h.artifacts.log)
+    dep = f"rollback-{to}"
+    # unsigned, it is refused like any version below the highest committed one, and nothing changes
+    assert deploy(h, ref) == "refused" and h.reasons()[-1] == "anti_rollback"
+    assert h.runtime.resident == {"qv": deployed[-1]}
+
+    assert deploy(h, ref, rollback=rollback_auth(h, dep, "qv", to), dep=dep) == "committed", h.updater.record.error
+    rec = h.updater.record
+    assert (rec.deployment_id, rec.last_result, rec.error) == (dep, "committed", None)
+    assert h.runtime.resident == ({"qv": resident} if resident else {})
+    assert len(h.artifacts.log) == before  # nothing fetched: the kept folder, or nothing at all
+    report = store.report(base_sha)
+    assert [(a.name, a.version, a.resident) for a in report] == ([("qv", resident, True)] if resident else [])
+    kept = store.root / "qv"
+    assert (sorted(p.name for p in kept.iterdir()) if kept.is_dir() else []) == folders
+    result = [(m, f) for k, m, f in h.events if k == "result"][-1]
+    assert result[0] == message and result[1]["details"]["unloaded"] is (resident is None)
+    assert store.load().highest_committed == {"qv": deployed[-1]}  # anti-rollback remembers what was committed
+    assert h.state.value == "committed" and h.serving() == ("tiny", 1)  # the model did not move
+
+    # the same command again is a duplicate; the highest version deploys again from the fleet
+    assert deploy(h, ref, rollback=rollback_auth(h, dep, "qv", to), dep=dep) == "duplicate"
+    top = publish_adapter(h, "qv", deployed[-1] + 1, base, b"\7" * 4096)
+    assert deploy(h, top) == "committed" and h.runtime.resident == {"qv": deployed[-1] + 1}
