@@ -380,7 +380,8 @@ class CpuShare:
     def __init__(self, servers: dict[str, int], broker: int | None) -> None:
         import os
 
-        self.pids = {"swarm": os.getpid(), **{f"server {n}": pid for n, pid in servers.items()}}
+        self.me = os.getpid()
+        self.pids = {"swarm": self.me, **{f"server {n}": pid for n, pid in servers.items()}}
         if broker is not None:
             self.pids["mosquitto"] = broker
         self.t0, self.start = time.monotonic(), self._snap()
@@ -390,7 +391,10 @@ class CpuShare:
     def sample_tasks(self) -> None:
         """Count, once, the threads that the load average counts (state R: running or waiting for a CPU; D:
         uninterruptible, e.g. waiting for an fsync), by group. The load is their average over time."""
+        import threading
+
         groups = {pid: k for k, pid in self.pids.items()}
+        mine = str(threading.get_native_id())  # this sampling thread: not part of the load it measures
         seen: dict[str, list[int]] = {}
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
@@ -405,6 +409,8 @@ class CpuShare:
                 continue
             c = seen.setdefault(group, [0, 0])
             for t in tasks:
+                if t.name == mine:
+                    continue
                 with contextlib.suppress(OSError, IndexError):
                     st = (t / "stat").read_text()
                     state = st[st.rindex(")") + 2]
@@ -423,7 +429,9 @@ class CpuShare:
 
     def _snap(self) -> dict[str, Any]:
         return {
-            "procs": {k: _proc_ticks(pid, children=k == "swarm") for k, pid in self.pids.items()},
+            "procs": {k: _proc_ticks(pid) for k, pid in self.pids.items()},
+            # The probe, and a server this process SIGKILLed and reaped: counted in its children's time.
+            "reaped": _proc_ticks(self.me, children=True) - _proc_ticks(self.me),
             "postgres": {pid: _proc_ticks(pid) for pid in _postgres_pids()},
             "machine": _machine_ticks(),
         }
@@ -434,6 +442,7 @@ class CpuShare:
         end, s = self._snap(), max(1e-6, time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
         a = self.start
         out = {k: (end["procs"][k] - a["procs"].get(k, 0)) / s for k in end["procs"]}
+        out["reaped children (probe, killed server)"] = (end["reaped"] - a["reaped"]) / s
         out["postgresql"] = sum(t - a["postgres"].get(pid, 0) for pid, t in end["postgres"].items()) / s
         machine = (end["machine"] - a["machine"]) / s
         out["other"] = machine - sum(out.values())
