@@ -1,10 +1,14 @@
-"""Build-once test artefacts for the adapter tests, cached under ``.cache/test-adapters/`` behind file locks.
+"""Build-once test artefacts for the adapter tests, cached under ``.cache/`` behind file locks.
 
-Base bundles are built by the CURRENT exporter (the pinned default test bundle predates LoRA slots), one per
-precision, keyed by a hash of what shapes a base (export/ without adapters/ and target/, the bundle contract).
-The PEFT adapters are trained by tests/adapters/train_lora.py in a subprocess (keyed by that script and its
-texts); the adapter bundles by the real `nanofleet export-adapter` CLI (keyed by all of the above plus
-export/adapters/ and manifests/adapter.py). Everything is signed by one test key kept beside them.
+Base bundles are the suite's shared test bundles of the current exporter (tests/export/bundle_cache.py:
+``.cache/test-bundles/<precision>-<sources hash>/``, the int8 one being the default bundle that the export,
+target and onboarding parts use too; every default export has LoRA slots), built once per checkout whichever
+part asks first. Each is re-signed by the adapter test key into ``.cache/test-adapters/base-<precision>-<its
+manifest's sha256>/``: hard links to the very same files and the same manifest.yaml bytes (so the same manifest
+sha256), only manifest.sig new. The PEFT adapters are trained by tests/adapters/train_lora.py, every kind in one
+subprocess (keyed by that script and its texts); the adapter bundles by the real `nanofleet export-adapter` CLI
+(keyed by the base bundle's manifest plus the PEFT folder's and export/adapters/'s sources). Everything is
+signed by one test key kept beside them.
 """
 
 from __future__ import annotations
@@ -22,15 +26,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from manifests import write_keypair
+from manifests import MANIFEST_NAME, SIGNATURE_NAME, SigningKey, write_keypair
+from tests.export import bundle_cache
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "test-adapters"
-BASE_SOURCES = ("export", "manifests/bundle.py", "manifests/signing.py", "manifests/_files.py")
-BASE_SKIP = ("export/adapters", "export/target")
+# The shared bundle of each precision: (bundle_cache kind, export arguments); int8 is the default bundle itself.
+SHARED_BASES: dict[str, tuple[str, list[str]]] = {
+    "int8": ("int8", []),
+    "fp32": ("fp32", ["--precision", "fp32"]),
+    "int4": ("int4", ["--precision", "int4"]),
+}
 PEFT_SOURCES = ("tests/adapters/train_lora.py", "tests/adapters/data")
 ADAPTER_SOURCES = ("export/adapters", "manifests/adapter.py")
+# What else judges an adapter (the gate runs it through the device engine): a cached refusal holds only for these.
+VERDICT_SOURCES = ("export", "device/engine", "manifests")
 TIMEOUT_S = 1800
+GATE_REFUSED = 3  # export-adapter's exit code when its quality gate refuses the adapter (export/adapters/cli.py)
 STALE_AFTER_S = 6 * 3600
 
 
@@ -45,10 +57,6 @@ def _hash(tops: tuple[str, ...], skip: tuple[str, ...] = ()) -> str:
             if p.suffix in (".py", ".txt", ".json", ".jinja"):
                 h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
-
-
-def base_hash() -> str:
-    return _hash(BASE_SOURCES, BASE_SKIP)
 
 
 def peft_hash() -> str:
@@ -79,6 +87,12 @@ def test_keys() -> tuple[Path, Path]:
     return keys / "nanofleet.key", keys / "nanofleet.pub"
 
 
+class BuildError(RuntimeError):
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def _run(cmd: list[str], what: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
@@ -93,7 +107,8 @@ def _run(cmd: list[str], what: str) -> str:
             proc.communicate()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"building {what} failed (exit {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
+        msg = f"building {what} failed (exit {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        raise BuildError(msg, proc.returncode)
     return stdout
 
 
@@ -104,42 +119,83 @@ def _prune(prefix: str, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def shared_base(precision: str) -> Path:
+    """The suite's shared bundle of ``precision`` (built by the real `nanofleet export`), whatever
+    .cache/test-bundles/PIN says: a pinned bundle may predate the LoRA slots these tests need."""
+    kind, args = SHARED_BASES[precision]
+    saved = os.environ.get("NANOFLEET_TEST_BUNDLE_PIN")
+    os.environ["NANOFLEET_TEST_BUNDLE_PIN"] = ""
+    try:
+        return bundle_cache.cached_bundle(kind, args)[0]
+    finally:
+        if saved is None:
+            os.environ.pop("NANOFLEET_TEST_BUNDLE_PIN", None)
+        else:
+            os.environ["NANOFLEET_TEST_BUNDLE_PIN"] = saved
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """``dest`` as ``src``'s files hard-linked (copied where the filesystem cannot link)."""
+    for p in sorted(src.rglob("*")):
+        target = dest / p.relative_to(src)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, target)
+        except OSError:
+            shutil.copy2(p, target)
+
+
 @functools.cache
 def base_bundle(precision: str) -> Path:
-    """A signed base bundle of the default model at ``precision`` (int8, int4, fp32) with LoRA slots; one per
-    precision for the whole session (cached: every caller gets the same base, whatever changes on disk)."""
+    """A signed base bundle of the default model at ``precision`` (int8, int4, fp32) with LoRA slots, signed by
+    the adapter test key; one per precision for the whole session (every caller gets the same base, whatever
+    changes on disk). Treat it as read-only: its files are the shared bundle's own (hard links)."""
     key, _pub = test_keys()
-    root = CACHE / f"base-{precision}-{base_hash()}"
+    shared = shared_base(precision)
+    body = (shared / MANIFEST_NAME).read_bytes()
+    root = CACHE / f"base-{precision}-{hashlib.sha256(body).hexdigest()[:12]}"
     bundle = root / "bundle"
     with _locked(root.name):
-        if not (bundle / "manifest.sig").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".*"):  # a SIGKILLed build's work folders (we hold the lock)
-                shutil.rmtree(stale, ignore_errors=True)
-            _run([sys.executable, "-m", "nanofleet.cli", "export", "--precision", precision, "--key", str(key),
-                  "--out", str(bundle), "--version", "1", "--json", "--force"], f"the {precision} base")  # fmt: skip
+        if not (bundle / SIGNATURE_NAME).exists():
+            shutil.rmtree(root, ignore_errors=True)  # a half-made copy (we hold the lock)
+            staging = root / ".staging"
+            _link_tree(shared, staging)
+            (staging / SIGNATURE_NAME).unlink()  # a link to the shared signature: never written through
+            (staging / SIGNATURE_NAME).write_text(SigningKey.load(key).sign(body).to_json())
+            staging.replace(bundle)
             _prune(f"base-{precision}", root)
     return bundle
 
 
 @functools.cache
-def peft_adapter(kind: str) -> Path:
-    """A PEFT LoRA folder of ``kind`` (train_lora.KINDS); ``qv`` also has the merged model at ``<dir>-merged``."""
-    root = CACHE / f"peft-{kind}-{peft_hash()}"
-    out, merged = root / "adapter", root / "merged"
+def peft_root() -> Path:
+    """The folder of every trained PEFT kind (train_lora.KINDS), all trained by one subprocess, once."""
+    root = CACHE / f"peft-{peft_hash()}"
     with _locked(root.name):
-        if not (out / "adapter_config.json").exists():
+        if not (root / "DONE").exists():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            extra = ["--merged", str(merged)] if kind == "qv" else []
-            _run([sys.executable, "-m", "tests.adapters.train_lora", str(out), kind, *extra], f"the {kind} LoRA")
-            _prune(f"peft-{kind}", root)
+            _run([sys.executable, "-m", "tests.adapters.train_lora", str(root)], "the test LoRAs")
+            (root / "DONE").touch()
+            _prune("peft", root)
+    return root
+
+
+def peft_adapter(kind: str) -> Path:
+    """The PEFT LoRA folder of ``kind`` (train_lora.KINDS)."""
+    out = peft_root() / kind
+    assert (out / "adapter_config.json").is_file(), out
     return out
 
 
 def merged_model(kind: str = "qv") -> Path:
     """The HF folder of the default model with the ``kind`` adapter merged in (peft's merge_and_unload)."""
-    return peft_adapter(kind).parent / "merged"
+    from .train_lora import MERGED
+
+    return peft_root() / MERGED[kind]
 
 
 @functools.cache
@@ -148,16 +204,25 @@ def adapter_bundle(kind: str, precision: str) -> tuple[Path, dict]:
     key, _pub = test_keys()
     base, peft = base_bundle(precision), peft_adapter(kind)
     root = CACHE / f"adapter-{kind}-{precision}-{adapter_hash(base)}"
-    out, summary = root / "adapter", root / "export.json"
+    out, summary, refused = root / "adapter", root / "export.json", root / "refused.txt"
     with _locked(root.name):
+        # The gate's refusal of exactly these inputs, judged by exactly this code: it would only say it again.
+        verdict_key = _hash(VERDICT_SOURCES)
+        if refused.exists() and refused.read_text().startswith(verdict_key + "\n"):
+            raise BuildError(f"{refused.read_text()}\n(the verdict cached in {refused})", GATE_REFUSED)
         if not (out / "manifest.sig").exists() or not summary.exists():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
             text = {"qv": "greenhouse_manual.txt", "all": "bakery_answers.txt"}[kind]
-            stdout = _run([sys.executable, "-m", "nanofleet.cli", "export-adapter", "--base", str(base), "--adapter",
-                           str(peft), "--key", str(key), "--name", kind, "--version", "1", "--out", str(out),
-                           "--eval-text", str(REPO / "tests/adapters/data" / text), "--json"],
-                          f"the {kind} adapter on the {precision} base")  # fmt: skip
+            try:
+                stdout = _run([sys.executable, "-m", "nanofleet.cli", "export-adapter", "--base", str(base),
+                               "--adapter", str(peft), "--key", str(key), "--name", kind, "--version", "1", "--out",
+                               str(out), "--eval-text", str(REPO / "tests/adapters/data" / text), "--json"],
+                              f"the {kind} adapter on the {precision} base")  # fmt: skip
+            except BuildError as exc:
+                if exc.returncode == GATE_REFUSED:  # deterministic; a crash or a timeout is not cached
+                    refused.write_text(f"{verdict_key}\n{exc}")
+                raise
             summary.write_text(stdout)
             _prune(f"adapter-{kind}-{precision}", root)
     return out, json.loads(summary.read_text())
