@@ -195,3 +195,37 @@ def test_two_planners_at_once_make_one_plan(pg) -> None:
     assert result == {"plan": None}  # it found the plan committed and made none
     with factory() as s:
         assert plan_of(s) == EXACTLY_ONCE
+
+
+def test_over_start_batch_the_api_answers_planning_and_the_tick_plans(make_fleet, bundles) -> None:
+    from tests.fleet.conftest import BUNDLE, wait_for
+
+    fleet = make_fleet(start_batch=2)  # 3 devices: more than one tick starts, so the apply only records
+    devices = fleet.enroll(3)
+    ids = sorted(d.id for d in devices)
+
+    def body(name: str) -> dict:
+        return {
+            "apiVersion": "nanofleet/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"bundle": {"name": BUNDLE, "version": 1}, "strategy": {"type": "waves", "waves": {"sizes": [1]}}},
+        }
+
+    with fleet.admin() as admin:
+        admin.upload_bundle(bundles[1])
+        out = admin.apply(body("later"))
+        assert out["result"] == "created"
+        dep = out["deployment"]
+        assert (dep["status"], dep["waves"], dep["counts"], dep["targets"]) == ("planning", 0, {"total": 0}, [])
+        got = wait_for(
+            lambda: (d := admin.deployment("later"))["status"] == "in_progress" and d["counts"]["total"] and d,
+            what="planned",
+        )
+        assert got["waves"] == 2 and sorted(t["device_id"] for t in got["targets"]) == ids
+        # A control action that comes before the first tick plans the deployment first, then acts on its
+        # targets (or the tick came first: the same three targets either way).
+        assert admin.apply(body("paused"))["deployment"]["status"] == "planning"
+        paused = admin.control("paused", "pause")
+        assert paused["status"] == "paused" and paused["counts"]["total"] == 3, paused
+        assert sorted(t["device_id"] for t in paused["targets"]) == ids
