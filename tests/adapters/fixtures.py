@@ -202,7 +202,9 @@ def merged_model(kind: str = "qv") -> Path:
 def adapter_bundle(kind: str, precision: str) -> tuple[Path, dict]:
     """(adapter bundle, export-adapter --json summary) of the ``kind`` LoRA on the ``precision`` base."""
     key, _pub = test_keys()
-    base, peft = base_bundle(precision), peft_adapter(kind)
+    # the LoRAs first: in a whole run the export part is building the shared bases meanwhile (under their lock)
+    peft = peft_adapter(kind)
+    base = base_bundle(precision)
     root = CACHE / f"adapter-{kind}-{precision}-{adapter_hash(base)}"
     out, summary, refused = root / "adapter", root / "export.json", root / "refused.txt"
     with _locked(root.name):

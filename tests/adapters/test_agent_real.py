@@ -94,8 +94,9 @@ class Board:
 
 
 @pytest.fixture(scope="module")
-def board(tmp_path_factory: pytest.TempPathFactory, base_int8: Path, adapter_keys: tuple[Path, Path],
-          trust: TrustStore) -> Iterator[Board]:  # fmt: skip
+def board(tmp_path_factory: pytest.TempPathFactory, qv_int8: tuple[Path, dict], base_int8: Path,
+          adapter_keys: tuple[Path, Path], trust: TrustStore) -> Iterator[Board]:  # fmt: skip
+    """(qv_int8 first: the LoRAs train before the shared base is asked for, see fixtures.adapter_bundle.)"""
     b = Board(tmp_path_factory.mktemp("board"), adapter_keys, trust, base_int8)
     yield b
     b.close()
