@@ -46,7 +46,8 @@ def export(
         None,
         "--recipe",
         help="Force one recipe: int8 (keeps a Q4 source's 4-bit grid exactly), int8-requantized (every weight"
-        " 8-bit), int8-fp32-embeddings, int4, int4-b64 (4.5 bits per weight, as Q4_0), fp32, dynamic-int8 "
+        " 8-bit), int8-fp32-embeddings, int4 (keeps a Q4 source's grid too), int4-requantized (every weight 4-bit RTN),"
+        " int4-b64 (4.5 bits per weight, as Q4_0), fp32, dynamic-int8 "
         "(dynamic INT8 of every MatMul: known to fail the gate). Default: the precision's recipes, in order.",
     ),
     key: Path = typer.Option(
@@ -277,8 +278,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  perplexity {s['ppl_reference']:.3f} → {s['ppl_quantized']:.3f} ({s['ppl_increase_pct']:+.2f}%), "
         f"KL to fp32 {tf['kl_mean']:.4f}, same top token {tf['top_token_match']:.1%} over {tf['tokens']} "
         "tokens: gate passed\n"
-        f"  signed with {s['signing_key']}; times: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items())
+        f"  signed with {s['signing_key']}; times: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items())
     )
     if tf["limits"]["note"]:
         out.print(f"  [yellow]note:[/] {tf['limits']['note']}")
