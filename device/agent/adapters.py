@@ -196,14 +196,20 @@ class AdapterUpdater:
             outcome, health = self._apply(desired, ref, stats)
         except (UpdateError, ManifestError, OSError) as exc:
             return self._failed(desired, ref, exc, seen)
-        self.u._save(deployment_id=desired.deployment_id, seen_deployments=seen, last_result="committed", error=None,
-                     error_reason=None, error_state=None)  # fmt: skip
+        self.u.save_record(
+            deployment_id=desired.deployment_id,
+            seen_deployments=seen,
+            last_result="committed",
+            error=None,
+            error_reason=None,
+            error_state=None,
+        )
         if ref.version == UNLOADED:
             message = f"adapter {ref.name} unloaded (a rollback to no version): the base serves alone"
         else:
             done = "already in service" if outcome == "in_service" else "resident"
             message = f"adapter {ref.name}@{ref.version} {done}"
-        self.u._emit(
+        self.u.emit(
             "result",
             message,
             deployment_id=desired.deployment_id,
@@ -224,7 +230,7 @@ class AdapterUpdater:
             err = UpdateError(f"I/O error: {exc}", reason="io")
         refused = isinstance(err, RefusedError)
         log.error("adapter %s@%s: %s", ref.name, ref.version, err.message)
-        self.u._emit(
+        self.u.emit(
             "refused" if refused else "error",
             err.message,
             deployment_id=desired.deployment_id,
@@ -232,8 +238,14 @@ class AdapterUpdater:
             details={"kind": "adapter", "reason": err.reason},
         )
         result = "refused" if refused else "failed"
-        self.u._save(deployment_id=desired.deployment_id, seen_deployments=seen, last_result=result,
-                     error=err.message, error_reason=err.reason, error_state=None)  # fmt: skip
+        self.u.save_record(
+            deployment_id=desired.deployment_id,
+            seen_deployments=seen,
+            last_result=result,
+            error=err.message,
+            error_reason=err.reason,
+            error_state=None,
+        )
         shutil.rmtree(self.store.staging(ref.name, ref.version), ignore_errors=True)
         self._drop_unrecorded(ref.name, ref.version)
         return result
@@ -349,7 +361,7 @@ class AdapterUpdater:
         staging = self.store.staging(ref.name, ref.version)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        url = self.u._bundle_url(ref)  # type: ignore[arg-type]  # same shape: base_url
+        url = self.u.bundle_url(ref)  # type: ignore[arg-type]  # same shape: base_url
         body = self.u.fetcher.get_bytes(url + MANIFEST_NAME, MAX_MANIFEST_BYTES)
         sig = self.u.fetcher.get_bytes(url + SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
         if ref.manifest_sha256 and _sha256(body) != ref.manifest_sha256:

@@ -186,7 +186,12 @@ class Updater:
         self._on_change(rec)
         return new
 
-    def _save(self, **changes: Any) -> None:
+    def emit(self, kind: str, message: str, **fields: Any) -> None:
+        """An event in the agent's stream (telemetry and the local log), as the update machine emits them."""
+        self._emit(kind, message, **fields)
+
+    def save_record(self, **changes: Any) -> None:
+        """Persist changed fields of the update record (the adapter flow shares the record with the machine)."""
         with self._lock:
             rec = self.record.model_copy(deep=True)
             for k, v in changes.items():
@@ -327,7 +332,7 @@ class Updater:
             return self.adapters.handle(desired)
         ref = desired.bundle
         if ref is None:
-            self._save(seen_deployments=[*rec.seen_deployments, desired.deployment_id][-64:])
+            self.save_record(seen_deployments=[*rec.seen_deployments, desired.deployment_id][-64:])
             return "noop"
         seen = [*rec.seen_deployments, desired.deployment_id][-64:]
         active = rec.committed
@@ -372,7 +377,7 @@ class Updater:
         self._manifest = None
         # Forget, then empty, the inactive slot before START is persisted: a resumed download must never
         # find another bundle's files there.
-        self._save(slots=slots)
+        self.save_record(slots=slots)
         self.slots.wipe(target_slot)
         self._fire(
             Event.START,
@@ -493,7 +498,7 @@ class Updater:
             raise UpdateError("no target recorded for the in-flight update", reason="internal")
         return rec.target, rec.target_slot
 
-    def _bundle_url(self, ref: BundleRef) -> str:
+    def bundle_url(self, ref: BundleRef) -> str:
         base = urljoin(self.base_url, ref.base_url)
         return base if base.endswith("/") else base + "/"
 
@@ -505,13 +510,11 @@ class Updater:
         if mpath.is_file() and spath.is_file():
             body, sig = mpath.read_bytes(), spath.read_bytes()
         else:
-            base = self._bundle_url(ref)
+            base = self.bundle_url(ref)
             body = self.fetcher.get_bytes(base + MANIFEST_NAME, MAX_MANIFEST_BYTES)
             sig = self.fetcher.get_bytes(base + SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
         if ref.manifest_sha256 and _sha256(body) != ref.manifest_sha256:
-            raise RefusedError(
-                "the manifest's sha256 differs from the deployment's", reason="manifest_mismatch"
-            )
+            raise RefusedError("the manifest's sha256 differs from the deployment's", reason="manifest_mismatch")
         try:
             manifest = verify_manifest_bytes(body, sig, self.trust, now=self.clock())
         except VerificationError as exc:
@@ -552,8 +555,7 @@ class Updater:
                 )
         if self.max_memory_bytes is not None and manifest.total_size > self.max_memory_bytes:
             raise RefusedError(
-                f"{manifest.ref} needs {manifest.total_size} bytes, over this board's limit of "
-                f"{self.max_memory_bytes}",
+                f"{manifest.ref} needs {manifest.total_size} bytes, over this board's limit of {self.max_memory_bytes}",
                 reason="too_large_for_device",
             )
         dests = {f.path: self.slots.safe_dest(slot, f.path) for f in manifest.files}
@@ -566,12 +568,11 @@ class Updater:
         free = self.disk.free_bytes(self.slots.path(slot))
         if free < missing + self.disk_margin_bytes:
             raise DiskFullError(
-                f"{manifest.ref} needs {missing} more bytes + {self.disk_margin_bytes} margin; "
-                f"{free} bytes free"
+                f"{manifest.ref} needs {missing} more bytes + {self.disk_margin_bytes} margin; {free} bytes free"
             )
         total = manifest.total_size
         done_before = 0
-        base = self._bundle_url(ref)
+        base = self.bundle_url(ref)
         local = held_files(self)  # reuse.py: what the board holds already is copied, not fetched
         stats = self.download_stats = DownloadStats()
         for f in manifest.files:
@@ -599,9 +600,7 @@ class Updater:
         manifest = self._manifest or self._load_manifest()
         self.slots.remove_strays(slot, manifest)
         try:
-            verify_bundle(
-                self.slots.path(slot), self.trust, now=self.clock(), max_file_size=self.max_file_bytes
-            )
+            verify_bundle(self.slots.path(slot), self.trust, now=self.clock(), max_file_size=self.max_file_bytes)
         except VerificationError as exc:
             raise RefusedError(f"{manifest.ref}: {exc.message}", reason=exc.reason) from exc
 
@@ -633,9 +632,7 @@ class Updater:
             raise
         info = self.record.slots.get(slot)
         assert info is not None
-        self.runtime.serve(
-            model, ServingInfo(manifest.name, manifest.version, slot, info.manifest_sha256 or "")
-        )
+        self.runtime.serve(model, ServingInfo(manifest.name, manifest.version, slot, info.manifest_sha256 or ""))
         self.serving_error = None
         highest = dict(self.record.highest_committed)
         highest[manifest.name] = max(highest.get(manifest.name, 0), manifest.version)
