@@ -17,6 +17,10 @@ from manifests import mqtt as contract
 from .. import adapters, registry
 from ..db import BundleRecord, Device
 
+# The adapter version a rollback names when the device held no earlier version of it: the agent unloads the
+# adapter and the base serves alone (device/agent/adapters.py, ``UNLOADED``). No bundle has this version.
+UNLOADED = 0
+
 
 @dataclass
 class RolloutContext:
@@ -45,17 +49,24 @@ class DesiredStates:
     ) -> None:
         """Tell ``device`` to run ``name@version`` under ``command_id`` (NotFoundError: no such bundle).
         A caller starting many devices on one bundle passes its registry ``record`` (looked up once); an
-        adapter's record makes it an adapter desired state, the device's model left as it is."""
+        adapter's record makes it an adapter desired state, the device's model left as it is.
+
+        ``version`` ``UNLOADED`` (a rollback of an adapter the device held no earlier version of): ``record``
+        is the adapter version rolled back; the desired state names adapter ``name`` at version 0, bound to
+        that version's base, with no manifest (nothing is fetched: the agent unloads the adapter)."""
+        unload = version == UNLOADED
+        if unload and (record is None or record.name != name or not adapters.is_adapter(record.summary)):
+            raise ValueError(f"a rollback of {name} to version {UNLOADED} needs the record of the adapter rolled back")
         rec = record or registry.get_bundle(session, name, version)
-        sha = manifest_sha256 or rec.manifest_sha256
-        url = self.ctx.base_url(name, version)
+        sha = None if unload else manifest_sha256 or rec.manifest_sha256
+        url = self.ctx.base_url(name, rec.version if unload else version)
         is_adapter = adapters.is_adapter(rec.summary)
+        bundle = contract.BundleRef(name=name, version=version, manifest_sha256=sha, base_url=url)
         desired = contract.DesiredState(
             device_id=device.id,
             deployment_id=command_id,
-            bundle=None if is_adapter else contract.BundleRef(name=name, version=version, manifest_sha256=sha,
-                                                               base_url=url),  # fmt: skip
-            adapter=adapters.adapter_ref(rec.summary, name, version, sha, url) if is_adapter else None,
+            bundle=None if is_adapter else bundle,
+            adapter=_adapter_ref(rec, name, version, sha, url) if is_adapter else None,
             rollback=rollback,
             issued_at=now,
         )
@@ -75,3 +86,9 @@ class DesiredStates:
             expires_at=now + dt.timedelta(seconds=self.ctx.rollback_validity_s),
         )
         return SignedDocument.sign(auth, self.ctx.signing_key)
+
+
+def _adapter_ref(rec: BundleRecord, name: str, version: int, sha: str | None, url: str) -> contract.AdapterRef:
+    """The desired state's adapter; at version ``UNLOADED`` it carries no manifest sha256 (there is none)."""
+    ref = adapters.adapter_ref(rec.summary, name, version, sha or rec.manifest_sha256, url)
+    return ref if sha is not None else ref.model_copy(update={"manifest_sha256": None})

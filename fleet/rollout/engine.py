@@ -33,11 +33,11 @@ from manifests import DeploymentManifest, SignedDocument
 
 from .. import adapters, registry
 from ..audit import audit
-from ..db import Deployment, DeploymentTarget, Device, aware
+from ..db import BundleRecord, Deployment, DeploymentTarget, Device, aware
 from ..errors import NotFoundError
 from . import queries as Q
 from . import reports
-from .desired import DesiredStates, RolloutContext
+from .desired import UNLOADED, DesiredStates, RolloutContext
 from .health import baselines
 from .planning import ensure_planned, plan_deployment, select_devices
 from .rules import ABORT_RULES, Abort, timed_out
@@ -364,9 +364,9 @@ class RolloutEngine:
             device = devices.get(t.device_id)
             if device is not None:
                 t.previous_name, t.previous_version = device.current_name, device.current_version
-                if is_adapter:  # an adapter's "previous" is the version of it the device held (None: none)
+                if is_adapter:  # an adapter's "previous" is the version of it the device held (UNLOADED: none)
                     prev = adapters.reported_version(device.reported, name)
-                    t.previous_name, t.previous_version = (name, prev) if prev else (None, None)
+                    t.previous_name, t.previous_version = name, prev or UNLOADED
                 t.baseline = base.get(device.id)
                 rollback = None
                 if manifest.spec.rollback:
@@ -490,6 +490,7 @@ class RolloutEngine:
         targets = Q.unsent_rollbacks(session, dep.id, self.start_batch)
         devices = Q.devices_by_id(session, [t.device_id for t in targets])
         changed: set[str] = set()
+        rolled_back: dict[tuple[str, int], BundleRecord] = {}  # the adapter versions rolled back to UNLOADED
         for t in targets:
             device = devices.get(t.device_id)
             if device is None:
@@ -499,7 +500,14 @@ class RolloutEngine:
             assert t.previous_name is not None and t.previous_version is not None and t.command_id is not None
             doc = self.sign_rollback(t.command_id, t.previous_name, t.previous_version, device.id, now)
             try:
-                self.desired.set(session, device, t.command_id, t.previous_name, t.previous_version, doc, now)
+                record = None
+                if t.previous_version == UNLOADED:  # no earlier version: the agent unloads the adapter sent
+                    sent = (t.bundle_name or dep.bundle_name, t.bundle_version or dep.bundle_version)
+                    if sent not in rolled_back:
+                        rolled_back[sent] = registry.get_bundle(session, *sent)
+                    record = rolled_back[sent]
+                self.desired.set(session, device, t.command_id, t.previous_name, t.previous_version, doc, now,
+                                 record=record)  # fmt: skip
             except NotFoundError as exc:
                 move_target(t, TargetEvent.ROLLBACK_FAILED)
                 t.error, t.finished_at = exc.message, now
@@ -517,6 +525,13 @@ class RolloutEngine:
         for t, device in Q.with_results(session, dep.id, TargetState.ROLLING_BACK):
             outcome = reports.command_outcome(device, t.command_id)
             if outcome is not None and t.assigned_at is not None:
+                if (
+                    outcome[0] is reports.Outcome.OK
+                    and t.previous_version == UNLOADED
+                    and t.previous_name
+                    and (adapters.reported_version(device.reported, t.previous_name) is not None)
+                ):
+                    continue  # unloaded only once the device no longer reports the adapter
                 settled[t.id] = (t, outcome)
         for t, device in Q.back_on_previous(session, dep.id):
             # The agent rolled itself back to the previous model already (e.g. a failed golden check).

@@ -75,7 +75,7 @@ class TargetEvent(str, enum.Enum):
     CANCEL = "cancel"  # the deployment stopped before the device started
     TAKEN_OVER = "taken_over"  # a newer deployment started the device
     ROLL_BACK = "roll_back"  # a signed rollback to its previous model was sent
-    CANNOT_ROLL_BACK = "cannot_roll_back"  # there is no previous model to send it back to
+    CANNOT_ROLL_BACK = "cannot_roll_back"  # no previous model to send it back to (an adapter's none is v0: unload)
     ROLLED_BACK = "rolled_back"  # it runs its previous model again
     ROLLBACK_FAILED = "rollback_failed"  # the rollback failed or did not converge in time
     NO_VARIANT = "no_variant"  # no variant of the release fits the board's capabilities

@@ -228,6 +228,72 @@ def test_an_adapter_rolls_out_with_a_canary_and_a_bad_one_aborts_and_rolls_back(
             stop(b.proc)
 
 
+def _unloaded_results(fleet: FleetProc, device_id: str, command_id: str) -> list[dict[str, Any]]:
+    """The adapter result events of ``command_id`` on ``device_id`` that say the adapter was unloaded."""
+    return [e for e in _events(fleet, device_id) if e["kind"] == "result" and e.get("deployment_id") == command_id
+            and e.get("details", {}).get("kind") == "adapter" and e["details"].get("unloaded")]  # fmt: skip
+
+
+def test_rolling_back_an_adapter_the_boards_held_no_earlier_version_of_unloads_it(
+    fleet: FleetProc, tmp_path: Path, base_int8: Path, qv_int8: tuple[Path, dict], adapter_keys: tuple[Path, Path]
+) -> None:
+    """qv@1, the boards' first version of it: the real board takes it (canary), the board on another base refuses
+    it, the failure-rate rule aborts and rolls back; neither held an earlier version, so each rollback names
+    version 0 (signed) and unloads it: the real board serves its base alone, both targets rolled_back. Then qv@1
+    again on the real board, rolled back by hand: unloaded again."""
+    key = SigningKey.load(adapter_keys[0])
+    base = read_manifest_unverified(base_int8)
+    other_base = make_bundle(tmp_path / "other-base", key, name="tiny", version=1)
+    with fleet.admin() as c:
+        for b in (base_int8, qv_int8[0]):
+            c.upload_bundle(b)
+    board = Board(fleet, tmp_path / "b1", "b1", base_int8)  # enrolled first: the canary
+    odd = Board(fleet, tmp_path / "b2", "b2", other_base, runtime="tests.device_agent.fake_runtime:factory")
+    try:
+        wait_for(lambda: [m["id"] for m in board.models()] == [base.name], 240, f"b1 serving\n{board.log()}")
+        wait_for(lambda: all(_reported(fleet, d).get("state") == "committed" for d in ("b1", "b2")), 60,
+                 "both boards report their base")  # fmt: skip
+        plain = board.complete(base.name)
+
+        # 1. by an abort rule: b1 takes qv@1, b2 refuses it (1 of 2 failed), the deployment rolls back
+        _deploy(fleet, "qv-first", "qv", 1, ["b1", "b2"], strategy={"type": "canary", "canary": {"devices": 1}},
+                abort={"failure_rate_pct": 50, "min_devices": 2, "on_abort": "rollback"})  # fmt: skip
+        wait_for(lambda: fleet.deployment("qv-first")["status"] in ("rolled_back", "completed"), 240,
+                 f"qv-first rolled back\n{board.log()}")  # fmt: skip
+        dep = fleet.deployment("qv-first")
+        assert dep["status"] == "rolled_back" and "failure rate" in (dep["abort_reason"] or ""), dep
+        targets = {t["device_id"]: t for t in dep["targets"]}
+        assert {d: t["state"] for d, t in targets.items()} == {"b1": "rolled_back", "b2": "rolled_back"}, targets
+        assert all(t["previous"] == "qv@0" for t in targets.values()), targets
+        started = [e for e in _events(fleet, "b1") if e["kind"] == "result" and e.get("deployment_id") == dep["id"]]
+        assert started and started[-1]["details"].get("unloaded") is False  # b1 did take qv@1 before the abort
+        for d in ("b1", "b2"):
+            assert wait_for(lambda d=d: _unloaded_results(fleet, d, f"{dep['id']}.rollback"), 30, f"{d} unloaded")
+            assert not _reported(fleet, d).get("adapters"), _reported(fleet, d)
+        assert [m["id"] for m in board.models()] == [base.name]
+        assert board.complete(base.name) == plain
+        assert not (tmp_path / "b1" / "adapters" / "qv").exists()
+
+        # 2. by hand: qv@1 again (not below the highest committed version: no authorization needed), rolled back
+        _deploy(fleet, "qv-again", "qv", 1, ["b1"])
+        dep = _settled(fleet, "qv-again")
+        assert dep["status"] == "completed", dep
+        assert [m["id"] for m in board.models()] == [base.name, f"{base.name}:qv"]
+        assert board.complete(f"{base.name}:qv") != plain
+        (t,) = dep["targets"]
+        assert t["previous"] == "qv@0", t  # the unload left it no version to go back to
+        with fleet.admin() as c:
+            c.control("qv-again", "rollback")
+        wait_for(lambda: fleet.deployment("qv-again")["status"] == "rolled_back", 120, f"qv-again\n{board.log()}")
+        (t,) = fleet.deployment("qv-again")["targets"]
+        assert t["state"] == "rolled_back", t
+        wait_for(lambda: [m["id"] for m in board.models()] == [base.name], 30, "b1 serving the base alone")
+        assert not _reported(fleet, "b1").get("adapters") and board.complete(base.name) == plain
+    finally:
+        for b in (board, odd):
+            stop(b.proc)
+
+
 def _dashboard(fleet: FleetProc, *paths: str) -> list[str]:
     """Pages of the dashboard, signed in with the admin token the way the form does it."""
     import re
