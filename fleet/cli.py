@@ -310,6 +310,7 @@ def deployments_table(deps: list[dict[str, Any]]) -> Table:
 def _status_style(s: str) -> str:
     color = {
         "completed": "green",
+        "planning": "blue",  # recorded by the apply; the engine's next tick selects its devices
         "in_progress": "cyan",
         "paused": "yellow",
         "rolling_back": "magenta",
