@@ -229,3 +229,43 @@ def test_over_start_batch_the_api_answers_planning_and_the_tick_plans(make_fleet
         paused = admin.control("paused", "pause")
         assert paused["status"] == "paused" and paused["counts"]["total"] == 3, paused
         assert sorted(t["device_id"] for t in paused["targets"]) == ids
+
+
+def test_a_planning_deployment_shows_as_planning_on_its_page_and_in_the_cli(tmp_path: Path) -> None:
+    """The deployment fragment of a deployment the apply only recorded says it is planning (no "wave 1 of 0"),
+    and after the engine's tick shows its waves; the CLI gives ``planning`` its own colour."""
+    from types import SimpleNamespace
+
+    from fleet.cli import _status_style
+    from fleet.dashboard.pages.deployments import _deployment_ctx
+    from fleet.dashboard.web import Dashboard
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    run_migrations(engine)
+    factory = session_factory(engine)
+    ui = Dashboard(SimpleNamespace(admin_token="nfa_x", now=lambda: NOW))  # type: ignore[arg-type]
+    template = ui.templates.env.get_template("fragments/deployment.html")
+
+    def fragment(s: Session) -> str:
+        ctx = _deployment_ctx(s, "big")
+        assert ctx is not None
+        return template.render(request=None, session=SimpleNamespace(csrf="c"), csrf_field="csrf", now=NOW, **ctx)
+
+    with factory() as s:
+        s.add(BundleRecord(name="m", version=2, manifest_sha256="2" * 64, manifest_yaml="", signature="", key_id="k",
+                           total_size=1))  # fmt: skip
+        s.add_all(Device(id=f"d-{i}", secret_hash="h", enrolled_at=NOW - dt.timedelta(seconds=9 - i)) for i in range(5))
+        s.commit()
+        dep, _ = apply_manifest(s, DeploymentManifest.model_validate(MANIFEST), "admin", NOW, plan_up_to=1)
+        s.commit()
+        assert dep.status == "planning"
+        html = fragment(s)
+        assert 'id="dep-status">planning<' in html and "next tick selects its devices" in html
+        assert "wave 1 of 0" not in html
+        RolloutEngine(RolloutContext(SigningKey.generate(), lambda n, v: "http://x", lambda: NOW)).tick(s)
+        s.commit()
+        html = fragment(s)
+        assert 'id="dep-status">in_progress<' in html and f"wave 1 of {dep.waves}" in html and "next tick" not in html
+        assert dep.waves >= 1 and "</span> / 5 updated" in html  # the five devices, planned
+    engine.dispose()
+    assert _status_style("planning") == "[blue]planning[/]" != _status_style("in_progress")
