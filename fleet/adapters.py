@@ -6,7 +6,9 @@ summary (``kind: adapter`` and the base it is bound to). A deployment whose ``sp
 rolls it out with the same canaries, waves, abort rules and signed rollbacks: the desired state it sends
 leaves the device's model alone and names the adapter (``DesiredState.adapter``, with the base's manifest
 sha256 for the agent's check before download), and the target's "previous" is the adapter version the device
-reported before (``ReportedState.adapters``), so a rollback returns it to that version.
+reported before (``ReportedState.adapters``), so a rollback returns it to that version; a device that held
+none gets version 0 (``UNLOADED`` in fleet/rollout/desired.py), which the agent takes as "unload it": the base
+serves alone again.
 """
 
 from __future__ import annotations
