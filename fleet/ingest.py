@@ -20,12 +20,13 @@ strings and integers, ``ts`` clamped to the receive time); a drop is logged and 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import JSON, Boolean, String, bindparam, case, func, or_, select
+from sqlalchemy import JSON, Boolean, String, Text, bindparam, case, cast, column, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -107,13 +108,12 @@ def _utc(ts: dt.datetime) -> dt.datetime:
 def _apply(session: Session, accepted: list[Accepted], report: IngestReport) -> None:
     session.flush()  # the ORM's pending writes go first: the statements below bypass it
     ids = sorted({a.device_id for a in accepted})
-    known = set(
-        session.scalars(select(Device.id).where(Device.id.in_(ids)).order_by(Device.id).with_for_update())
-    )
+    known = set(session.scalars(select(Device.id).where(Device.id.in_(ids)).order_by(Device.id).with_for_update()))
     now = utcnow()
+    pg = session.get_bind().dialect.name == "postgresql"
     changes: dict[str, _DeviceChange] = {}
-    telemetry: dict[tuple[str, int], dict[str, Any]] = {}
-    events: dict[tuple[str, int], dict[str, Any]] = {}
+    telemetry: dict[tuple[str, int], contract.Telemetry] = {}
+    events: dict[tuple[str, int], contract.Event] = {}
     for a in accepted:
         if a.device_id not in known:
             record_drop(
@@ -131,24 +131,56 @@ def _apply(session: Session, accepted: list[Accepted], report: IngestReport) -> 
                 ch.reported = msg
         elif isinstance(msg, contract.Telemetry):
             ch.seen = True
-            telemetry.setdefault((a.device_id, msg.seq), _telemetry_row(a.device_id, msg))
+            telemetry.setdefault((a.device_id, msg.seq), msg)
             if ch.telemetry is None or _utc(msg.ts) >= _utc(ch.telemetry.ts):
                 ch.telemetry = msg
             report.sent_at.append(_utc(msg.ts))
         elif isinstance(msg, contract.Event):
             ch.seen = True
-            events.setdefault((a.device_id, msg.seq), _event_row(a.device_id, msg))
+            events.setdefault((a.device_id, msg.seq), msg)
         else:
             ch.status = msg  # arrival order: the last one wins
             ch.seen = ch.seen or msg.online
     if telemetry:
-        _insert_new(session, TELEMETRY, list(telemetry.values()))
+        if pg:
+            _insert_json(session, _TELEMETRY_FROM_JSON, telemetry.values())
+        else:
+            _insert_new(session, TELEMETRY, [_telemetry_row(d, m) for (d, _), m in telemetry.items()])
         report.telemetry = len(telemetry)
     if events:
-        _insert_new(session, EVENTS, list(events.values()))
+        if pg:
+            _insert_json(session, _EVENTS_FROM_JSON, events.values())
+        else:
+            _insert_new(session, EVENTS, [_event_row(d, m) for (d, _), m in events.items()])
         report.events = len(events)
-    _update_devices(session, changes, now)
+    _update_devices(session, changes, now, pg)
     _expire_cached(session, changes)
+
+
+# PostgreSQL: a batch's rows travel as one JSON array (each element the message as stored, ts clamped)
+# and the columns are read from it by the database: one statement, one parameter, no per-row binding.
+# The payload's device_id is the topic's (validation.validate_inbound refuses any other).
+_TELEMETRY_FROM_JSON = text(
+    "INSERT INTO telemetry (device_id, seq, ts, model_name, model_version, decode_tok_s, ttft_p95_ms,"
+    " requests, errors, payload)"
+    " SELECT p->>'device_id', (p->>'seq')::bigint, (p->>'ts')::timestamptz, p->'model'->>'name',"
+    " (p->'model'->>'version')::integer, (p->>'decode_tok_s')::float8, (p->>'ttft_p95_ms')::float8,"
+    " (p->>'requests')::integer, (p->>'errors')::integer, p"
+    " FROM json_array_elements(CAST(:docs AS json)) AS p"
+    " ON CONFLICT (device_id, seq) DO NOTHING"
+)
+_EVENTS_FROM_JSON = text(
+    "INSERT INTO device_events (device_id, seq, ts, kind, deployment_id, payload)"
+    " SELECT p->>'device_id', (p->>'seq')::bigint, (p->>'ts')::timestamptz, p->>'kind', p->>'deployment_id', p"
+    " FROM json_array_elements(CAST(:docs AS json)) AS p"
+    " ON CONFLICT (device_id, seq) DO NOTHING"
+)
+
+
+def _insert_json(session: Session, statement: Any, messages: Any) -> None:
+    """One INSERT of every message (PostgreSQL); a ``(device_id, seq)`` already stored is skipped."""
+    docs = "[" + ",".join(m.model_dump_json(by_alias=True) for m in messages) + "]"
+    session.execute(statement, {"docs": docs})
 
 
 def _telemetry_row(device_id: str, msg: contract.Telemetry) -> dict[str, Any]:
@@ -184,29 +216,83 @@ def _insert_new(session: Session, table: Any, rows: list[dict[str, Any]]) -> Non
     session.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "seq"]), rows)
 
 
-def _newer_than(column: Any, param: str) -> ColumnElement[bool]:
-    return or_(column.is_(None), column <= bindparam(param, type_=TS))
+def _newer_than(column: Any, value: Any) -> ColumnElement[bool]:
+    return or_(column.is_(None), column <= value)
 
 
-def _update_devices(session: Session, changes: dict[str, _DeviceChange], now: dt.datetime) -> None:
-    """One executemany UPDATE per shape of change (at most 16 shapes, usually one or two), rows in id order."""
+def _update_devices(session: Session, changes: dict[str, _DeviceChange], now: dt.datetime, pg: bool) -> None:
+    """One UPDATE per shape of change (at most 16 shapes, usually one or two), rows in id order: on
+    PostgreSQL one statement reading the rows from a JSON recordset, elsewhere an executemany."""
     by_shape: dict[tuple[bool, bool, bool, bool], list[dict[str, Any]]] = {}
     for device_id in sorted(changes):
         ch = changes[device_id]
         if not any(ch.shape()):
             continue
-        by_shape.setdefault(ch.shape(), []).append(_params(device_id, ch, now))
+        by_shape.setdefault(ch.shape(), []).append(_params(device_id, ch, now, pg))
     for shape, rows in by_shape.items():
-        session.execute(_update_statement(*shape), rows)
+        if pg:
+            rows_json = "[" + ",".join(_json_object(r) for r in rows) + "]"
+            session.execute(_update_from_recordset(shape, list(rows[0])), {"rows": rows_json})
+        else:
+            session.execute(_update_statement(*shape), rows)
 
 
-def _params(device_id: str, ch: _DeviceChange, now: dt.datetime) -> dict[str, Any]:
+def _update_from_recordset(shape: tuple[bool, bool, bool, bool], names: list[str]) -> Any:
+    """PostgreSQL: ``UPDATE devices ... FROM json_to_recordset(:rows) AS v(b_id, ...) WHERE id = v.b_id``."""
+    v = (
+        func.json_to_recordset(cast(bindparam("rows", type_=Text), JSON))
+        .table_valued(*(column(n, _PARAM_TYPES[n]) for n in names))
+        .render_derived(name="v", with_types=True)
+    )
+    return _update_statement(*shape, src=lambda name, _type: v.c[name])
+
+
+class _RawJson(str):
+    """A value already serialised as JSON (a message as stored)."""
+
+
+def _json_object(row: dict[str, Any]) -> str:
+    parts = []
+    for k, value in row.items():
+        if isinstance(value, _RawJson):
+            js = str(value)
+        elif isinstance(value, dt.datetime):
+            js = '"' + value.isoformat() + '"'
+        else:
+            js = json.dumps(value)
+        parts.append(f'"{k}":{js}')
+    return "{" + ",".join(parts) + "}"
+
+
+_C = DEVICES.c
+_PARAM_TYPES: dict[str, Any] = {
+    "b_id": _C.id.type,
+    "b_now": TS,
+    "r_doc": JSON,
+    "r_ts": TS,
+    "r_agent": _C.agent_version.type,
+    "r_hw": _C.hardware_class.type,
+    "r_arch": _C.cpu_arch.type,
+    "r_ram": _C.ram_bytes.type,
+    "r_name": _C.current_name.type,
+    "r_version": _C.current_version.type,
+    "t_doc": JSON,
+    "t_ts": TS,
+    "s_online": Boolean,
+    "s_agent": String,
+}
+
+
+def _params(device_id: str, ch: _DeviceChange, now: dt.datetime, pg: bool = False) -> dict[str, Any]:
+    def doc(m: Any) -> Any:
+        return _RawJson(m.model_dump_json(by_alias=True)) if pg else m.model_dump(mode="json", by_alias=True)
+
     p: dict[str, Any] = {"b_id": device_id, "b_now": now}
     if ch.reported is not None:
         r = ch.reported
         committed = r.committed if r.committed is not None and r.committed.name is not None else None
         p |= {
-            "r_doc": r.model_dump(mode="json", by_alias=True),
+            "r_doc": doc(r),
             "r_ts": _utc(r.ts),
             "r_agent": r.agent_version,
             "r_hw": r.hardware_class,
@@ -216,32 +302,38 @@ def _params(device_id: str, ch: _DeviceChange, now: dt.datetime) -> dict[str, An
             "r_version": committed.version if committed else None,
         }
     if ch.telemetry is not None:
-        p |= {"t_doc": ch.telemetry.model_dump(mode="json", by_alias=True), "t_ts": _utc(ch.telemetry.ts)}
+        p |= {"t_doc": doc(ch.telemetry), "t_ts": _utc(ch.telemetry.ts)}
     if ch.status is not None:
         p |= {"s_online": ch.status.online, "s_agent": ch.status.agent_version}
     return p
 
 
-def _update_statement(seen: bool, reported: bool, telemetry: bool, status: bool) -> Any:
+def _bind(name: str, type_: Any) -> Any:
+    return bindparam(name, type_=type_)
+
+
+def _update_statement(seen: bool, reported: bool, telemetry: bool, status: bool, src: Any = _bind) -> Any:
+    """The UPDATE of one shape; ``src(name, type)`` is where each value comes from (a bound parameter of
+    an executemany, or a column of the JSON recordset joined on PostgreSQL)."""
     c = DEVICES.c
     values: dict[str, Any] = {}
     if seen:
         # last_seen never goes backwards (two servers' clocks, or a batch committed late)
-        later = or_(c.last_seen.is_(None), c.last_seen < bindparam("b_now", type_=TS))
-        values["last_seen"] = case((later, bindparam("b_now", type_=TS)), else_=c.last_seen)
+        later = or_(c.last_seen.is_(None), c.last_seen < src("b_now", TS))
+        values["last_seen"] = case((later, src("b_now", TS)), else_=c.last_seen)
     agent_version: Any = c.agent_version
     if reported:
-        newer = _newer_than(c.reported_ts, "r_ts")
+        newer = _newer_than(c.reported_ts, src("r_ts", TS))
 
         def if_newer(value: Any, column: Any) -> Any:
             return case((newer, value), else_=column)
 
         def kept_unless_given(param: str, column: Any) -> Any:
             # a field the report leaves out keeps what the row has
-            return if_newer(func.coalesce(bindparam(param, type_=column.type), column), column)
+            return if_newer(func.coalesce(src(param, column.type), column), column)
 
-        values["reported"] = if_newer(bindparam("r_doc", type_=JSON), c.reported)
-        values["reported_ts"] = if_newer(bindparam("r_ts", type_=TS), c.reported_ts)
+        values["reported"] = if_newer(src("r_doc", JSON), c.reported)
+        values["reported_ts"] = if_newer(src("r_ts", TS), c.reported_ts)
         agent_version = kept_unless_given("r_agent", c.agent_version)
         values["hardware_class"] = kept_unless_given("r_hw", c.hardware_class)
         values["cpu_arch"] = kept_unless_given("r_arch", c.cpu_arch)
@@ -249,16 +341,16 @@ def _update_statement(seen: bool, reported: bool, telemetry: bool, status: bool)
         values["current_name"] = kept_unless_given("r_name", c.current_name)
         values["current_version"] = kept_unless_given("r_version", c.current_version)
     if telemetry:
-        newer_t = _newer_than(c.telemetry_ts, "t_ts")
-        values["telemetry"] = case((newer_t, bindparam("t_doc", type_=JSON)), else_=c.telemetry)
-        values["telemetry_ts"] = case((newer_t, bindparam("t_ts", type_=TS)), else_=c.telemetry_ts)
+        newer_t = _newer_than(c.telemetry_ts, src("t_ts", TS))
+        values["telemetry"] = case((newer_t, src("t_doc", JSON)), else_=c.telemetry)
+        values["telemetry_ts"] = case((newer_t, src("t_ts", TS)), else_=c.telemetry_ts)
     if status:
-        values["online"] = bindparam("s_online", type_=Boolean)
-        values["status_ts"] = bindparam("b_now", type_=TS)
-        agent_version = func.coalesce(bindparam("s_agent", type_=String), agent_version)
+        values["online"] = src("s_online", Boolean)
+        values["status_ts"] = src("b_now", TS)
+        agent_version = func.coalesce(src("s_agent", String), agent_version)
     if agent_version is not c.agent_version:
         values["agent_version"] = agent_version
-    return DEVICES.update().where(c.id == bindparam("b_id")).values(**values)
+    return DEVICES.update().where(c.id == src("b_id", c.id.type)).values(**values)
 
 
 def _expire_cached(session: Session, changes: dict[str, _DeviceChange]) -> None:

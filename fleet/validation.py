@@ -162,23 +162,34 @@ def validate_inbound(topic: str, payload: bytes, received_at: dt.datetime) -> Ac
 
 def _check_values(doc: dict[str, Any]) -> tuple[DropReason, str] | None:
     """The first value outside its bounds, walked without recursion (event ``details`` are free-form)."""
-    stack: list[tuple[str, str, Any]] = [("", k, v) for k, v in doc.items()]
+    # (key, value): the key is the value's dotted path with "*" for a list item or a slot name.
+    stack: list[tuple[str, Any]] = list(doc.items())
     while stack:
-        pattern, path, value = stack.pop()
-        key = f"{pattern}.{path}" if pattern else path
-        if isinstance(value, str):
+        key, value = stack.pop()
+        kind = type(value)
+        if kind is str:
             bad = _bad_string(value)
             if bad:
                 return DropReason.UNICODE, f"{key}: {bad}"
             cap = STRING_CAPS.get(key, MAX_STRING)
             if len(value) > cap:
                 return DropReason.FIELD_TOO_LONG, f"{key}: {len(value)} characters (cap {cap})"
-        elif isinstance(value, bool) or value is None:
+        elif value is None or kind is bool:
             continue
-        elif isinstance(value, int):
-            lo, hi = INT_RANGES.get(key, (-I64 - 1, I64))
+        elif kind is int or (isinstance(value, int) and not isinstance(value, bool)):
+            lo, hi = INT_RANGES.get(key, _ANY_INT)
             if not lo <= value <= hi:
                 return DropReason.RANGE, f"{key}: {str(value)[:40]} is outside [{lo}, {hi}]"
+        elif kind is float:
+            if not math.isfinite(value):
+                return DropReason.NON_FINITE, f"{key}: {value}"
+        elif isinstance(value, str):
+            bad = _bad_string(value)
+            if bad:
+                return DropReason.UNICODE, f"{key}: {bad}"
+            cap = STRING_CAPS.get(key, MAX_STRING)
+            if len(value) > cap:
+                return DropReason.FIELD_TOO_LONG, f"{key}: {len(value)} characters (cap {cap})"
         elif isinstance(value, float):
             if not math.isfinite(value):
                 return DropReason.NON_FINITE, f"{key}: {value}"
@@ -187,15 +198,21 @@ def _check_values(doc: dict[str, Any]) -> tuple[DropReason, str] | None:
                 if not isinstance(k, str) or _bad_string(k) or len(k) > MAX_STRING:
                     return DropReason.UNICODE, f"{key}: a key that is not a valid string"
                 # dict keys are data (slot names, detail keys): bounded by the parent's pattern
-                stack.append((key, "*" if key in ("slots",) else k, v))
+                stack.append((f"{key}.{'*' if key == 'slots' else k}", v))
         elif isinstance(value, list | tuple):
-            stack.extend((key, "*", v) for v in value)
+            item = f"{key}.*"
+            stack.extend((item, v) for v in value)
     return None
+
+
+_ANY_INT = (-I64 - 1, I64)
 
 
 def _bad_string(value: str) -> str | None:
     if "\x00" in value:
         return "holds a NUL character"
+    if value.isascii():
+        return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

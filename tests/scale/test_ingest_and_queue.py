@@ -94,6 +94,54 @@ def test_duplicates_stale_reports_and_unknown_devices(sessions: sessionmaker) ->
         assert s.scalar(select(func.count()).select_from(DeviceEvent)) == 1
 
 
+def utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives stored datetimes back without their offset (they are stored in UTC)."""
+    return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+def test_stored_columns_are_the_messages_values_at_the_edges(sessions: sessionmaker) -> None:
+    """What the columns and documents hold is the message as validated, whatever the path (on PostgreSQL
+    the rows are read from one JSON document by the database): the largest seq, absent floats and model,
+    a float in exponent notation, quotes, backslashes and non-ASCII text, a ts with an offset."""
+    ts = dt.datetime(2026, 12, 1, 17, 30, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30)))
+    odd = 'm"\\é✓\t'
+    big = c.Telemetry(device_id="d-03", seq=2**63 - 1, ts=ts, decode_tok_s=1.5e-7, requests=2**31 - 1)
+    bare = c.Telemetry(device_id="d-03", seq=0, ts=ts - dt.timedelta(seconds=1), model=c.ModelRef(name=odd, version=7))
+    rep = c.ReportedState(
+        device_id="d-03", state="failed", agent_version=odd, ts=ts, error=odd, committed=c.SlotInfo(name=odd, version=3)
+    )
+    ev = c.Event(device_id="d-03", seq=2**63 - 1, ts=ts, kind="error", message=odd, details={"k": [1, None, odd]})
+    status = c.Status(device_id="d-03", online=True, agent_version="a-2")
+    recv = (ts + dt.timedelta(seconds=5)).timestamp()
+    with sessions() as s:
+        report = ingest_messages(
+            s,
+            [
+                Inbound(c.telemetry_topic("d-03"), big.to_bytes(), received_at=recv),
+                Inbound(c.telemetry_topic("d-03"), bare.to_bytes(), received_at=recv),
+                Inbound(c.reported_topic("d-03"), rep.to_bytes(), received_at=recv),
+                Inbound(c.events_topic("d-03"), ev.to_bytes(), received_at=recv),
+                Inbound(c.status_topic("d-03"), status.to_bytes(), received_at=recv),
+            ],
+        )
+        s.commit()
+        assert (report.accepted, report.telemetry, report.events) == (5, 2, 1)
+        rows = {r.seq: r for r in s.scalars(select(TelemetrySample).where(TelemetrySample.device_id == "d-03"))}
+        top, low = rows[2**63 - 1], rows[0]
+        assert utc(top.ts) == ts and top.decode_tok_s == 1.5e-7 and top.requests == 2**31 - 1 and top.errors == 0
+        assert top.model_name is None and top.model_version is None and top.ttft_p95_ms is None
+        assert (low.model_name, low.model_version, low.decode_tok_s) == (odd, 7, None)
+        assert top.payload == big.model_dump(mode="json", by_alias=True)
+        stored_ev = s.scalars(select(DeviceEvent).where(DeviceEvent.device_id == "d-03")).one()
+        assert (stored_ev.seq, stored_ev.kind, utc(stored_ev.ts)) == (2**63 - 1, "error", ts)
+        assert stored_ev.payload["details"] == {"k": [1, None, odd]} and stored_ev.payload["message"] == odd
+        d = s.get(Device, "d-03")
+        assert d is not None and d.online and d.agent_version == "a-2"  # the status comes after the report
+        assert d.telemetry == big.model_dump(mode="json", by_alias=True) and utc(d.telemetry_ts) == ts
+        assert d.reported == rep.model_dump(mode="json", by_alias=True) and utc(d.reported_ts) == ts
+        assert (d.current_name, d.current_version, d.hardware_class) == (odd, 3, None)
+
+
 def test_lanes_serve_commands_then_state_then_telemetry() -> None:
     q = WorkQueue(lane_limit=100)
     t = Inbound(c.telemetry_topic("a"), b"{}")
