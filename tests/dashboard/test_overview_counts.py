@@ -4,13 +4,14 @@ on SQLite and on PostgreSQL (whose JSON and boolean handling differ)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, insert, text
 from sqlalchemy.orm import Session
 
 from fleet.dashboard import queries
@@ -102,3 +103,44 @@ def test_overview_counts_every_device_but_shows_one_page(session: Session) -> No
     assert ov.matching == N and len(ov.devices) == queries.OVERVIEW_ROWS
     assert ov.tags == ["rack=r_1", "site=a", "site=b"] and ov.groups == ["edge", "g%1", "g1"]
     assert ov.hardware_classes == ["pi4", "pi5"] and "none" in ov.models and "m@4" in ov.models
+
+
+def test_a_large_fleet_is_counted_in_one_pass_and_only_one_page_is_loaded(session: Session) -> None:
+    """At a few thousand devices the overview reads the devices table once for every count and filter
+    choice (on PostgreSQL one GROUPING SETS statement; SQLite, without them, a statement per part), and
+    loads only the page it shows: nothing per device, whatever the fleet's size."""
+    n = 3000
+    rows = [
+        {c.key: getattr(d, c.key) for c in Device.__table__.columns if getattr(d, c.key, None) is not None}
+        | {"enrolled_at": dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)}
+        for d in (device(i) for i in range(n))
+    ]
+    session.execute(insert(Device), rows)
+    session.commit()
+    session.expunge_all()
+    statements: list[str] = []
+    loaded: list[str] = []
+    engine = session.get_bind()
+
+    def executed(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    def load(target: Device, _ctx: object) -> None:
+        loaded.append(target.id)
+
+    event.listen(engine, "before_cursor_execute", executed)
+    event.listen(Device, "load", load)
+    try:
+        ov = queries.overview(session, queries.DeviceFilters(status="online"))
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+        event.remove(Device, "load", load)
+    devices = [device(i) for i in range(n)]
+    want = recount(devices, queries.DeviceFilters(status="online"))
+    assert ov.total == n and ov.matching == want["matching"] and ov.by_model == want["by_model"]
+    assert ov.by_update_state == want["by_update_state"] and ov.by_hardware == want["by_hardware"]
+    assert ov.tags == ["rack=r_1", "site=a", "site=b"] and ov.groups == ["edge", "g%1", "g1"]
+    assert loaded == want["ids"] and len(loaded) == queries.OVERVIEW_ROWS
+    expected = 2 if engine.dialect.name == "postgresql" else 4  # the counts (+ tags + groups), the page
+    assert len(statements) == expected, statements
+    assert sum("devices" in st.lower() for st in statements) == expected
