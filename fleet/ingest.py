@@ -20,6 +20,7 @@ strings and integers, ``ts`` clamped to the receive time); a drop is logged and 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -163,16 +164,18 @@ def _apply(session: Session, accepted: list[Accepted], report: IngestReport) -> 
 _TELEMETRY_FROM_JSON = text(
     "INSERT INTO telemetry (device_id, seq, ts, model_name, model_version, decode_tok_s, ttft_p95_ms,"
     " requests, errors, payload)"
-    " SELECT p->>'device_id', (p->>'seq')::bigint, (p->>'ts')::timestamptz, p->'model'->>'name',"
-    " (p->'model'->>'version')::integer, (p->>'decode_tok_s')::float8, (p->>'ttft_p95_ms')::float8,"
-    " (p->>'requests')::integer, (p->>'errors')::integer, p"
-    " FROM json_array_elements(CAST(:docs AS json)) AS p"
+    " SELECT r.device_id, r.seq, r.ts, r.model->>'name', (r.model->>'version')::integer, r.decode_tok_s,"
+    " r.ttft_p95_ms, r.requests, r.errors, p"
+    " FROM json_array_elements(CAST(:docs AS json)) AS p,"
+    " json_to_record(p) AS r(device_id text, seq bigint, ts timestamptz, model json, decode_tok_s float8,"
+    " ttft_p95_ms float8, requests integer, errors integer)"
     " ON CONFLICT (device_id, seq) DO NOTHING"
 )
 _EVENTS_FROM_JSON = text(
     "INSERT INTO device_events (device_id, seq, ts, kind, deployment_id, payload)"
-    " SELECT p->>'device_id', (p->>'seq')::bigint, (p->>'ts')::timestamptz, p->>'kind', p->>'deployment_id', p"
-    " FROM json_array_elements(CAST(:docs AS json)) AS p"
+    " SELECT r.device_id, r.seq, r.ts, r.kind, r.deployment_id, p"
+    " FROM json_array_elements(CAST(:docs AS json)) AS p,"
+    " json_to_record(p) AS r(device_id text, seq bigint, ts timestamptz, kind text, deployment_id text)"
     " ON CONFLICT (device_id, seq) DO NOTHING"
 )
 
@@ -232,19 +235,22 @@ def _update_devices(session: Session, changes: dict[str, _DeviceChange], now: dt
     for shape, rows in by_shape.items():
         if pg:
             rows_json = "[" + ",".join(_json_object(r) for r in rows) + "]"
-            session.execute(_update_from_recordset(shape, list(rows[0])), {"rows": rows_json})
+            session.execute(_update_from_recordset(shape, tuple(rows[0])), {"rows": rows_json})
         else:
             session.execute(_update_statement(*shape), rows)
 
 
-def _update_from_recordset(shape: tuple[bool, bool, bool, bool], names: list[str]) -> Any:
-    """PostgreSQL: ``UPDATE devices ... FROM json_to_recordset(:rows) AS v(b_id, ...) WHERE id = v.b_id``."""
+@functools.cache
+def _update_from_recordset(shape: tuple[bool, bool, bool, bool], names: tuple[str, ...]) -> Any:
+    """PostgreSQL: ``UPDATE devices ... FROM json_to_recordset(:rows) AS v(b_id, ...) WHERE id = v.b_id``
+    (built once per shape: the statement only binds ``rows``)."""
     v = (
         func.json_to_recordset(cast(bindparam("rows", type_=Text), JSON))
         .table_valued(*(column(n, _PARAM_TYPES[n]) for n in names))
         .render_derived(name="v", with_types=True)
     )
-    return _update_statement(*shape, src=lambda name, _type: v.c[name])
+    cols = v.c
+    return _update_statement(*shape, src=lambda name, _type: cols[name])
 
 
 class _RawJson(str):
