@@ -69,8 +69,10 @@ def test_downgrade_restores_service_state(engine) -> None:
 
 def test_device_rows_updated_per_message_stay_on_their_pages_on_postgresql(pg_schema) -> None:
     """0006: every telemetry message updates its device's row. At fillfactor 50 the new row version fits on
-    the same page (a HOT update, pruned without VACUUM), so the table does not grow with the update count;
-    at the default 100 it grew 2.2x in a 5-minute benchmark run with autovacuum off (docs/benchmarks.md)."""
+    the row's own page (a HOT update: no new index entries, pruned on the page without VACUUM); at the default
+    100 the pages are full and nearly no update is HOT (the table grew 2.2x in a 5-minute benchmark run,
+    docs/benchmarks.md). Counted by the transaction's own statistics, so concurrent sessions (whose snapshots
+    may delay pruning) do not change the figure."""
     url, schema = pg_schema
     eng = make_engine(url, schema)
     try:
@@ -86,15 +88,13 @@ def test_device_rows_updated_per_message_stay_on_their_pages_on_postgresql(pg_sc
                     "SELECT 'd-' || i, '{}', '[]', 'h', CURRENT_TIMESTAMP, false FROM generate_series(1, 2000) i"
                 )
             )
-        size = "SELECT pg_relation_size(to_regclass(:t))"
-        with eng.connect() as conn:
-            before = conn.execute(text(size), {"t": f"{schema}.devices"}).scalar_one()
-        for _ in range(20):  # 40,000 updates, one per device per round, as telemetry batches do
-            with eng.begin() as conn:
-                conn.execute(text("UPDATE devices SET online = NOT online, last_seen = CURRENT_TIMESTAMP"))
-        with eng.connect() as conn:
-            after = conn.execute(text(size), {"t": f"{schema}.devices"}).scalar_one()
-        # 20 full versions of the table without HOT pruning; with it, at most the page slack is used again.
-        assert after <= 2 * before, (before, after)
+        with eng.begin() as conn:  # one update of every device, as a round of telemetry batches makes
+            conn.execute(text("UPDATE devices SET online = NOT online, last_seen = CURRENT_TIMESTAMP"))
+            hot, updated = conn.execute(
+                text("SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = to_regclass(:t)"),
+                {"t": f"{schema}.devices"},
+            ).one()
+        assert updated == 2000
+        assert hot >= 0.8 * updated, (hot, updated)  # 1835 of 2000 measured; fillfactor 100: 0 of 2000
     finally:
         eng.dispose()
