@@ -166,30 +166,16 @@ def _check_values(doc: dict[str, Any]) -> tuple[DropReason, str] | None:
     stack: list[tuple[str, Any]] = list(doc.items())
     while stack:
         key, value = stack.pop()
-        kind = type(value)
-        if kind is str:
-            bad = _bad_string(value)
-            if bad:
-                return DropReason.UNICODE, f"{key}: {bad}"
-            cap = STRING_CAPS.get(key, MAX_STRING)
-            if len(value) > cap:
-                return DropReason.FIELD_TOO_LONG, f"{key}: {len(value)} characters (cap {cap})"
-        elif value is None or kind is bool:
+        if isinstance(value, str):
+            problem = _string_problem(key, value)
+            if problem is not None:
+                return problem
+        elif value is None or isinstance(value, bool):
             continue
-        elif kind is int or (isinstance(value, int) and not isinstance(value, bool)):
+        elif isinstance(value, int):
             lo, hi = INT_RANGES.get(key, _ANY_INT)
             if not lo <= value <= hi:
                 return DropReason.RANGE, f"{key}: {str(value)[:40]} is outside [{lo}, {hi}]"
-        elif kind is float:
-            if not math.isfinite(value):
-                return DropReason.NON_FINITE, f"{key}: {value}"
-        elif isinstance(value, str):
-            bad = _bad_string(value)
-            if bad:
-                return DropReason.UNICODE, f"{key}: {bad}"
-            cap = STRING_CAPS.get(key, MAX_STRING)
-            if len(value) > cap:
-                return DropReason.FIELD_TOO_LONG, f"{key}: {len(value)} characters (cap {cap})"
         elif isinstance(value, float):
             if not math.isfinite(value):
                 return DropReason.NON_FINITE, f"{key}: {value}"
@@ -206,6 +192,16 @@ def _check_values(doc: dict[str, Any]) -> tuple[DropReason, str] | None:
 
 
 _ANY_INT = (-I64 - 1, I64)
+
+
+def _string_problem(key: str, value: str) -> tuple[DropReason, str] | None:
+    bad = _bad_string(value)
+    if bad:
+        return DropReason.UNICODE, f"{key}: {bad}"
+    cap = STRING_CAPS.get(key, MAX_STRING)
+    if len(value) > cap:
+        return DropReason.FIELD_TOO_LONG, f"{key}: {len(value)} characters (cap {cap})"
+    return None
 
 
 def _bad_string(value: str) -> str | None:
