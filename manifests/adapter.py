@@ -159,6 +159,11 @@ class AdapterManifest(_Model):
             raise SchemaError(format_validation_error(exc, "adapter manifest")) from exc
 
 
+# The version an adapter rollback names when the board held no earlier version of it: the board unloads the
+# adapter and its base serves alone. No adapter bundle has this version (versions start at 1).
+UNLOADED_VERSION = 0
+
+
 class AdapterRef(BaseModel):
     """In a desired state (manifests/mqtt.py): a LoRA adapter bundle to make resident over the board's base."""
 
@@ -274,6 +279,7 @@ __all__ = [
     "ADAPTER_FORMAT_VERSION",
     "ADAPTER_ROLE",
     "LORA_SITES",
+    "UNLOADED_VERSION",
     "AdapterBase",
     "AdapterBaseMismatchError",
     "AdapterInfo",

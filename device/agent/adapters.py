@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from manifests import MANIFEST_NAME, SIGNATURE_NAME, atomic_write_bytes, check_relative_path, read_manifest_unverified
 from manifests.adapter import (
+    UNLOADED_VERSION,
     AdapterInfo,
     AdapterManifest,
     AdapterRef,
@@ -70,8 +71,7 @@ MAX_SIGNATURE_BYTES = 64 * 1024
 # An adapter may make the base's golden text this much less likely, no more: a fine-tune moves the model
 # toward its own text, a broken one (wrong scale, garbage matrices) multiplies perplexity by orders of magnitude.
 MAX_PPL_RATIO = 4.0
-# The version a rollback names when the board is to hold no version of the adapter: it is unloaded.
-UNLOADED = 0
+UNLOADED = UNLOADED_VERSION  # a rollback to no version: the adapter is unloaded (manifests/adapter.py)
 
 
 class AdapterUnsupportedError(UpdateError):

@@ -13,13 +13,12 @@ from sqlalchemy.orm import Session
 
 from manifests import SignedDocument, SigningKey
 from manifests import mqtt as contract
+from manifests.adapter import UNLOADED_VERSION
 
 from .. import adapters, registry
 from ..db import BundleRecord, Device
 
-# The adapter version a rollback names when the device held no earlier version of it: the agent unloads the
-# adapter and the base serves alone (device/agent/adapters.py, ``UNLOADED``). No bundle has this version.
-UNLOADED = 0
+UNLOADED = UNLOADED_VERSION  # an adapter rollback to no earlier version: the board unloads it (manifests/adapter.py)
 
 
 @dataclass
