@@ -368,9 +368,12 @@ def _postgres_pids() -> list[int]:
     return out
 
 
-def _machine_ticks() -> int:
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, stolen) clock ticks of the whole machine so far. /proc/stat's first line: user nice system idle
+    iowait irq softirq steal guest guest_nice; guest time is already in user, steal is time the hypervisor
+    gave this VM's CPUs to someone else (a VM slowed from outside shows it there, not in any process)."""
     v = list(map(int, Path("/proc/stat").read_text().splitlines()[0].split()[1:]))
-    return sum(v) - v[3] - v[4]  # everything but idle and iowait
+    return sum(v[:3]) + v[5] + v[6], v[7]
 
 
 class CpuShare:
@@ -442,11 +445,15 @@ class CpuShare:
         end, s = self._snap(), max(1e-6, time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
         a = self.start
         out = {k: (end["procs"][k] - a["procs"].get(k, 0)) / s for k in end["procs"]}
-        out["reaped children (probe, killed server)"] = (end["reaped"] - a["reaped"]) / s
+        # A server killed and reaped in the window: its whole life's ticks moved to the children's count,
+        # so what it used before the window is taken off again.
+        gone = sum(t for k, t in a["procs"].items() if end["procs"].get(k, 0) == 0)
+        out["reaped children (probe, killed server)"] = (end["reaped"] - a["reaped"] - gone) / s
         out["postgresql"] = sum(t - a["postgres"].get(pid, 0) for pid, t in end["postgres"].items()) / s
-        machine = (end["machine"] - a["machine"]) / s
+        machine = (end["machine"][0] - a["machine"][0]) / s
         out["other"] = machine - sum(out.values())
         out["machine"] = machine
+        out["stolen by the hypervisor"] = (end["machine"][1] - a["machine"][1]) / s
         return {k: round(max(0.0, v), 2) for k, v in out.items()}
 
 
@@ -676,8 +683,9 @@ class Run:
         self.swarm.set_rate(rate)
         t0 = time.monotonic()
         time.sleep(min(10.0, duration / 4))  # the CPU shares of the steady state, not of the ramp
-        cpu = self.cpu()
-        next_sample = time.monotonic() + 5.0
+        cpu, minute = self.cpu(), self.cpu()
+        per_minute: list[dict[str, Any]] = []  # whether the CPU per message drifts over a long run
+        next_sample, next_minute = time.monotonic() + 5.0, time.monotonic() + 60.0
         while time.monotonic() - t0 < duration:
             time.sleep(max(0.0, min(1.0, duration - (time.monotonic() - t0))))
             cpu.sample_tasks()  # once a second: what makes up the load
@@ -685,6 +693,11 @@ class Run:
                 next_sample += 5.0
                 x = self.sample("telemetry")
                 _say(f"telemetry {x['acked'] - start['acked']} acked, rss {x['rss_mb']}")
+            if time.monotonic() >= next_minute:
+                next_minute += 60.0
+                per_minute.append({"cpu_cores": minute.cores(), "load": _load()})
+                _say(f"telemetry, last minute: {per_minute[-1]}")
+                minute = self.cpu()
         cpu_cores = cpu.cores()
         self.swarm.set_rate(0)
         elapsed = time.monotonic() - t0
@@ -705,6 +718,7 @@ class Run:
             "broker_rss_max_mb": max(x["broker_rss_mb"] for x in phase),
             "cpu_cores": cpu_cores,
             "load_threads": cpu.load_shares(),
+            "per_minute": per_minute,
             "load_1m_median": _pct([x["load"][0] for x in phase], 0.5),
             "load_1m_max": max(x["load"][0] for x in phase),
         }
