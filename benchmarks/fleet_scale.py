@@ -466,23 +466,23 @@ def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {' '.join(map(str, _load()))}] {msg}", file=sys.stderr, flush=True)
 
 
-def _reset_schema(database_url: str) -> None:
+def _reset_schema(database_url: str, schema: str) -> None:
     from sqlalchemy import create_engine, text
 
     eng = create_engine(database_url)
     with eng.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA IF EXISTS "{BENCH_SCHEMA}" CASCADE'))
-        conn.execute(text(f'CREATE SCHEMA "{BENCH_SCHEMA}"'))
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     eng.dispose()
 
 
-def _sql(database_url: str, statement: str) -> Any:
+def _sql(database_url: str, statement: str, schema: str = BENCH_SCHEMA) -> Any:
     from sqlalchemy import create_engine, text
 
     eng = create_engine(database_url)
     try:
         with eng.begin() as conn:
-            conn.execute(text(f'SET search_path TO "{BENCH_SCHEMA}"'))
+            conn.execute(text(f'SET search_path TO "{schema}"'))
             r = conn.execute(text(statement))
             return r.scalar() if r.returns_rows else None
     finally:
@@ -495,7 +495,7 @@ def _configs(work: Path, state: dict[str, Any], broker: Broker, nodes: Sequence[
             work,
             node_id=n,
             database_url=state["database_url"],
-            schema=BENCH_SCHEMA,
+            schema=state.get("schema", BENCH_SCHEMA),
             broker=broker,
             trusted_key=Path(state["release_pub"]),
             admin_token=state["admin_token"],
@@ -506,7 +506,9 @@ def _configs(work: Path, state: dict[str, Any], broker: Broker, nodes: Sequence[
     ]
 
 
-def bench_setup(work: Path, devices: int, database_url: str, workers: int) -> dict[str, Any]:
+def bench_setup(
+    work: Path, devices: int, database_url: str, workers: int, schema: str = BENCH_SCHEMA
+) -> dict[str, Any]:
     """Enrol ``devices`` devices (logins in dynamic security, rows in PostgreSQL) and upload three bundles."""
     from fleet.client import FleetClient
     from manifests import SigningKey, write_keypair
@@ -520,12 +522,13 @@ def bench_setup(work: Path, devices: int, database_url: str, workers: int) -> di
     fleet_key, _ = write_keypair(work / "fleet-key", SigningKey.generate())
     state = {
         "database_url": database_url,
+        "schema": schema,
         "admin_token": "nfa_" + secrets.token_urlsafe(24),
         "release_pub": str(release_pub),
         "fleet_key": str(fleet_key),
         "devices": devices,
     }
-    _reset_schema(database_url)
+    _reset_schema(database_url, schema)
     broker = Broker(work / "broker").start()
     (cfg,) = _configs(work, state, broker, ["setup"])
     srv = FleetServer(cfg).start()
@@ -576,6 +579,7 @@ class Run:
         self.state = json.loads((work / "state.json").read_text())
         self.logins = [Login(*x) for x in json.loads((work / "logins.json").read_text())]
         self.db = self.state["database_url"]
+        self.schema = self.state.get("schema", BENCH_SCHEMA)
         self.token = self.state["admin_token"]
         self.broker = Broker(work / "broker")
         self.names = ["a", "b", "c", "d"][:nodes]
@@ -587,7 +591,7 @@ class Run:
 
     # lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        _sql(self.db, "TRUNCATE telemetry, device_events")  # every seq counted below is this run's
+        _sql(self.db, "TRUNCATE telemetry, device_events", self.schema)  # every seq counted below is this run's
         self.broker.start()
         for name, cfg in zip(self.names, _configs(self.work, self.state, self.broker, self.names), strict=True):
             self.servers[name] = FleetServer(cfg).start()
@@ -648,12 +652,12 @@ class Run:
 
     def next_version(self) -> int:
         """The first bundle version above every one a device may hold (one per deployment so far)."""
-        done = _sql(self.db, "SELECT count(*) FROM deployments WHERE name NOT LIKE 'setup%'") or 0
+        done = _sql(self.db, "SELECT count(*) FROM deployments WHERE name NOT LIKE 'setup%'", self.schema) or 0
         return int(done) + 1
 
     def table_size(self) -> dict[str, Any]:
-        rows = _sql(self.db, "SELECT count(*) FROM telemetry")
-        size = _sql(self.db, "SELECT pg_total_relation_size('telemetry')")
+        rows = _sql(self.db, "SELECT count(*) FROM telemetry", self.schema)
+        size = _sql(self.db, "SELECT pg_total_relation_size('telemetry')", self.schema)
         return {"rows": rows, "bytes": size, "bytes_per_row": round(size / rows, 1) if rows else None}
 
     # phases ------------------------------------------------------------------------------------------------
@@ -699,6 +703,7 @@ class Run:
                 _say(f"telemetry, last minute: {per_minute[-1]}")
                 minute = self.cpu()
         cpu_cores = cpu.cores()
+        self.sample("telemetry")  # at least one, however short the phase
         self.swarm.set_rate(0)
         elapsed = time.monotonic() - t0
         end = self._settle()
@@ -730,10 +735,13 @@ class Run:
         while (t := self.swarm.totals())["acked"] < t["sent"] and time.monotonic() - t0 < 60:
             time.sleep(0.5)
         t1 = time.monotonic()
-        while _sql(self.db, "SELECT count(*) FROM telemetry") < t["acked"] and time.monotonic() - t1 < timeout:
+        while (
+            _sql(self.db, "SELECT count(*) FROM telemetry", self.schema) < t["acked"]
+            and time.monotonic() - t1 < timeout
+        ):
             time.sleep(1)
         stored_after = time.monotonic() - t1
-        missing = missing_acked(self.swarm.acked(), stored_seqs(self.db, BENCH_SCHEMA, "dev"))
+        missing = missing_acked(self.swarm.acked(), stored_seqs(self.db, self.schema, "dev"))
         return {**t, "stored_after_s": round(stored_after, 1), "missing": missing}
 
     def read_side(self, background_rate: float) -> dict[str, Any]:
@@ -926,8 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument(
         "--database-url",
         default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-        help="PostgreSQL (the schema bench_fleet is dropped and created)",
+        help="PostgreSQL (the schema is dropped and created)",
     )
+    s.add_argument("--schema", default=BENCH_SCHEMA, help=f"schema for the fleet's tables (default {BENCH_SCHEMA})")
     s.add_argument("--workers", type=int, default=8, help="enrolments in flight (default 8)")
     r.add_argument("--servers", type=int, default=2, choices=(1, 2, 3, 4), help="fleet servers (default 2)")
     r.add_argument("--rate", type=float, default=2000, help="telemetry messages/s in the ingest phase (default 2000)")
@@ -962,7 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no setup in {args.work}: run `fleet_scale.py setup --work {args.work}` first", file=sys.stderr)
         return 2
     res = (
-        bench_setup(args.work, args.devices, args.database_url, args.workers)
+        bench_setup(args.work, args.devices, args.database_url, args.workers, args.schema)
         if args.cmd == "setup"
         else bench_run(args.work, args)
     )
