@@ -444,11 +444,12 @@ class CpuShare:
 
         end, s = self._snap(), max(1e-6, time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
         a = self.start
-        out = {k: (end["procs"][k] - a["procs"].get(k, 0)) / s for k in end["procs"]}
-        # A server killed and reaped in the window: its whole life's ticks moved to the children's count,
-        # so what it used before the window is taken off again.
-        gone = sum(t for k, t in a["procs"].items() if end["procs"].get(k, 0) == 0)
-        out["reaped children (probe, killed server)"] = (end["reaped"] - a["reaped"] - gone) / s
+        # A server killed and reaped in the window: its whole life's ticks moved to the children's count, so
+        # what it used before the window is taken off again and its share in the window is counted there.
+        gone = {k for k, t in a["procs"].items() if t and end["procs"].get(k, 0) == 0}
+        out = {k: 0.0 if k in gone else (end["procs"][k] - a["procs"].get(k, 0)) / s for k in end["procs"]}
+        gone_before = sum(a["procs"][k] for k in gone)
+        out["reaped children (probe, killed server)"] = (end["reaped"] - a["reaped"] - gone_before) / s
         out["postgresql"] = sum(t - a["postgres"].get(pid, 0) for pid, t in end["postgres"].items()) / s
         machine = (end["machine"][0] - a["machine"][0]) / s
         out["other"] = machine - sum(out.values())

@@ -65,7 +65,9 @@ def test_setup_and_run_report_every_phase(tmp_path: Path, pg: tuple[str, str]) -
     assert kill["killed"] == res["leader"] and kill["new_leader"] not in (None, kill["killed"])
     assert kill["takeover_s"] < 10
     # The killed server's life before the window is not counted in the window (it was reaped mid-phase).
-    # No share can exceed what the whole machine used in the window.
-    assert kill["cpu_cores"]["reaped children (probe, killed server)"] <= kill["cpu_cores"]["machine"], kill
+    # No share can exceed what the whole machine used in the window (the killed server's life before the
+    # window, reaped mid-phase, is not counted in it, nor subtracted from "other").
+    shares = {k: v for k, v in kill["cpu_cores"].items() if k != "machine"}
+    assert max(shares.values()) <= kill["cpu_cores"]["machine"] + 0.02, kill["cpu_cores"]
     assert res["missing_acked_whole_run"] == 0
     assert res["telemetry_table"]["rows"] == res["acked_whole_run"]
