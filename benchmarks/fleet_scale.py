@@ -786,7 +786,7 @@ class Run:
             result["apply_s"] = round(time.monotonic() - t0, 3)
             r.raise_for_status()
             applied = r.json()["deployment"]
-            dep_id = applied["id"]
+            dep_id = result["id"] = applied["id"]
             result["apply_answer"] = {"status": applied["status"], "counts": applied["counts"]}
         applied_at = time.time()
         result.update(self._follow(name, kill_at))
@@ -799,6 +799,31 @@ class Run:
             result["last_device_commit_after_apply_s"] = round(last - applied_at, 2)
             result["fleet_done_after_last_commit_s"] = round(result["finished_at"] - last, 2)
         self.swarm.set_rate(0)
+        return result
+
+    def rollback(self, name: str, dep_id: str) -> dict[str, Any]:
+        """Roll a finished rollout back (a signed rollback to every device's previous model) and follow it
+        until the fleet counts it rolled back."""
+        assert self.swarm is not None
+        result: dict[str, Any] = {"name": name}
+        cpu = self.cpu()
+        with self.api() as api:
+            result["load_at_control"] = _load()
+            t0 = time.monotonic()
+            r = api.post(f"/api/v1/deployments/{name}/rollback")
+            result["control_s"] = round(time.monotonic() - t0, 3)
+            r.raise_for_status()
+            result["control_answer"] = {"status": r.json()["status"], "counts": r.json()["counts"]}
+        sent_at = time.time()
+        result.update(self._follow(name, None))
+        result["load_after"] = _load()
+        result["cpu_cores"] = cpu.cores()
+        done = self.swarm.committed(f"{dep_id}.rollback")
+        result["devices_committed"] = len(done)
+        if done and result.get("finished_at"):
+            last = max(done.values())
+            result["last_device_commit_after_control_s"] = round(last - sent_at, 2)
+            result["fleet_done_after_last_commit_s"] = round(result["finished_at"] - last, 2)
         return result
 
     def _follow(self, name: str, kill_at: float | None) -> dict[str, Any]:
@@ -815,7 +840,7 @@ class Run:
                 continue
             if kill_at is not None and "killed" not in out and dep["counts"].get("succeeded", 0) >= kill_at * n:
                 out.update(self._kill_leader())
-            if dep["status"] in ("completed", "aborted", "paused", "failed"):
+            if dep["status"] in ("completed", "aborted", "paused", "failed", "rolled_back"):
                 out["status"], out["counts"] = dep["status"], dep["counts"]
                 if dep.get("finished_at"):
                     out["finished_at"] = dt.datetime.fromisoformat(dep["finished_at"]).timestamp()
@@ -911,6 +936,12 @@ def bench_run(work: Path, args: Any) -> dict[str, Any]:
         if "kill" in phases:
             res["rollout_kill"] = run.rollout("kill", version, waves, kill_at=0.2, rate=args.kill_rate)
             _say(f"kill: {res['rollout_kill']}")
+        if "rollback" in phases:
+            last = next((res[k] for k in ("rollout_kill", "rollout_waves", "rollout_all") if k in res), None)
+            if last is None or last.get("status") != "completed":
+                raise SystemExit("error: the rollback phase rolls back this run's last rollout: add all, waves or kill")
+            res["rollback"] = run.rollback(last["name"], last["id"])
+            _say(f"rollback: {res['rollback']}")
         settled = run._settle()
         res["acked_whole_run"], res["missing_acked_whole_run"] = settled["acked"], settled["missing"]
         res["telemetry_table"] = run.table_size()
@@ -956,8 +987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     r.add_argument(
         "--phases",
-        default="telemetry,read,all,waves,kill",
-        help="what to measure, comma-separated (default: telemetry,read,all,waves,kill)",
+        default="telemetry,read,all,waves,kill,rollback",
+        help="what to measure, comma-separated (default: telemetry,read,all,waves,kill,rollback; rollback rolls "
+        "back the last rollout of the run)",
     )
     q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
     q.add_argument("--url", required=True, help="a fleet server's URL")

@@ -43,7 +43,7 @@ def test_setup_and_run_report_every_phase(tmp_path: Path, pg: tuple[str, str]) -
     assert setup["devices"] == 30 and setup["enrol_s"] > 0
     out = tmp_path / "run.json"
     _bench(
-        "run", "--work", str(work), "--rate", "150", "--duration", "6", "--phases", "telemetry,read,all,kill",
+        "run", "--work", str(work), "--rate", "150", "--duration", "6", "--phases", "telemetry,read,all,kill,rollback",
         "--kill-rate", "30", "--connect-rate", "100", "--out", str(out),
         timeout=420,
     )  # fmt: skip
@@ -69,5 +69,8 @@ def test_setup_and_run_report_every_phase(tmp_path: Path, pg: tuple[str, str]) -
     # window, reaped mid-phase, is not counted in it, nor subtracted from "other").
     shares = {k: v for k, v in kill["cpu_cores"].items() if k != "machine"}
     assert max(shares.values()) <= kill["cpu_cores"]["machine"] + 0.02, kill["cpu_cores"]
+    back = res["rollback"]
+    assert back["name"] == kill["name"] and back["status"] == "rolled_back", back
+    assert back["devices_committed"] == 30 and back["fleet_done_after_last_commit_s"] < 10
     assert res["missing_acked_whole_run"] == 0
     assert res["telemetry_table"]["rows"] == res["acked_whole_run"]
