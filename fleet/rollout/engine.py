@@ -428,7 +428,9 @@ class RolloutEngine:
         A deployment still ``planning`` is planned first: every action acts on its targets."""
         ensure_planned(session, dep, ROLLOUT, now)
         if action is ControlAction.ROLLBACK:
-            return self.rollback(session, dep, actor, now)
+            # Marked here, sent by the lease holder's ticks: the operator's call returns at once at any fleet
+            # size (sending 1,000 signed rollbacks took 2 s inside the call at 10,000 devices).
+            return self.rollback(session, dep, actor, now, send_now=False)
         if action is ControlAction.PAUSE:
             self.pause(session, dep, actor, now)
         elif action is ControlAction.RESUME:
@@ -437,11 +439,14 @@ class RolloutEngine:
             self.abort(session, dep, actor, now)
         return set()
 
-    def rollback(self, session: Session, dep: Deployment, actor: str, now: dt.datetime) -> set[str]:
+    def rollback(
+        self, session: Session, dep: Deployment, actor: str, now: dt.datetime, *, send_now: bool = True
+    ) -> set[str]:
         """Send every device this deployment touched back to its previous model, with a signed rollback.
 
-        Bounded like a rollout: every target is marked here (set-based), the first ``start_batch`` get
-        their rollback desired state at once and the rest on the next ticks (``_watch_rollback``)."""
+        Bounded like a rollout: every target is marked here (set-based); with ``send_now`` (an abort rule,
+        inside a tick) the first ``start_batch`` get their rollback desired state at once, and the rest (all
+        of them, for an operator's rollback) on the next ticks (``_watch_rollback``)."""
         next_status(dep.status, DeploymentEvent.ROLL_BACK, dep.name)  # refuse before changing anything
         command_id = f"{dep.id}.rollback"
         table = DeploymentTarget.__table__
@@ -479,7 +484,7 @@ class RolloutEngine:
         dep.updated_at = now
         rolling = Q.state_counts(session, dep.id)[TargetState.ROLLING_BACK.value]
         audit(session, actor, "rollback", deployment=dep.name, ts=now, devices=rolling)
-        changed = self._send_rollbacks(session, dep, now)
+        changed = self._send_rollbacks(session, dep, now) if send_now else set()
         if not Q.state_counts(session, dep.id)[TargetState.ROLLING_BACK.value]:
             move_deployment(dep, DeploymentEvent.ROLLED_BACK)
             dep.finished_at = now

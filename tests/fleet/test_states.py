@@ -231,12 +231,18 @@ def test_control_action(db: Session, status: DeploymentStatus, action: ControlAc
         assert dep.status == status.value
         assert {t.device_id: t.state for t in dep.targets} == TARGETS
         return
-    changed = engine().control(db, dep, action, "admin", NOW)
+    eng = engine()
+    changed = eng.control(db, dep, action, "admin", NOW)
     db.flush()
     new_status, states = expected
     assert dep.status == new_status
     assert {t.device_id: t.state for t in dep.targets} == states
     if action is ControlAction.ROLLBACK:
+        # The operator's call only marks the targets (it returns at once at any size); the next tick of
+        # the lease holder sends the signed rollbacks.
+        assert changed == set()
+        assert all((db.get(Device, d).desired or {}).get("rollback") is None for d in ("f", "s", "x"))
+        changed = eng.tick(db)
         assert changed == {"f", "s", "x"}
         for dev in changed:
             desired = db.get(Device, dev).desired
