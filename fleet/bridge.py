@@ -108,6 +108,10 @@ class _Connection:
         self.on_connected = on_connected
         self.connected = threading.Event()
         self.epoch = 0  # bumped on every connection: a PUBACK belongs to the connection that got the message
+        # Held while an acknowledgement checks its connection and queues its PUBACK, and while a connection
+        # comes or goes: a worker preempted between the check and the queueing (one GIL switch) would
+        # otherwise queue an old packet id on the next connection, where it settles another message.
+        self._settling = threading.Lock()
         self.stopping = False
         self._next = 0
         self._failures = 0  # connection attempts failed in a row (for the next-retry delay in the log)
@@ -160,7 +164,8 @@ class _Connection:
 
     def stop(self) -> None:
         self.stopping = True
-        self.connected.clear()
+        with self._settling:
+            self.connected.clear()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -179,7 +184,6 @@ class _Connection:
             log.error("MQTT connect of %s to %s:%s refused: %s", self.client_id, self.host, self.port, reason)
             self._rotate()
             return
-        self.epoch += 1
         self._failures = 0
         # A resumed session keeps its subscriptions; subscribing again would replay every retained message.
         # Except shared ones: Mosquitto 2.0.11 restores a persistent session's plain subscriptions after a
@@ -190,7 +194,10 @@ class _Connection:
         if self.subscribe and (resubscribe or not getattr(flags, "session_present", False)):
             for t in self.topics:
                 client.subscribe(t, qos=contract.QOS)
-        self.connected.set()
+        # No message of this connection is handed over before this callback returns (same thread).
+        with self._settling:
+            self.epoch += 1
+            self.connected.set()
         if self.on_connected is not None:
             self.on_connected()
         log.info("MQTT %s connected to %s:%s", self.client_id, self.host, self.port)
@@ -212,7 +219,10 @@ class _Connection:
         self._rotate()
 
     def _on_disconnect(self, _c: mqtt.Client, _ud: object, _flags: object, reason: object, _p: object) -> None:
-        self.connected.clear()
+        # Any PUBACK queued before this is dropped with the old connection's queue (paho clears it before
+        # it reconnects); none is queued after it until the next connection's epoch.
+        with self._settling:
+            self.connected.clear()
         if not self.stopping:
             log.warning("MQTT %s disconnected (%s); reconnecting", self.client_id, reason)
             self._rotate()
@@ -223,9 +233,11 @@ class _Connection:
         self.inbox.put_message(Inbound(msg.topic, bytes(msg.payload), ack=ack))
 
     def _ack(self, epoch: int, mid: int, qos: int) -> None:
-        # A message from an earlier connection is redelivered on this one (and acknowledged then).
-        if epoch == self.epoch and self.connected.is_set():
-            self.client.ack(mid, qos)
+        # A message from an earlier connection is redelivered on this one (and acknowledged then). The
+        # check and the queueing are one step with respect to reconnects (_settling).
+        with self._settling:
+            if epoch == self.epoch and self.connected.is_set():
+                self.client.ack(mid, qos)
 
 
 class MqttBridge:
@@ -294,9 +306,7 @@ class MqttBridge:
         """Publish retained; False when not connected (the reconnect republishes from the database)."""
         if not self.state.connected.is_set():
             return False
-        info = self.state.client.publish(
-            contract.desired_topic(device_id), payload, qos=contract.QOS, retain=True
-        )
+        info = self.state.client.publish(contract.desired_topic(device_id), payload, qos=contract.QOS, retain=True)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
 
