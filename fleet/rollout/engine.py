@@ -495,7 +495,8 @@ class RolloutEngine:
         targets = Q.unsent_rollbacks(session, dep.id, self.start_batch)
         devices = Q.devices_by_id(session, [t.device_id for t in targets])
         changed: set[str] = set()
-        rolled_back: dict[tuple[str, int], BundleRecord] = {}  # the adapter versions rolled back to UNLOADED
+        # Bundle records looked up once per step, not once per device (a query each was half a step's time).
+        records: dict[tuple[str, int], BundleRecord | NotFoundError] = {}
         for t in targets:
             device = devices.get(t.device_id)
             if device is None:
@@ -505,12 +506,13 @@ class RolloutEngine:
             assert t.previous_name is not None and t.previous_version is not None and t.command_id is not None
             doc = self.sign_rollback(t.command_id, t.previous_name, t.previous_version, device.id, now)
             try:
-                record = None
-                if t.previous_version == UNLOADED:  # no earlier version: the agent unloads the adapter sent
-                    sent = (t.bundle_name or dep.bundle_name, t.bundle_version or dep.bundle_version)
-                    if sent not in rolled_back:
-                        rolled_back[sent] = registry.get_bundle(session, *sent)
-                    record = rolled_back[sent]
+                # UNLOADED (no earlier version): the record is the adapter version sent, which the agent unloads.
+                key = (
+                    (t.bundle_name or dep.bundle_name, t.bundle_version or dep.bundle_version)
+                    if t.previous_version == UNLOADED
+                    else (t.previous_name, t.previous_version)
+                )
+                record = _lookup_once(records, session, *key)
                 self.desired.set(session, device, t.command_id, t.previous_name, t.previous_version, doc, now,
                                  record=record)  # fmt: skip
             except NotFoundError as exc:
@@ -587,3 +589,19 @@ class RolloutEngine:
         dep.finished_at, dep.updated_at = now, now
         dep.abort_reason = dep.abort_reason or f"aborted by {actor}"
         audit(session, actor, "abort", deployment=dep.name, ts=now)
+
+
+def _lookup_once(
+    cache: dict[tuple[str, int], BundleRecord | NotFoundError], session: Session, name: str, version: int
+) -> BundleRecord:
+    """``registry.get_bundle`` through ``cache``: a missing bundle is remembered and raised again."""
+    key = (name, version)
+    if key not in cache:
+        try:
+            cache[key] = registry.get_bundle(session, name, version)
+        except NotFoundError as exc:
+            cache[key] = exc
+    found = cache[key]
+    if isinstance(found, NotFoundError):
+        raise found
+    return found

@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet.db import BundleRecord, Deployment, DeploymentTarget, Device, make_engine, run_migrations, session_factory
@@ -347,3 +349,40 @@ def test_apply_plans_at_once_up_to_plan_up_to_devices(db: Session) -> None:
     db.rollback()
     dep, _ = apply_manifest(db, DeploymentManifest.model_validate(MANIFEST), "admin", NOW, plan_up_to=len(TARGETS) - 1)
     assert dep.status == "planning" and dep.targets == []
+
+
+def _bundle_queries(session: Session) -> list[str]:
+    """Statements against the bundles table sent from now on (appended as they run)."""
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "FROM bundles" in statement:
+            seen.append(statement)
+
+    sa_event.listen(session.get_bind(), "before_cursor_execute", count)
+    return seen
+
+
+def test_rollback_sends_look_up_each_previous_bundle_once(db: Session) -> None:
+    dep = make_deployment(db, DeploymentStatus.COMPLETED)
+    eng = engine()
+    eng.control(db, dep, ControlAction.ROLLBACK, "admin", NOW)
+    queries = _bundle_queries(db)
+    assert eng.tick(db) == {"f", "s", "x"}
+    assert len(queries) == 1, queries  # three devices back to m@1: one lookup, not one per device
+
+
+def test_rollback_to_a_bundle_gone_from_the_registry_fails_each_target_with_its_reason(db: Session) -> None:
+    dep = make_deployment(db, DeploymentStatus.COMPLETED)
+    db.delete(db.scalars(select(BundleRecord).where(BundleRecord.version == 1)).one())
+    db.flush()
+    eng = engine()
+    eng.control(db, dep, ControlAction.ROLLBACK, "admin", NOW)
+    queries = _bundle_queries(db)
+    assert eng.tick(db) == set()
+    states = {t.device_id: (t.state, t.error) for t in dep.targets if t.device_id in ("f", "s", "x")}
+    assert {s for s, _ in states.values()} == {"rollback_failed"}
+    assert all("no bundle m@1 in the registry" in (e or "") for _, e in states.values()), states
+    assert dep.status == "rolled_back"
+    # The missing bundle is looked up once (then its "what is there" listing), not once per device.
+    assert len(queries) <= 2, queries
