@@ -5,8 +5,10 @@ and no telemetry message the cluster acknowledged is missing from the database."
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,6 +70,49 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsNode]]:
             n.proc.wait(10)
 
 
+def jetstream(node: NatsNode, subject: str, request: dict | None = None) -> dict:
+    """One JetStream API request over the NATS protocol of ``node`` (no NATS client library here)."""
+    body = json.dumps(request or {}).encode()
+    with socket.create_connection(("127.0.0.1", node.client_port), 5) as s:
+        f = s.makefile("rb")
+        f.readline()  # INFO
+        s.sendall(
+            b'CONNECT {"verbose":false}\r\nSUB _INBOX.t 1\r\n'
+            + f"PUB {subject} _INBOX.t {len(body)}\r\n".encode()
+            + body
+            + b"\r\n"
+        )
+        while line := f.readline():
+            if line.startswith(b"MSG"):
+                return json.loads(f.read(int(line.split()[-1]) + 2)[:-2])
+            if line.startswith(b"PING"):
+                s.sendall(b"PONG\r\n")
+    return {}
+
+
+def lost(swarm: Swarm, pg: tuple[str, str], nodes: list[NatsNode], srv: FleetServer) -> str:
+    """For a failure: which acknowledged messages are missing, and whether NATS still holds messages for
+    the fleet's telemetry consumer (not delivered yet, or delivered and not acknowledged: the fleet was
+    told to wait for a redelivery) or holds none (then the cluster acknowledged and lost them)."""
+    stored = stored_seqs(pg[0], pg[1], "nats-")
+    missing = {d: sorted(set(s) - stored.get(d, set())) for d, s in swarm.acked().items()}
+    lines = [f"{sum(map(len, missing.values()))} missing of {swarm.totals()['acked']} acknowledged"]
+    lines += [f"  {d} (node {i % 3}): {seqs[:10]}" for i, (d, seqs) in enumerate(sorted(missing.items())) if seqs]
+    live = next(n for n in nodes if n.proc is not None and n.proc.poll() is None)
+    try:
+        info = jetstream(live, "$JS.API.STREAM.INFO.$MQTT_msgs")
+        lines.append(f"$MQTT_msgs: {info.get('state', {}).get('messages')} messages held")
+        for c in jetstream(live, "$JS.API.CONSUMER.LIST.$MQTT_msgs").get("consumers") or []:
+            if c.get("config", {}).get("filter_subject", "").endswith(".telemetry"):
+                lines.append(
+                    f"telemetry consumer: {c.get('num_pending')} not delivered, {c.get('num_ack_pending')} "
+                    f"awaiting a PUBACK, {c.get('num_redelivered')} redelivered, ack floor {c.get('ack_floor')}"
+                )
+    except (OSError, ValueError) as exc:
+        lines.append(f"JetStream state unavailable: {exc}")
+    return "\n".join(lines) + "\n" + srv.tail()
+
+
 def stuck(dep: dict, swarm: Swarm | None, admin: Any = None) -> str:
     """What the fleet and the simulated device each think of the devices not yet done (for a failure)."""
     sims = {d.login.device_id: d for d in swarm.devices} if swarm else {}
@@ -120,7 +165,7 @@ def test_rollout_survives_the_loss_of_one_broker_node(
                 creds = admin.enroll(token, device_id=f"nats-{i:02d}")
                 logins.append(Login(creds["device_id"], creds["mqtt"]["username"], creds["mqtt"]["password"]))
         # Device i starts on node i % 3 and fails over to the next ones.
-        swarm = Swarm(logins, lambda i: urls[i % 3:] + urls[: i % 3], install_s=1.5, keepalive=5).start()
+        swarm = Swarm(logins, lambda i: urls[i % 3 :] + urls[: i % 3], install_s=1.5, keepalive=5).start()
         swarm.wait_connected(timeout=60)
         swarm.set_rate(100)
         time.sleep(2)
@@ -147,8 +192,7 @@ def test_rollout_survives_the_loss_of_one_broker_node(
             60,
             interval=1,
             what="every acknowledged message stored",
-            details=lambda: f"{missing_acked(swarm.acked(), stored_seqs(pg[0], pg[1], 'nats-'))} missing of "
-            f"{swarm.totals()['acked']} acknowledged\n" + srv.tail(),
+            details=lambda: lost(swarm, pg, nats_cluster, srv),
         )
     finally:
         if swarm is not None:
