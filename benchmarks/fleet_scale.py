@@ -792,14 +792,21 @@ class Run:
         result.update(self._follow(name, kill_at))
         result["load_after"] = _load()
         result["cpu_cores"] = cpu.cores()
-        done = self.swarm.committed(dep_id)
-        result["devices_committed"] = len(done)
-        if done and result.get("finished_at"):
-            last = max(done.values())
-            result["last_device_commit_after_apply_s"] = round(last - applied_at, 2)
-            result["fleet_done_after_last_commit_s"] = round(result["finished_at"] - last, 2)
+        result.update(self._converged(dep_id, applied_at, result.get("finished_at"), "apply"))
         self.swarm.set_rate(0)
         return result
+
+    def _converged(self, command_id: str, sent_at: float, finished_at: float | None, what: str) -> dict[str, Any]:
+        """How many devices committed ``command_id``, when the last did (after ``what``), and how long after
+        it the fleet counted the deployment finished."""
+        assert self.swarm is not None
+        done = self.swarm.committed(command_id)
+        out: dict[str, Any] = {"devices_committed": len(done)}
+        if done and finished_at:
+            last = max(done.values())
+            out[f"last_device_commit_after_{what}_s"] = round(last - sent_at, 2)
+            out["fleet_done_after_last_commit_s"] = round(finished_at - last, 2)
+        return out
 
     def rollback(self, name: str, dep_id: str) -> dict[str, Any]:
         """Roll a finished rollout back (a signed rollback to every device's previous model) and follow it
@@ -818,12 +825,7 @@ class Run:
         result.update(self._follow(name, None))
         result["load_after"] = _load()
         result["cpu_cores"] = cpu.cores()
-        done = self.swarm.committed(f"{dep_id}.rollback")
-        result["devices_committed"] = len(done)
-        if done and result.get("finished_at"):
-            last = max(done.values())
-            result["last_device_commit_after_control_s"] = round(last - sent_at, 2)
-            result["fleet_done_after_last_commit_s"] = round(result["finished_at"] - last, 2)
+        result.update(self._converged(f"{dep_id}.rollback", sent_at, result.get("finished_at"), "control"))
         return result
 
     def _follow(self, name: str, kill_at: float | None) -> dict[str, Any]:
