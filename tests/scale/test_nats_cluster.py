@@ -187,9 +187,12 @@ def test_rollout_survives_the_loss_of_one_broker_node(
         assert sum(d.connects > 1 for d in swarm.devices) >= 8  # the dead node's devices reconnected elsewhere
         swarm.set_rate(0)
         wait_for(lambda: (t := swarm.totals())["acked"] == t["sent"], 30, what="acknowledgements")
+        # NATS 2.9 redelivers what the dead connection was sent but had not acknowledged only after ack_wait
+        # (30 s), and the telemetry connection may be refused for up to ~20 s while JetStream elects leaders
+        # (docs/scaling.md): a second failover round of both does not fit 60 s. Zero missing still required.
         wait_for(
             lambda: missing_acked(swarm.acked(), stored_seqs(pg[0], pg[1], "nats-")) == 0,
-            60,
+            120,
             interval=1,
             what="every acknowledged message stored",
             details=lambda: lost(swarm, pg, nats_cluster, srv),
