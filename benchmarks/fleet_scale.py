@@ -908,7 +908,21 @@ def probe(url: str, token: str, page: int, rounds: int) -> dict[str, Any]:
     }
 
 
+PHASES = ("telemetry", "read", "all", "waves", "kill", "rollback")
+
+
+def _phases(spec: str) -> set[str]:
+    """The phases asked for, refused before anything starts when one is unknown or cannot run."""
+    phases = set(spec.split(","))
+    if unknown := phases - set(PHASES):
+        raise ValueError(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
+    if "rollback" in phases and not phases & {"all", "waves", "kill"}:
+        raise ValueError("the rollback phase rolls back this run's last rollout: add all, waves or kill")
+    return phases
+
+
 def bench_run(work: Path, args: Any) -> dict[str, Any]:
+    phases = _phases(args.phases)
     run = Run(work, args.servers, args.connect_rate)
     res: dict[str, Any] = {"devices": len(run.logins), "servers": args.servers, "load_at_start": _load()}
     run.start()
@@ -917,7 +931,6 @@ def bench_run(work: Path, args: Any) -> dict[str, Any]:
         _say("connecting the swarm")
         res["connect"] = run.connect()
         _say(f"connected: {res['connect']}")
-        phases = set(args.phases.split(","))
         if "telemetry" in phases:
             res["telemetry"] = run.telemetry(args.rate, args.duration)
             _say(f"telemetry: {res['telemetry']}")
@@ -941,7 +954,7 @@ def bench_run(work: Path, args: Any) -> dict[str, Any]:
         if "rollback" in phases:
             last = next((res[k] for k in ("rollout_kill", "rollout_waves", "rollout_all") if k in res), None)
             if last is None or last.get("status") != "completed":
-                raise SystemExit("error: the rollback phase rolls back this run's last rollout: add all, waves or kill")
+                raise SystemExit(f"error: nothing to roll back: the last rollout ended {last and last.get('status')}")
             res["rollback"] = run.rollback(last["name"], last["id"])
             _say(f"rollback: {res['rollback']}")
         settled = run._settle()
@@ -989,9 +1002,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     r.add_argument(
         "--phases",
-        default="telemetry,read,all,waves,kill,rollback",
-        help="what to measure, comma-separated (default: telemetry,read,all,waves,kill,rollback; rollback rolls "
-        "back the last rollout of the run)",
+        default=",".join(PHASES),
+        help=f"what to measure, comma-separated (default: {','.join(PHASES)}; rollback rolls back the last "
+        "rollout of the run)",
     )
     q = sub.add_parser("probe", help="(internal) read-side latencies against one server")
     q.add_argument("--url", required=True, help="a fleet server's URL")
@@ -1002,6 +1015,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "probe":
         print(json.dumps(probe(args.url, args.token, args.page, args.rounds)))
         return 0
+    if args.cmd == "run":
+        try:
+            _phases(args.phases)
+        except ValueError as exc:
+            print(f"error: --phases: {exc}", file=sys.stderr)
+            return 2
     if args.cmd == "run" and not (args.work / "state.json").is_file():
         print(f"error: no setup in {args.work}: run `fleet_scale.py setup --work {args.work}` first", file=sys.stderr)
         return 2

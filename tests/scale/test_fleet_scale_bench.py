@@ -74,3 +74,17 @@ def test_setup_and_run_report_every_phase(tmp_path: Path, pg: tuple[str, str]) -
     assert back["devices_committed"] == 30 and back["fleet_done_after_last_commit_s"] < 10
     assert res["missing_acked_whole_run"] == 0
     assert res["telemetry_table"]["rows"] == res["acked_whole_run"]
+
+
+@pytest.mark.parametrize(
+    ("phases", "says"),
+    [("telemtry", "unknown phase(s) telemtry"), ("read,rollback", "add all, waves or kill")],
+)
+def test_run_refuses_phases_it_cannot_run_before_starting_anything(tmp_path: Path, phases: str, says: str) -> None:
+    proc = subprocess.run(
+        [*BENCH, "run", "--work", str(tmp_path / "no-setup"), "--phases", phases],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "no-setup").exists()
