@@ -511,9 +511,9 @@ def bench_setup(
     work: Path, devices: int, database_url: str, workers: int, schema: str = BENCH_SCHEMA
 ) -> dict[str, Any]:
     """Enrol ``devices`` devices (logins in dynamic security, rows in PostgreSQL) and upload three bundles."""
+    from benchmarks.sample_bundle import make_bundle
     from fleet.client import FleetClient
     from manifests import SigningKey, write_keypair
-    from tests.fleet.conftest import make_bundle
 
     if work.exists():
         shutil.rmtree(work)
@@ -600,9 +600,9 @@ class Run:
 
     def ensure_bundles(self, up_to: int) -> None:
         """Signed bundles 1..``up_to`` in the registry (each rollout of a run needs a version above the last)."""
+        from benchmarks.sample_bundle import make_bundle
         from fleet.client import FleetClient
         from manifests import SigningKey
-        from tests.fleet.conftest import make_bundle
 
         key = SigningKey.load(self.work / "release-key" / "nanofleet.key")
         srv = next(iter(self.servers.values()))

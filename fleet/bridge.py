@@ -83,7 +83,7 @@ class SessionOptions:
     shared_group: str | None = None  # $share/<group>/... subscriptions
 
 
-class _Connection:
+class MqttConnection:
     """One paho client with manual acknowledgement, a persistent session and broker failover."""
 
     def __init__(
@@ -265,7 +265,7 @@ class MqttBridge:
         opts = options or SessionOptions(keepalive=keepalive)
         self.options = opts
         state_id, telemetry_id = f"{client_id}-state", f"{client_id}-telemetry"
-        self.state = _Connection(
+        self.state = MqttConnection(
             self.urls,
             state_id,
             STATE_TOPICS,
@@ -275,7 +275,7 @@ class MqttBridge:
             password=password,
             on_connected=lambda: inbox.put_message(Inbound(RECONNECTED, b"")),
         )
-        self.telemetry = _Connection(
+        self.telemetry = MqttConnection(
             self.urls,
             telemetry_id,
             TELEMETRY_TOPICS,
@@ -345,7 +345,7 @@ def drain_session(
             )
 
     # Never subscribes: a resumed session already has the subscriptions, and a fresh one must not join.
-    conn = _Connection(
+    conn = MqttConnection(
         parsed, client_id, topics, Counting(), options, username=username, password=password, subscribe=False
     )
     conn.start()

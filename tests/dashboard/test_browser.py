@@ -454,6 +454,8 @@ def test_a_transition_is_said_once_on_the_device_page(tab: Tab, dash_fleet: Dash
     from manifests import mqtt as c
 
     (dev,) = dash_fleet.enroll(["pi-events-01"], tags={"site": "events"}, groups=[])
+    # enroll() connects in the background; publishing before CONNACK is refused at once by paho.
+    assert dev.connected.wait(20), "the simulated device never connected"
     ts = dt.datetime.now(dt.timezone.utc)
     for seq, (a, b, msg) in enumerate(
         [("idle", "downloading", "idle -> downloading"), ("downloading", "failed", "disk full on slot b")], 1

@@ -3,7 +3,6 @@ or a real mosquitto), an admin client and simulated devices."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import signal
 import subprocess
@@ -16,61 +15,15 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from benchmarks.sample_bundle import BUNDLE, make_bundle
 from fleet.client import FleetClient
 from fleet.config import FleetConfig
 from fleet.server import ServerThread
-from manifests import (
-    ArchConfig,
-    BundleManifest,
-    GoldenCheck,
-    GraphSpec,
-    Provenance,
-    Recipe,
-    Runtime,
-    SigningKey,
-    TrustStore,
-    describe_file,
-    load_public_key,
-    write_keypair,
-    write_signed_manifest,
-)
+from manifests import SigningKey, TrustStore, load_public_key, write_keypair
 
 from .simdevice import Behaviour, SimDevice
 
-BUNDLE = "tiny-model"
-
-
-def make_bundle(root: Path, key: SigningKey, version: int, *, name: str = BUNDLE, size: int = 4096) -> Path:
-    """A small but well-formed signed bundle (the fleet never runs the model, only stores and serves it)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.onnx").write_bytes(bytes((i * 7 + version) % 256 for i in range(size)))
-    (root / "tokenizer.json").write_text(f'{{"version": "1.0", "v": {version}}}')
-    manifest = BundleManifest(
-        name=name,
-        version=version,
-        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
-        arch=ArchConfig(
-            architecture="llama",
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            vocab_size=1000,
-            context_length=256,
-        ),
-        graph=GraphSpec(kind="optimum-kv", input_names=["input_ids"], output_names=["logits"]),
-        runtime=Runtime(target="arm64", min_onnxruntime="1.20", operators=["ai.onnx:MatMul"]),
-        recipe=Recipe(precision="int8", method="matmulnbits", bits=8, block_size=32),
-        files=[
-            describe_file(root, "model.onnx", "model"),
-            describe_file(root, "tokenizer.json", "tokenizer"),
-        ],
-        golden=GoldenCheck(prompt_token_ids=[1, 2], expected_token_ids=[3, 4], latency_budget_ms=1000),
-        provenance=Provenance(source="test", source_kind="folder"),
-    )
-    write_signed_manifest(root, manifest, key)
-    return root
+__all__ = ["BUNDLE", "make_bundle"]  # make_bundle: imported from here by most fleet tests
 
 
 @pytest.fixture(scope="session")
@@ -112,9 +65,7 @@ class _Enrol:
         out = []
         with FleetClient(self.url) as anon:
             for i in range(n):
-                creds = anon.enroll(
-                    token, device_id=f"{prefix}-{len(self.devices) + i:02d}", hardware_class="sim"
-                )
+                creds = anon.enroll(token, device_id=f"{prefix}-{len(self.devices) + i:02d}", hardware_class="sim")
                 dev = SimDevice(
                     creds["device_id"],
                     creds["mqtt"]["url"],
@@ -270,9 +221,7 @@ def make_fleet(tmp_path: Path, bundle_key: tuple[SigningKey, Path]) -> Iterator[
         f.close()
 
 
-def wait_for(
-    pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
-) -> Any:
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition") -> Any:
     import time
 
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from fleet.bridge import Inbound, SessionOptions, _Connection
+from fleet.bridge import Inbound, MqttConnection, SessionOptions
 from manifests import mqtt as contract
 
 
@@ -31,7 +31,7 @@ class HeldCheck(threading.Event):
     can be held until the next connection is up: the interleaving of a worker that is preempted inside
     its check while the network thread reconnects (a GIL switch there is enough)."""
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: MqttConnection) -> None:
         super().__init__()
         self.conn = conn
         self.hold_in: threading.Thread | None = None
@@ -58,7 +58,7 @@ def _wait(pred: Any, timeout: float) -> bool:
 
 def test_an_ack_started_before_a_reconnect_never_goes_out_on_the_new_connection(mosquitto: Any) -> None:
     inbox = Inbox()
-    conn = _Connection(
+    conn = MqttConnection(
         [("127.0.0.1", mosquitto.port)],
         "ack-test-telemetry",
         (contract.ALL_TELEMETRY,),
@@ -78,7 +78,7 @@ def test_an_ack_started_before_a_reconnect_never_goes_out_on_the_new_connection(
 
     conn.client.ack = ack  # type: ignore[method-assign]
     delivered_on: dict[bytes, object] = {}
-    on_message = conn._on_message
+    on_message = conn.client.on_message
 
     def recording(c: mqtt.Client, ud: object, msg: mqtt.MQTTMessage) -> None:
         delivered_on[bytes(msg.payload)] = c.socket()
