@@ -25,8 +25,13 @@ def summarize_adapter(m: AdapterManifest) -> dict[str, Any]:
     return {
         "kind": ADAPTER_KIND,
         "base": {"name": m.base.name, "version": m.base.version, "manifest_sha256": m.base.manifest_sha256},
-        "lora": {"rank": m.lora.rank, "alpha": m.lora.alpha, "sites": list(m.lora.sites),
-                 "target_modules": list(m.lora.target_modules), "parameters": m.lora.parameters},  # fmt: skip
+        "lora": {
+            "rank": m.lora.rank,
+            "alpha": m.lora.alpha,
+            "sites": list(m.lora.sites),
+            "target_modules": list(m.lora.target_modules),
+            "parameters": m.lora.parameters,
+        },  # fmt: skip
         "quality": None
         if q is None
         else {
@@ -42,6 +47,17 @@ def summarize_adapter(m: AdapterManifest) -> dict[str, Any]:
 def is_adapter(summary: dict[str, Any] | None) -> bool:
     """Whether a registry row's summary is an adapter's."""
     return bool(summary) and summary.get("kind") == ADAPTER_KIND  # type: ignore[union-attr]
+
+
+def base_model(summary: dict[str, Any] | None) -> tuple[str, int] | None:
+    """The base model (name, version) an adapter's registry row is bound to (None: not an adapter, or a
+    manifest that names only the base's sha256)."""
+    if not is_adapter(summary):
+        return None
+    base = summary["base"]  # type: ignore[index]
+    if base.get("name") is None or base.get("version") is None:
+        return None
+    return str(base["name"]), int(base["version"])
 
 
 def adapter_ref(summary: dict[str, Any], name: str, version: int, manifest_sha256: str, base_url: str) -> AdapterRef:

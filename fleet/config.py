@@ -139,6 +139,12 @@ class FleetConfig(_Strict):
     resend_s: float = Field(
         15.0, gt=0, description="an online device that has not started its command gets its desired state again"
     )
+    health_evidence_s: float = Field(
+        120.0,
+        gt=0,
+        description="with a health abort rule, how long a converged wave waits for a sample from each of its "
+        "devices on the new model before it moves on without one (audited as health_unjudged)",
+    )
     tick_s: float = Field(0.5, gt=0, description="how often the rollout engine re-evaluates")
     rollback_validity_s: float = Field(7 * 24 * 3600, gt=0)
 

@@ -77,6 +77,7 @@ class FleetService:
             ),
             start_batch=config.start_batch,
             resend_s=config.resend_s,
+            health_evidence_s=config.health_evidence_s,
         )
         self.node_id = config.resolved_node_id()
         self.client_id = f"nanofleet-fleet-{self.node_id}"
@@ -297,6 +298,7 @@ class FleetService:
     def _prune_accounts(self) -> None:
         """Broker logins of devices the database does not know go (deleted while the broker was away, or
         left by an enrolment whose transaction failed after the broker call)."""
+
         def known() -> set[str]:
             with self.sessions() as s:
                 return set(s.scalars(select(Device.id)))

@@ -38,7 +38,7 @@ from ..errors import NotFoundError
 from . import queries as Q
 from . import reports
 from .desired import UNLOADED, DesiredStates, RolloutContext
-from .health import baselines
+from .health import baselines, has_health_rules
 from .planning import ensure_planned, plan_deployment, select_devices
 from .rules import ABORT_RULES, Abort, timed_out
 from .states import (
@@ -94,7 +94,9 @@ class _Tick:
 
 
 class RolloutEngine:
-    def __init__(self, ctx: RolloutContext, *, start_batch: int = 1000, resend_s: float = 15.0) -> None:
+    def __init__(
+        self, ctx: RolloutContext, *, start_batch: int = 1000, resend_s: float = 15.0, health_evidence_s: float = 120.0
+    ) -> None:
         self.ctx = ctx
         self.desired = DesiredStates(ctx)
         # Devices one tick starts at most: a rollout to 10,000 devices is started in bounded steps, each
@@ -105,6 +107,9 @@ class RolloutEngine:
         # fails over). In memory only: after a restart every such device is resent once, harmlessly
         # (agents deduplicate commands by id).
         self.resend_s = resend_s
+        # With a health rule, a converged wave waits this long at most for a sample from each of its
+        # succeeded devices on its new model: without it a rollout could finish before any was judged.
+        self.health_evidence_s = health_evidence_s
         self._resent: dict[str, float] = {}
 
     # Tick ------------------------------------------------------------------------------------------
@@ -288,7 +293,7 @@ class RolloutEngine:
             )
             return False
         soaked = (now - aware(dep.wave_converged_at)).total_seconds()  # type: ignore[operator]
-        if soaked < run.manifest.spec.strategy.wait_seconds:
+        if soaked < run.manifest.spec.strategy.wait_seconds or not self._health_judged(run, soaked):
             return False
         if dep.wave + 1 >= dep.waves:
             move_deployment(dep, DeploymentEvent.COMPLETE)
@@ -298,6 +303,29 @@ class RolloutEngine:
         dep.wave += 1
         dep.wave_started_at, dep.wave_converged_at = now, None
         audit(run.session, ROLLOUT, "wave_started", deployment=dep.name, ts=now, wave=dep.wave + 1)
+        return True
+
+    def _health_judged(self, run: _Tick, waited: float) -> bool:
+        """With a health rule, whether every succeeded device of the wave has been judged on telemetry from
+        its new model, or ``health_evidence_s`` passed without it (audited: such boards were not judged)."""
+        dep = run.dep
+        if not has_health_rules(run.manifest.spec.abort):
+            return True
+        unjudged = Q.unjudged(run.session, dep.id, dep.wave)
+        if not unjudged:
+            return True
+        if waited < self.health_evidence_s:
+            return False
+        audit(
+            run.session,
+            ROLLOUT,
+            "health_unjudged",
+            deployment=dep.name,
+            ts=run.now,
+            wave=dep.wave + 1,
+            devices=unjudged,
+            waited_s=round(waited, 1),
+        )
         return True
 
     # Starting devices (public: offline packages start devices exactly as the rollout does) ----------

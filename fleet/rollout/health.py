@@ -80,19 +80,41 @@ def _mean_of(samples: list[tuple[float | None, float | None]]) -> dict[str, Any]
     }
 
 
-def health_problem(session: Session, dep: Deployment, t: DeploymentTarget, rules: AbortRules) -> str | None:
+def has_health_rules(rules: AbortRules) -> bool:
+    """Whether the deployment judges devices on their telemetry (else only results and timeouts count)."""
+    return bool(rules.max_decode_drop_pct or rules.max_error_rate is not None or rules.ttft_p95_budget_ms)
+
+
+def health_problem(
+    session: Session,
+    dep: Deployment,
+    t: DeploymentTarget,
+    rules: AbortRules,
+    *,
+    adapter_base: tuple[str, int] | None = None,
+) -> str | None:
     """What is wrong with a succeeded device on the new model (None: nothing, or no evidence yet).
-    Records what was measured on ``t.health``."""
-    if not (rules.max_decode_drop_pct or rules.max_error_rate is not None or rules.ttft_p95_budget_ms):
+    Records what was measured on ``t.health`` (left None while the device has sent no sample on it).
+
+    ``adapter_base``: the deployment rolls out an adapter bound to this base model. The device's model
+    stays as it is, so its samples name the base, and only those after the fleet saw the adapter
+    committed show the adapter's effect (the base alone ran before)."""
+    if not has_health_rules(rules):
         return None
+    if adapter_base is not None:
+        (name, version), slack = adapter_base, dt.timedelta(0)
+    else:
+        # a release deployment: the variant this device was sent (variants.py), else the deployment's bundle
+        name, version = t.bundle_name or dep.bundle_name, t.bundle_version or dep.bundle_version
+        # a device's sample can be stamped just before the fleet collected its commit (its clock, the report lag)
+        slack = dt.timedelta(seconds=5)
     q = select(TelemetrySample).where(
         TelemetrySample.device_id == t.device_id,
-        # a release deployment: the variant this device was sent (variants.py), else the deployment's bundle
-        TelemetrySample.model_name == (t.bundle_name or dep.bundle_name),
-        TelemetrySample.model_version == (t.bundle_version or dep.bundle_version),
+        TelemetrySample.model_name == name,
+        TelemetrySample.model_version == version,
     )
     if t.finished_at is not None:
-        q = q.where(TelemetrySample.ts >= aware(t.finished_at) - dt.timedelta(seconds=5))  # type: ignore[operator]
+        q = q.where(TelemetrySample.ts >= aware(t.finished_at) - slack)  # type: ignore[operator]
     latest = session.scalars(q.order_by(TelemetrySample.ts.desc()).limit(BASELINE_SAMPLES)).all()
     if not latest:
         return None

@@ -156,3 +156,11 @@ def known_devices(session: Session, dep_id: str, device_ids: list[str]) -> set[s
 def last_position(session: Session, dep_id: str) -> int:
     last = session.scalar(select(func.max(T.position)).where(T.deployment_id == dep_id))
     return -1 if last is None else int(last)
+
+
+def unjudged(session: Session, dep_id: str, wave: int) -> int:
+    """Succeeded targets of one wave that no health check has judged yet (no sample on their new model)."""
+    q = select(func.count()).where(
+        T.deployment_id == dep_id, T.wave == wave, T.state == TargetState.SUCCEEDED.value, T.health.is_(None)
+    )
+    return int(session.scalar(q) or 0)

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from manifests.deployment import AbortRules
 
-from ..db import Deployment, DeploymentTarget, aware
-from .health import health_problem
+from .. import adapters
+from ..db import BundleRecord, Deployment, DeploymentTarget, aware
+from .health import has_health_rules, health_problem
 from .queries import state_counts
 from .states import TargetState
 
@@ -71,8 +72,12 @@ def health_regression(session: Session, dep: Deployment, rules: AbortRules) -> A
     A tick looks at ``HEALTH_CHECKS_PER_TICK`` succeeded devices at most, a window that moves on every
     second, so a 10,000-device deployment costs a bounded number of queries per tick and every device is
     still looked at every few tens of seconds (all of them on every tick in a smaller one)."""
-    if not (rules.max_decode_drop_pct or rules.max_error_rate is not None or rules.ttft_p95_budget_ms):
+    if not has_health_rules(rules):
         return None
+    record = session.scalar(
+        select(BundleRecord).where(BundleRecord.name == dep.bundle_name, BundleRecord.version == dep.bundle_version)
+    )
+    adapter_base = adapters.base_model(record.summary if record else None)
     q = select(DeploymentTarget).where(
         DeploymentTarget.deployment_id == dep.id, DeploymentTarget.state == TargetState.SUCCEEDED.value
     )
@@ -81,7 +86,7 @@ def health_regression(session: Session, dep: Deployment, rules: AbortRules) -> A
     if n > HEALTH_CHECKS_PER_TICK:
         window = window.offset(int(time.time()) * HEALTH_CHECKS_PER_TICK % n)
     for t in session.scalars(window):
-        problem = health_problem(session, dep, t, rules)
+        problem = health_problem(session, dep, t, rules, adapter_base=adapter_base)
         if problem:
             return Abort(
                 f"device {t.device_id}: {problem}",
