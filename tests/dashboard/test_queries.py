@@ -10,7 +10,15 @@ import pytest
 from sqlalchemy.orm import Session
 
 from fleet.dashboard import queries
-from fleet.db import Deployment, DeploymentTarget, Device, TelemetrySample, make_engine, run_migrations
+from fleet.db import (
+    BundleRecord,
+    Deployment,
+    DeploymentTarget,
+    Device,
+    TelemetrySample,
+    make_engine,
+    run_migrations,
+)
 
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -22,9 +30,7 @@ def session(tmp_path: Path) -> Session:
     return Session(engine, expire_on_commit=False)
 
 
-def sample(
-    device: str, seq: int, minutes: float, version: int, tok: float, req: int, err: int
-) -> TelemetrySample:
+def sample(device: str, seq: int, minutes: float, version: int, tok: float, req: int, err: int) -> TelemetrySample:
     return TelemetrySample(
         device_id=device,
         seq=seq,
@@ -37,6 +43,38 @@ def sample(
         errors=err,
         payload={"rss_bytes": 1000 + seq},
     )
+
+
+def test_before_after_of_an_adapter_reads_the_base_models_samples_around_its_commit(session: Session) -> None:
+    """An adapter leaves the model as it is, so the samples name the base (m@1) before and after: before is
+    until the device was started, after is since its commit; in between the base served alone, still."""
+    session.add(
+        BundleRecord(
+            name="qv", version=1, manifest_sha256="2" * 64, manifest_yaml="", signature="", key_id="k", total_size=1,
+            summary={"kind": "adapter", "base": {"name": "m", "version": 1, "manifest_sha256": "1" * 64}},
+        )
+    )  # fmt: skip
+    session.add(Device(id="a", secret_hash="x", current_name="m", current_version=1))
+    dep = Deployment(
+        id="q.1.x", name="q", manifest={"spec": {"strategy": {"type": "all-at-once"}}}, spec_sha256="0",
+        bundle_name="qv", bundle_version=1, status="completed", waves=1, wave=0,
+    )  # fmt: skip
+    dep.targets.append(
+        DeploymentTarget(
+            device_id="a", position=0, wave=0, state="succeeded", previous_name="qv", previous_version=0,
+            assigned_at=T0, finished_at=T0 + dt.timedelta(minutes=2),
+        )
+    )  # fmt: skip
+    session.add(dep)
+    req = 0
+    # (minutes, tok/s): before the start; between start and commit (the base alone: neither); after the commit.
+    for seq, (minutes, tok) in enumerate([(-6, 100.0), (-4, 100.0), (-2, 100.0), (1, 100.0), (3, 60.0), (4, 60.0)]):
+        req += 10
+        session.add(sample("a", seq, minutes, 1, tok, req, 0))
+    session.commit()
+    ba = queries.before_after(session, dep)
+    assert ba.tok_s == [("a", 100.0, 60.0)]
+    assert ba.devices == 1
 
 
 def test_before_after_numbers_windows_and_order(session: Session) -> None:

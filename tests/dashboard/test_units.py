@@ -159,3 +159,11 @@ def test_manifest_yaml_round_trips_without_defaults() -> None:
     assert text.startswith("apiVersion: nanofleet/v1\nkind: Deployment\nmetadata:\n  name: r1\n")
     assert "max_in_flight" not in text and "on_abort" not in text  # defaults left out
     assert actions.parse_manifest_text(text) == m
+
+
+def test_the_before_after_label_of_an_adapter_the_devices_held_no_version_of() -> None:
+    from fleet.dashboard.pages.deployments import version_label
+
+    assert version_label("qv@0") == "without qv"  # an adapter's previous "none": the base served alone
+    assert version_label("qv@2") == "qv@2"
+    assert version_label("smollm2-135m@10") == "smollm2-135m@10"

@@ -9,6 +9,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from manifests.adapter import UNLOADED_VERSION
+
 from ... import commands
 from ...errors import FleetError, InvalidManifestError
 from ...rollout import ControlAction
@@ -87,6 +89,12 @@ async def start_deployment(request: Request) -> Response:
     return RedirectResponse(f"/deployments/{quote(name)}?" + urlencode({"applied": result}), status_code=303)
 
 
+def version_label(ref: str) -> str:
+    """``qv@0`` is an adapter's "no version" (UNLOADED_VERSION): the base model served without it before."""
+    name, _, version = ref.rpartition("@")
+    return f"without {name}" if version == str(UNLOADED_VERSION) else ref
+
+
 def _deployment_ctx(session: Session, name: str) -> dict[str, Any] | None:
     view = queries.get_deployment_view(session, name)
     if view is None:
@@ -101,7 +109,7 @@ def _deployment_ctx(session: Session, name: str) -> dict[str, Any] | None:
     )
     versions = (previous.pop() if len(previous) == 1 else None, sent.pop() if len(sent) == 1 else None)
     labels = (
-        f"previous ({versions[0]})" if versions[0] else "previous model",
+        f"previous ({version_label(versions[0])})" if versions[0] else "previous model",
         f"this one ({versions[1]})" if versions[1] else "each device's variant",
     )
     return {
