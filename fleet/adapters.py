@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from manifests.adapter import AdapterManifest, AdapterRef
+
+from .db import BundleRecord
 
 ADAPTER_KIND = "adapter"
 
@@ -25,13 +30,8 @@ def summarize_adapter(m: AdapterManifest) -> dict[str, Any]:
     return {
         "kind": ADAPTER_KIND,
         "base": {"name": m.base.name, "version": m.base.version, "manifest_sha256": m.base.manifest_sha256},
-        "lora": {
-            "rank": m.lora.rank,
-            "alpha": m.lora.alpha,
-            "sites": list(m.lora.sites),
-            "target_modules": list(m.lora.target_modules),
-            "parameters": m.lora.parameters,
-        },  # fmt: skip
+        "lora": {"rank": m.lora.rank, "alpha": m.lora.alpha, "sites": list(m.lora.sites),
+                 "target_modules": list(m.lora.target_modules), "parameters": m.lora.parameters},  # fmt: skip
         "quality": None
         if q is None
         else {
@@ -58,6 +58,13 @@ def base_model(summary: dict[str, Any] | None) -> tuple[str, int] | None:
     if base.get("name") is None or base.get("version") is None:
         return None
     return str(base["name"]), int(base["version"])
+
+
+def adapter_base_of(session: Session, name: str, version: int) -> tuple[str, int] | None:
+    """The base model (name, version) of bundle ``name@version`` when it is an adapter (None: a model, or
+    not in the registry). Health rules and the dashboard's before/after read the base's telemetry for it."""
+    record = session.scalar(select(BundleRecord).where(BundleRecord.name == name, BundleRecord.version == version))
+    return base_model(record.summary if record else None)
 
 
 def adapter_ref(summary: dict[str, Any], name: str, version: int, manifest_sha256: str, base_url: str) -> AdapterRef:

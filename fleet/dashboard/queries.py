@@ -18,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from manifests import BundleManifest, ManifestError, TrustStore, VerificationError, verify_manifest_bytes
 from manifests.adapter import AdapterManifest, is_adapter_manifest, verify_adapter_manifest_bytes
 
-from ..adapters import adapters_of, base_model
+from ..adapters import adapter_base_of, adapters_of
 from ..db import (
     AuditEntry,
     BundleRecord,
@@ -530,14 +530,6 @@ def counter_increments(device_ids: Any) -> Any:
     )
 
 
-def adapter_base(session: Session, dep: Deployment) -> tuple[str, int] | None:
-    """The base model (name, version) of the adapter a deployment rolls out (None: it rolls out a model)."""
-    record = session.scalar(
-        select(BundleRecord).where(BundleRecord.name == dep.bundle_name, BundleRecord.version == dep.bundle_version)
-    )
-    return base_model(record.summary if record else None)
-
-
 def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAfter:
     """For each device updated so far: decode tok/s and error rate on its previous model (samples before
     it was started) vs on this deployment's model (samples since). One aggregate query for the whole
@@ -545,7 +537,7 @@ def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAf
     t = DeploymentTarget
     updated = select(t.device_id).where(t.deployment_id == dep.id, t.state.in_(UPDATED))
     inc = counter_increments(updated)
-    base = adapter_base(session, dep)
+    base = adapter_base_of(session, dep.bundle_name, dep.bundle_version)
     if base is not None:
         # An adapter leaves the model as it is: every sample names the base; before is the base (with the
         # adapter's previous version, if any) until the device was started, after is since its commit.

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from manifests.deployment import AbortRules
 
 from .. import adapters
-from ..db import BundleRecord, Deployment, DeploymentTarget, aware
+from ..db import Deployment, DeploymentTarget, aware
 from .health import has_health_rules, health_problem
 from .queries import state_counts
 from .states import TargetState
@@ -74,10 +74,7 @@ def health_regression(session: Session, dep: Deployment, rules: AbortRules) -> A
     still looked at every few tens of seconds (all of them on every tick in a smaller one)."""
     if not has_health_rules(rules):
         return None
-    record = session.scalar(
-        select(BundleRecord).where(BundleRecord.name == dep.bundle_name, BundleRecord.version == dep.bundle_version)
-    )
-    adapter_base = adapters.base_model(record.summary if record else None)
+    adapter_base = adapters.adapter_base_of(session, dep.bundle_name, dep.bundle_version)
     q = select(DeploymentTarget).where(
         DeploymentTarget.deployment_id == dep.id, DeploymentTarget.state == TargetState.SUCCEEDED.value
     )
