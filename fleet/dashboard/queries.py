@@ -535,9 +535,12 @@ def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAf
     it was started) vs on this deployment's model (samples since). One aggregate query for the whole
     deployment, so it stays cheap with thousands of devices."""
     t = DeploymentTarget
-    updated = select(t.device_id).where(t.deployment_id == dep.id, t.state.in_(UPDATED))
-    inc = counter_increments(updated)
     base = adapter_base_of(session, dep.bundle_name, dep.bundle_version)
+    # An adapter's samples are told apart only by time, and a rollback overwrites a target's start and finish
+    # times with its own: only devices that still run it have the windows below.
+    shown = (TargetState.SUCCEEDED.value,) if base is not None else UPDATED
+    updated = select(t.device_id).where(t.deployment_id == dep.id, t.state.in_(shown))
+    inc = counter_increments(updated)
     if base is not None:
         # An adapter leaves the model as it is: every sample names the base; before is the base (with the
         # adapter's previous version, if any) until the device was started, after is since its commit.
@@ -566,7 +569,7 @@ def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAf
         .join(inc, inc.c.device_id == t.device_id)
         .where(
             t.deployment_id == dep.id,
-            t.state.in_(UPDATED),
+            t.state.in_(shown),
             t.assigned_at.is_not(None),
             or_(is_new & (inc.c.ts >= t.assigned_at), was_previous),
         )
@@ -579,7 +582,7 @@ def before_after(session: Session, dep: Deployment, limit: int = 40) -> BeforeAf
             int(req or 0),
             int(errs or 0),
         )
-    baselines = {t.device_id: t.baseline for t in dep.targets if t.state in UPDATED}
+    baselines = {t.device_id: t.baseline for t in dep.targets if t.state in shown}
     tok: list[tuple[str, float | None, float | None]] = []
     err: list[tuple[str, float | None, float | None]] = []
     totals = [[0, 0], [0, 0]]  # [before, after] x [requests, errors]

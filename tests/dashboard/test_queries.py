@@ -65,7 +65,17 @@ def test_before_after_of_an_adapter_reads_the_base_models_samples_around_its_com
             assigned_at=T0, finished_at=T0 + dt.timedelta(minutes=2),
         )
     )  # fmt: skip
+    # b was rolled back: the rollback overwrote its start and finish times, so its samples cannot be split.
+    session.add(Device(id="b", secret_hash="x", current_name="m", current_version=1))
+    dep.targets.append(
+        DeploymentTarget(
+            device_id="b", position=1, wave=0, state="rolled_back", previous_name="qv", previous_version=0,
+            assigned_at=T0 + dt.timedelta(minutes=3), finished_at=T0 + dt.timedelta(minutes=3, seconds=30),
+        )
+    )  # fmt: skip
     session.add(dep)
+    for seq, minutes in enumerate((-5, -1, 2, 5), 100):
+        session.add(sample("b", seq, minutes, 1, 80.0, 10 * seq, 0))
     req = 0
     # (minutes, tok/s): before the start; between start and commit (the base alone: neither); after the commit.
     for seq, (minutes, tok) in enumerate([(-6, 100.0), (-4, 100.0), (-2, 100.0), (1, 100.0), (3, 60.0), (4, 60.0)]):
